@@ -1,0 +1,36 @@
+"""Microservices on NATS: typed request-reply endpoints and durable JetStream subscribers."""
+
+from .client import Client, connect
+from .context import Context
+from .errors import (
+    BadRequest,
+    ConfigConflict,
+    DeadlineExceeded,
+    InvalidName,
+    NoResponders,
+    NotFound,
+    PublishError,
+    Reject,
+    RemoteError,
+    ServiceError,
+)
+from .logging import configure_logging
+from .service import Service
+
+__all__ = [
+    "BadRequest",
+    "Client",
+    "ConfigConflict",
+    "Context",
+    "DeadlineExceeded",
+    "InvalidName",
+    "NoResponders",
+    "NotFound",
+    "PublishError",
+    "Reject",
+    "RemoteError",
+    "Service",
+    "ServiceError",
+    "configure_logging",
+    "connect",
+]

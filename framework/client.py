@@ -1,0 +1,293 @@
+"""The caller's side: typed request-reply, event publishing and discovery.
+
+`connect()` is what scripts, web edges and tests use; services get the same `Client`
+through their `Context`, which adds correlation, tracing and deadline propagation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from . import headers as h
+from . import telemetry
+from .codec import decode, encode
+from .errors import DeadlineExceeded, NoResponders, NotFound, ServiceError, error_from_code
+from .names import check_subject
+from .settings import ConnectSettings
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .discovery import InfoResponse, PingResponse, StatsResponse
+    from .events import PublishAck
+
+__all__ = ["Client", "connect"]
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT = 5.0
+_log = structlog.get_logger("framework.client")
+
+
+def encode_payload(payload: Any) -> bytes:
+    """Bytes pass through untouched; None is an empty body; anything else is JSON."""
+    if payload is None:
+        return b""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    return encode(payload)
+
+
+def _service_of(subject: str) -> str:
+    return subject.split(".", 1)[0]
+
+
+def raise_for_error(msg_headers: Mapping[str, str] | None, subject: str) -> None:
+    """Turn ADR-32 error headers back into the typed error the handler raised."""
+    if not msg_headers:
+        return
+    code = msg_headers.get(h.ERROR_CODE)
+    if code is None:
+        return
+    try:
+        status = int(code)
+    except ValueError:
+        status = 500
+    message = msg_headers.get(h.ERROR, "")
+    raise error_from_code(status, message, service=_service_of(subject))
+
+
+class Client:
+    """A connection to NATS with typed calls; cheap to share between tasks."""
+
+    def __init__(self, nc: NATS, *, name: str | None = None, owns_connection: bool = True) -> None:
+        self._nc = nc
+        self.name = name
+        self._owns = owns_connection
+        self.default_timeout = DEFAULT_TIMEOUT
+        self._js: Any = None
+
+    @classmethod
+    async def open(
+        cls, url: str | Sequence[str] | None = None, *, name: str | None = None, **options: Any
+    ) -> Client:
+        settings = ConnectSettings.from_env(url)
+        nats_options: dict[str, Any] = {
+            "name": name or "framework",
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+            "connect_timeout": 2,
+            "error_cb": _on_error,
+            "disconnected_cb": _on_disconnect,
+            "reconnected_cb": _on_reconnect,
+            "closed_cb": _on_closed,
+            **settings.nats_options(),
+            **options,
+        }
+        nc = await nats.connect(**nats_options)
+        return cls(nc, name=name)
+
+    @property
+    def nc(self) -> NATS:
+        """The underlying nats-py connection, for anything the framework does not wrap."""
+        return self._nc
+
+    @property
+    def js(self) -> Any:
+        if self._js is None:
+            self._js = self._nc.jetstream()
+        return self._js
+
+    async def close(self) -> None:
+        if self._owns and not self._nc.is_closed:
+            await self._nc.close()
+
+    async def call(
+        self,
+        subject: str,
+        payload: Any = None,
+        *,
+        returns: type[T] | Any = Any,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        parent: Context | None = None,
+    ) -> T:
+        """Request-reply with a typed result, or a typed `ServiceError`, never a silent hang.
+
+        A Deadline header is sent only when a deadline exists: an explicit `timeout` or
+        one inherited from `parent`. The default timeout stays local to this caller.
+        """
+        check_subject(subject)
+        wait = self.default_timeout if timeout is None else timeout
+        out: dict[str, str] | None = dict(headers) if headers else None
+        send_deadline = timeout is not None
+        if parent is not None:
+            out = out or {}
+            out[h.CORRELATION_ID] = parent.correlation_id
+            if parent.message_id:
+                out[h.CAUSATION_ID] = parent.message_id
+            remaining = parent.remaining()
+            if remaining is not None:
+                if remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"deadline passed before calling {subject}", service=_service_of(subject)
+                    )
+                wait = min(wait, remaining)
+                send_deadline = True
+        elif correlation_id:
+            out = out or {}
+            out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id)
+        if idempotency_key:
+            out = out or {}
+            out[h.IDEMPOTENCY_KEY] = h.check_id(h.IDEMPOTENCY_KEY, idempotency_key)
+        if send_deadline:
+            out = out or {}
+            out[h.DEADLINE] = str(int((time.time() + wait) * 1000))
+        span = telemetry.start_span(
+            f"send {subject}",
+            telemetry.SpanKind.CLIENT,
+            {
+                "messaging.system": "nats",
+                "messaging.destination.name": subject,
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "call",
+            },
+            parent_span=parent.span if parent is not None else None,
+        )
+        try:
+            if span.is_recording():
+                out = out or {}
+                telemetry.inject_context(out, span)
+                if out.get(h.CORRELATION_ID):
+                    span.set_attribute("messaging.message.conversation_id", out[h.CORRELATION_ID])
+            reply = await self._request(subject, encode_payload(payload), wait, out)
+            raise_for_error(reply.headers, subject)
+            return self._decode_reply(reply.data, returns, subject)
+        except ServiceError as error:
+            telemetry.record_error(span, error)
+            raise
+        finally:
+            span.end()
+
+    async def _request(
+        self, subject: str, data: bytes, wait: float, out: dict[str, str] | None
+    ) -> Any:
+        try:
+            return await self._nc.request(subject, data, timeout=wait, headers=out)
+        except NoRespondersError:
+            raise await self._unserved(subject) from None
+        except NatsTimeoutError:
+            raise DeadlineExceeded(
+                f"no reply from {subject} within {wait:.3g}s", service=_service_of(subject)
+            ) from None
+
+    async def _unserved(self, subject: str) -> ServiceError:
+        """No responders: 404 if the service runs but lacks the endpoint, else 503.
+
+        One `$SRV.INFO` round trip, paid only on this failure path, instead of a
+        catch-all subscription that would double every request's traffic.
+        """
+        service = _service_of(subject)
+        try:
+            reply = await self._nc.request(f"$SRV.INFO.{service}", b"", timeout=0.25)
+            endpoints = [e.get("subject") for e in msgspec.json.decode(reply.data)["endpoints"]]
+        except Exception:
+            return NoResponders(f"no responders: nothing serves {subject}", service=service)
+        known = ", ".join(str(e) for e in endpoints if e) or "none"
+        return NotFound(
+            f"{service} has no endpoint {subject} (it serves: {known})", service=service
+        )
+
+    @staticmethod
+    def _decode_reply(data: bytes, returns: Any, subject: str) -> Any:
+        try:
+            if returns is Any:
+                return msgspec.json.decode(data) if data else None
+            if returns is None:
+                return None
+            return decode(data, returns)
+        except msgspec.MsgspecError as error:
+            raise ServiceError(
+                502, f"invalid reply from {subject}: {error}", service=_service_of(subject)
+            ) from None
+
+    async def publish(
+        self,
+        event_type: str,
+        event: Any,
+        *,
+        event_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        correlation_id: str | None = None,
+        timeout: float = 5.0,
+        parent: Context | None = None,
+    ) -> PublishAck:
+        """Publish a domain event and wait for JetStream to store it."""
+        from .events import publish_event
+
+        return await publish_event(
+            self,
+            event_type,
+            event,
+            event_id=event_id,
+            headers=headers,
+            correlation_id=correlation_id,
+            timeout=timeout,
+            parent=parent,
+        )
+
+    async def ping(self, name: str | None = None, *, timeout: float = 0.5) -> list[PingResponse]:
+        from .discovery import PingResponse, gather
+
+        return await gather(self._nc, "PING", name, PingResponse, timeout)
+
+    async def info(self, name: str | None = None, *, timeout: float = 0.5) -> list[InfoResponse]:
+        from .discovery import InfoResponse, gather
+
+        return await gather(self._nc, "INFO", name, InfoResponse, timeout)
+
+    async def stats(self, name: str | None = None, *, timeout: float = 0.5) -> list[StatsResponse]:
+        from .discovery import StatsResponse, gather
+
+        return await gather(self._nc, "STATS", name, StatsResponse, timeout)
+
+    discover = ping
+
+
+@asynccontextmanager
+async def connect(
+    url: str | Sequence[str] | None = None, *, name: str | None = None, **options: Any
+) -> AsyncIterator[Client]:
+    """Connect to NATS (URL from `NATS_URL` by default) and close on exit."""
+    client = await Client.open(url, name=name, **options)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def _on_error(error: Exception) -> None:
+    _log.warning("nats connection error", error=str(error) or type(error).__name__)
+
+
+async def _on_disconnect() -> None:
+    # nats-py reports a deliberate close as a disconnect too; only a lost link is news.
+    _log.debug("disconnected from nats")
+
+
+async def _on_closed() -> None:
+    _log.debug("nats connection closed")
+
+
+async def _on_reconnect() -> None:
+    _log.info("reconnected to nats")

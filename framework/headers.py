@@ -1,0 +1,90 @@
+"""Header names of the wire format and validation of what arrives in them.
+
+Headers are the most expensive part of a small message in nats-py, so builders add
+only headers that carry information, and readers validate only what they use.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from nats.nuid import NUID
+
+from .errors import BadRequest
+
+__all__ = [
+    "CAUSATION_ID",
+    "CORRELATION_ID",
+    "DEADLINE",
+    "ERROR",
+    "ERROR_CODE",
+    "EVENT_TIME",
+    "EVENT_TYPE",
+    "IDEMPOTENCY_KEY",
+    "MSG_ID",
+    "PRODUCER",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "check_header",
+    "check_id",
+    "new_id",
+    "parse_deadline",
+]
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+CORRELATION_ID = "Correlation-Id"
+CAUSATION_ID = "Causation-Id"
+MSG_ID = "Nats-Msg-Id"
+EVENT_TYPE = "Event-Type"
+EVENT_TIME = "Event-Time"
+PRODUCER = "Producer"
+DEADLINE = "Deadline"
+IDEMPOTENCY_KEY = "Idempotency-Key"
+ERROR = "Nats-Service-Error"
+ERROR_CODE = "Nats-Service-Error-Code"
+
+MAX_HEADER_VALUE = 1024
+MAX_ID = 128
+_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Deadlines further out than this are forged or broken clocks; clamp rather than trust.
+MAX_DEADLINE_AHEAD_S = 24 * 3600.0
+
+_nuid = NUID()
+
+
+def new_id() -> str:
+    """A short unique id (NATS NUID, 22 chars): cheaper than uuid4 on the hot path."""
+    return _nuid.next().decode()
+
+
+def check_header(name: str, value: str) -> str:
+    """Reject oversized values and control characters (header injection, log forging)."""
+    if len(value) > MAX_HEADER_VALUE:
+        raise BadRequest(f"header {name} is longer than {MAX_HEADER_VALUE} characters")
+    if _CONTROL.search(value):
+        raise BadRequest(f"header {name} contains control characters")
+    return value
+
+
+def check_id(name: str, value: str) -> str:
+    """Ids (correlation, causation, event, idempotency key) end up in logs and KV keys."""
+    if not _ID.match(value):
+        raise BadRequest(
+            f"header {name} must be 1-{MAX_ID} characters of letters, digits or ._:@/+=-"
+        )
+    return value
+
+
+def parse_deadline(value: str) -> float:
+    """Absolute epoch milliseconds on the wire; epoch seconds (float) inside."""
+    try:
+        millis = int(value)
+    except ValueError:
+        raise BadRequest(
+            f"header {DEADLINE} must be epoch milliseconds, got {value[:40]!r}"
+        ) from None
+    deadline = millis / 1000.0
+    return min(deadline, time.time() + MAX_DEADLINE_AHEAD_S)

@@ -1,0 +1,239 @@
+"""Request-reply endpoints: decode, run the handler, encode, answer (ADR-32 errors)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskGroup
+
+from . import headers as h
+from . import telemetry
+from .codec import decoder_for, encode, schema_json
+from .context import Context
+from .dispatch import WorkerPool
+from .errors import BadRequest, DeadlineExceeded, ServiceError
+from .signature import NO_PAYLOAD, Handler, HandlerSignature
+from .stats import HandlerStats
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .idempotency import ResponseCache
+
+__all__ = ["RpcEndpoint", "read_request_headers"]
+
+_log = structlog.get_logger("framework.rpc")
+
+
+class RequestHeaders(msgspec.Struct):
+    """What the framework reads from an incoming request's headers, validated."""
+
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    deadline: float | None = None
+    idempotency_key: str | None = None
+
+
+_NO_HEADERS = RequestHeaders()
+
+
+def read_request_headers(headers: Mapping[str, str] | None) -> RequestHeaders:
+    """Bounded, control-free values; ids in a safe alphabet; deadline parsed."""
+    if not headers:
+        return _NO_HEADERS
+    for name, value in headers.items():
+        h.check_header(name, value)
+    correlation_id = headers.get(h.CORRELATION_ID) or None
+    causation_id = headers.get(h.CAUSATION_ID) or None
+    key = headers.get(h.IDEMPOTENCY_KEY) or None
+    deadline = headers.get(h.DEADLINE)
+    return RequestHeaders(
+        correlation_id=h.check_id(h.CORRELATION_ID, correlation_id) if correlation_id else None,
+        causation_id=h.check_id(h.CAUSATION_ID, causation_id) if causation_id else None,
+        deadline=h.parse_deadline(deadline) if deadline else None,
+        idempotency_key=h.check_id(h.IDEMPOTENCY_KEY, key) if key else None,
+    )
+
+
+def error_headers(error: ServiceError) -> dict[str, str]:
+    message = error.message.replace("\r", " ").replace("\n", " ")[: h.MAX_HEADER_VALUE]
+    return {h.ERROR: message, h.ERROR_CODE: str(error.code)}
+
+
+class RpcEndpoint:
+    """One `<service>.<endpoint>` subject served by a bounded pool of workers."""
+
+    kind = "rpc"
+
+    def __init__(
+        self,
+        service: str,
+        name: str,
+        fn: Handler,
+        signature: HandlerSignature,
+        *,
+        subject: str,
+        max_concurrency: int,
+        idempotent: bool,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.service = service
+        self.name = name
+        self.fn = fn
+        self.signature = signature
+        self.subject = subject
+        self.queue_group = service
+        self.max_concurrency = max_concurrency
+        self.idempotent = idempotent
+        self.extra_metadata = dict(metadata or {})
+        self.stats = HandlerStats()
+        self._client: Client | None = None
+        self._pool: WorkerPool | None = None
+        self._sub: Any = None
+        self._cache: ResponseCache | None = None
+        self._decoder = (
+            decoder_for(signature.payload_type)
+            if signature.payload_type is not NO_PAYLOAD
+            else None
+        )
+
+    def metadata(self) -> dict[str, str]:
+        meta = {"kind": "rpc", "max_concurrency": str(self.max_concurrency)}
+        if self.signature.payload_type is not NO_PAYLOAD:
+            meta["request_schema"] = schema_json(self.signature.payload_type)
+        meta["response_schema"] = schema_json(self.signature.returns)
+        if self.idempotent:
+            meta["idempotent"] = "true"
+        meta.update(self.extra_metadata)
+        return meta
+
+    def extra_stats(self) -> dict[str, Any] | None:
+        return {"in_flight": self.stats.in_flight}
+
+    async def start(self, client: Client, task_group: TaskGroup) -> None:
+        self._client = client
+        if self.idempotent:
+            from .idempotency import ResponseCache
+
+            self._cache = await ResponseCache.open(client, self.service, self.name)
+        self._pool = WorkerPool(self._handle, self.max_concurrency)
+        self._pool.start(task_group)
+        self._sub = await client.nc.subscribe(
+            self.subject, queue=self.queue_group, cb=self._pool.submit
+        )
+
+    async def stop(self, grace: float) -> bool:
+        """Stop taking requests, answer the ones already received, then release workers."""
+        deadline = time.monotonic() + grace
+        if self._sub is not None:
+            with anyio.move_on_after(grace):
+                await self._sub.drain()
+        if self._pool is None:
+            return True
+        return await self._pool.close(max(0.0, deadline - time.monotonic()))
+
+    async def _handle(self, msg: Any) -> None:
+        started = time.perf_counter_ns()
+        self.stats.in_flight += 1
+        error: str | None = None
+        try:
+            body, reply_headers = await self._process(msg)
+        except ServiceError as exc:
+            body, reply_headers, error = b"", error_headers(exc), exc.message
+        finally:
+            self.stats.in_flight -= 1
+        self.stats.record(time.perf_counter_ns() - started, error)
+        if msg.reply:
+            try:
+                await self._client.nc.publish(msg.reply, body, headers=reply_headers)  # type: ignore[union-attr]
+            except Exception as exc:  # a lost connection must not kill the worker
+                _log.warning("reply failed", subject=self.subject, error=str(exc))
+
+    async def _process(self, msg: Any) -> tuple[bytes, dict[str, str] | None]:
+        request = read_request_headers(msg.headers)
+        if request.deadline is not None and request.deadline <= time.time():
+            raise DeadlineExceeded("deadline passed before the request was handled")
+        payload = self._decode(msg.data)
+        if self._cache is not None and request.idempotency_key:
+            cached = await self._cache.get(request.idempotency_key)
+            if cached is not None:
+                return cached, None
+        span = telemetry.start_span(
+            f"process {self.subject}",
+            telemetry.SpanKind.SERVER,
+            {
+                "messaging.system": "nats",
+                "messaging.destination.name": self.subject,
+                "messaging.operation.type": "process",
+                "messaging.consumer.group.name": self.queue_group,
+            },
+            parent=telemetry.extract_context(msg.headers),
+        )
+        try:
+            ctx = self._context(msg, request, span) if self.signature.wants_context else None
+            result = await self._run(payload, ctx, request.deadline)
+            body = encode(result)
+        except ServiceError as exc:
+            telemetry.record_error(span, exc)
+            raise
+        except Exception as exc:
+            telemetry.record_error(span, exc)
+            raise self._internal_error(exc, msg, request) from None
+        finally:
+            span.end()
+        if self._cache is not None and request.idempotency_key:
+            await self._cache.put(request.idempotency_key, body)
+        return body, None
+
+    def _decode(self, data: bytes) -> Any:
+        if self._decoder is None:
+            return None
+        try:
+            return self._decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"invalid request: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"undecodable request: {exc}") from None
+
+    async def _run(self, payload: Any, ctx: Context | None, deadline: float | None) -> Any:
+        if deadline is None:
+            return await self.signature.invoke(self.fn, payload, ctx)
+        with anyio.move_on_after(deadline - time.time()) as scope:
+            return await self.signature.invoke(self.fn, payload, ctx)
+        if scope.cancelled_caught:
+            raise DeadlineExceeded("deadline passed while the request was handled")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _context(self, msg: Any, request: RequestHeaders, span: Any) -> Context:
+        assert self._client is not None
+        return Context(
+            self._client,
+            service=self.service,
+            handler=self.name,
+            subject=self.subject,
+            correlation_id=request.correlation_id or h.new_id(),
+            causation_id=request.causation_id,
+            deadline=request.deadline,
+            headers=msg.headers,
+            span=span,
+        )
+
+    def _internal_error(self, exc: Exception, msg: Any, request: RequestHeaders) -> ServiceError:
+        """Log the traceback here; the caller gets only an id to quote."""
+        error_id = h.new_id()
+        _log.error(
+            "handler failed",
+            service=self.service,
+            handler=self.name,
+            subject=self.subject,
+            correlation_id=request.correlation_id,
+            error_id=error_id,
+            exc_info=exc,
+        )
+        return ServiceError(
+            500, f"internal error in {self.service}.{self.name} (error id {error_id})"
+        )

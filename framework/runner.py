@@ -1,0 +1,62 @@
+"""Run services in one process until SIGTERM/SIGINT, then shut down gracefully."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import structlog
+
+from .service import Service
+
+__all__ = ["load_service", "run_services", "serve_until_signal"]
+
+_log = structlog.get_logger("framework.runner")
+
+
+def load_service(spec: str) -> Service:
+    """`module:attr` (or `module` with a `service` attribute) to a Service object."""
+    module_name, _, attr = spec.partition(":")
+    module = importlib.import_module(module_name)
+    target: Any = getattr(module, attr or "service", None)
+    if not isinstance(target, Service):
+        raise ValueError(f"{spec!r} is not a framework.Service (got {type(target).__name__})")
+    return target
+
+
+async def serve_until_signal(
+    services: Sequence[Service], url: str | Sequence[str] | None = None, *, grace: float = 10.0
+) -> None:
+    async with AsyncExitStack() as stack:
+        for service in services:
+            await stack.enter_async_context(service.serve(url, grace=grace))
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                _log.info("stopping", signal=signal.Signals(signum).name)
+                break
+
+
+def _backend_options() -> dict[str, Any]:
+    """uvloop when installed (the `uvloop` extra); plain asyncio otherwise."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def run_services(
+    services: Sequence[Service], url: str | Sequence[str] | None = None, *, grace: float = 10.0
+) -> None:
+    from .logging import configure_logging
+
+    configure_logging()
+    anyio.run(
+        lambda: serve_until_signal(services, url, grace=grace),
+        backend="asyncio",
+        backend_options=_backend_options(),
+    )

@@ -1,0 +1,177 @@
+"""A service: a name, RPC endpoints and event subscribers, served on one connection."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import structlog
+
+from .client import Client
+from .context import Context
+from .discovery import Responder
+from .headers import new_id
+from .names import check_endpoint_name, check_event_type, check_service_name
+from .rpc import RpcEndpoint
+from .signature import Handler, read_signature
+
+if TYPE_CHECKING:
+    from .events import Subscriber
+    from .streams import Stream
+
+__all__ = ["Service"]
+
+F = TypeVar("F", bound=Handler)
+_log = structlog.get_logger("framework.service")
+
+DEFAULT_RPC_CONCURRENCY = 100
+DEFAULT_GRACE = 10.0
+
+
+class Service:
+    """Declare handlers with decorators; run with `run()`, `serve()` or `mesh run`."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str = "0.0.0",
+        description: str = "",
+        *,
+        metadata: Mapping[str, str] | None = None,
+        streams: Sequence[Stream] = (),
+    ) -> None:
+        self.name = check_service_name(name)
+        self.version = version
+        self.description = description
+        self.metadata = dict(metadata or {})
+        self.streams = list(streams)
+        self.endpoints: list[RpcEndpoint] = []
+        self.subscribers: list[Subscriber] = []
+        self.instance_id = ""
+        self.client: Client | None = None
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r}, version={self.version!r})"
+
+    def rpc(
+        self,
+        name: str | None = None,
+        *,
+        max_concurrency: int = DEFAULT_RPC_CONCURRENCY,
+        idempotent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Callable[[F], F]:
+        """Serve the decorated handler at `<service>.<name>` (name defaults to the function's)."""
+
+        def decorate(fn: F) -> F:
+            endpoint = check_endpoint_name(name or fn.__name__)
+            if any(e.name == endpoint for e in self.endpoints):
+                raise ValueError(f"{self.name} already has an endpoint named {endpoint!r}")
+            if max_concurrency < 1:
+                raise ValueError("max_concurrency must be at least 1")
+            self.endpoints.append(
+                RpcEndpoint(
+                    self.name,
+                    endpoint,
+                    fn,
+                    read_signature(fn, Context),
+                    subject=f"{self.name}.{endpoint}",
+                    max_concurrency=max_concurrency,
+                    idempotent=idempotent,
+                    metadata=metadata,
+                )
+            )
+            return fn
+
+        return decorate
+
+    def subscribe(self, event_type: str, **options: Any) -> Callable[[F], F]:
+        """Handle every `event_type` event through a durable consumer shared by replicas."""
+        from .events import Subscriber
+
+        check_event_type(event_type)
+
+        def decorate(fn: F) -> F:
+            handler_name = check_endpoint_name(options.pop("name", None) or fn.__name__)
+            if any(s.name == handler_name for s in self.subscribers):
+                raise ValueError(f"{self.name} already has a subscriber named {handler_name!r}")
+            self.subscribers.append(
+                Subscriber(
+                    self.name, handler_name, event_type, fn, read_signature(fn, Context), **options
+                )
+            )
+            return fn
+
+        return decorate
+
+    @asynccontextmanager
+    async def serve(
+        self,
+        url_or_client: str | Sequence[str] | Client | None = None,
+        *,
+        grace: float = DEFAULT_GRACE,
+    ) -> AsyncIterator[Service]:
+        """Serve inside the current event loop until the block exits, then stop gracefully."""
+        client = (
+            url_or_client
+            if isinstance(url_or_client, Client)
+            else await Client.open(url_or_client, name=self.name)
+        )
+        self.client = client
+        self.instance_id = new_id()
+        responder = Responder(
+            self.name,
+            self.instance_id,
+            self.version,
+            self.description,
+            self.metadata,
+            [*self.endpoints, *self.subscribers],
+        )
+        try:
+            async with anyio.create_task_group() as task_group:
+                try:
+                    await self._start(client, task_group, responder)
+                    _log.info("service started", service=self.name, id=self.instance_id)
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._stop(responder, grace)
+                    task_group.cancel_scope.cancel()
+        finally:
+            if not isinstance(url_or_client, Client):
+                with anyio.CancelScope(shield=True):
+                    await client.close()
+
+    async def _start(self, client: Client, task_group: Any, responder: Responder) -> None:
+        if self.subscribers or self.streams:
+            from .streams import ensure_streams
+
+            await ensure_streams(client, self.streams, [s.event_type for s in self.subscribers])
+        for endpoint in self.endpoints:
+            await endpoint.start(client, task_group)
+        for subscriber in self.subscribers:
+            await subscriber.start(client, task_group)
+        await responder.start(client.nc)
+
+    async def _stop(self, responder: Responder, grace: float) -> None:
+        """Stop intake everywhere first, then give in-flight work the grace period."""
+        await responder.stop()
+        results: list[bool] = []
+
+        async def stop_one(handler: Any) -> None:
+            results.append(await handler.stop(grace))
+
+        async with anyio.create_task_group() as stopping:
+            for handler in [*self.endpoints, *self.subscribers]:
+                stopping.start_soon(stop_one, handler)
+        if not all(results):
+            _log.warning("grace period over, cancelled in-flight handlers", service=self.name)
+        _log.info("service stopped", service=self.name, id=self.instance_id)
+
+    def run(self, url: str | Sequence[str] | None = None, *, grace: float = DEFAULT_GRACE) -> None:
+        """Run from `__main__` until SIGTERM or SIGINT, then shut down gracefully."""
+        from .runner import run_services
+
+        run_services([self], url, grace=grace)
