@@ -59,6 +59,10 @@ def read_request_headers(headers: Mapping[str, str] | None) -> RequestHeaders:
     )
 
 
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or repr(tp)
+
+
 def error_headers(error: ServiceError) -> dict[str, str]:
     message = error.message.replace("\r", " ").replace("\n", " ")[: h.MAX_HEADER_VALUE]
     return {h.ERROR: message, h.ERROR_CODE: str(error.code)}
@@ -192,6 +196,8 @@ class RpcEndpoint:
     def _decode(self, data: bytes) -> Any:
         if self._decoder is None:
             return None
+        if not data:
+            raise BadRequest(f"empty request: expected JSON for {_type_name(self.signature.payload_type)}")
         try:
             return self._decoder.decode(data)
         except msgspec.ValidationError as exc:

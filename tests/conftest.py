@@ -1,0 +1,1 @@
+"""Shared test helpers; fixtures for servers and services come from framework.testing."""

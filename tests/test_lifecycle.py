@@ -1,0 +1,133 @@
+"""Graceful shutdown, reconnect after a server restart, and `Service.run` under signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from framework import DeadlineExceeded, NoResponders, Service, connect
+from framework.devserver import NatsServer
+
+
+async def test_in_flight_request_completes_during_graceful_shutdown(nats_url):
+    svc = Service("slowpoke")
+    entered = anyio.Event()
+
+    @svc.rpc()
+    async def work(n: int) -> int:
+        entered.set()
+        await anyio.sleep(0.5)
+        return n + 1
+
+    result: list[int] = []
+    async with connect(nats_url) as client:
+        async with anyio.create_task_group() as tg:
+            async with svc.serve(nats_url, grace=5):
+
+                async def call() -> None:
+                    result.append(await client.call("slowpoke.work", 41, returns=int, timeout=5))
+
+                tg.start_soon(call)
+                await entered.wait()
+            # serve() has exited: the service stopped while the request was in flight
+        assert result == [42]
+        with pytest.raises(NoResponders):
+            await client.call("slowpoke.work", 1, timeout=1)
+
+
+async def test_grace_period_bounds_shutdown(nats_url):
+    svc = Service("stuck")
+    entered = anyio.Event()
+
+    @svc.rpc()
+    async def hang() -> None:
+        entered.set()
+        await anyio.sleep(60)
+
+    async with connect(nats_url) as client:
+        async with anyio.create_task_group() as tg:
+            started = time.monotonic()
+            async with svc.serve(nats_url, grace=0.3):
+
+                async def call() -> None:
+                    with pytest.raises(DeadlineExceeded):
+                        await client.call("stuck.hang", timeout=3)
+
+                tg.start_soon(call)
+                await entered.wait()
+            assert time.monotonic() - started < 3
+
+
+async def test_service_serves_again_after_server_restart(nats_server: NatsServer, serve):
+    svc = Service("phoenix")
+
+    @svc.rpc()
+    async def echo(text: str) -> str:
+        return text
+
+    await serve(svc)
+    async with connect(nats_server.url) as client:
+        assert await client.call("phoenix.echo", "before", returns=str) == "before"
+        nats_server.restart()
+        with anyio.fail_after(15):
+            while True:
+                try:
+                    assert await client.call("phoenix.echo", "after", returns=str, timeout=1) == "after"
+                    break
+                except (NoResponders, DeadlineExceeded, Exception):
+                    await anyio.sleep(0.2)
+
+
+SERVICE_MODULE = textwrap.dedent(
+    """
+    import anyio
+    from framework import Service
+
+    svc = Service("sig")
+
+    @svc.rpc()
+    async def slow(n: int) -> int:
+        await anyio.sleep(1.0)
+        return n * 2
+
+    if __name__ == "__main__":
+        svc.run()
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_run_stops_gracefully_on_signal(tmp_path: Path, nats_url, signum):
+    (tmp_path / "sigsvc.py").write_text(SERVICE_MODULE)
+    env = {**os.environ, "NATS_URL": nats_url, "PYTHONPATH": str(tmp_path), "LOG_FORMAT": "json"}
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "sigsvc.py")], env=env, stderr=subprocess.PIPE
+    )
+    try:
+        async with connect(nats_url) as client:
+            with anyio.fail_after(15):
+                while not await client.ping("sig", timeout=0.2):
+                    await anyio.sleep(0.1)
+            async with anyio.create_task_group() as tg:
+                answers: list[int] = []
+
+                async def call() -> None:
+                    answers.append(await client.call("sig.slow", 21, returns=int, timeout=5))
+
+                tg.start_soon(call)
+                await anyio.sleep(0.3)
+                proc.send_signal(signum)
+            assert answers == [42]
+        assert proc.wait(timeout=10) == 0
+        assert b"service stopped" in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
