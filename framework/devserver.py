@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import os
 import shutil
 import socket
@@ -154,15 +153,17 @@ class NatsServer:
         self._cluster_port = cluster_port
         self._routes = [_route_url(r) for r in routes]
         self._extra_args = list(extra_args)
-        # A temp dir only when we need somewhere to put the store or the log; it is
-        # ours to delete, a caller's store_dir never is.
+        # A temp store unless the caller or a config file says where it goes (the
+        # config's store_dir must win over ours); the temp dir is ours to delete, a
+        # caller's store_dir never is.
+        temp_store = store_dir is None and jetstream and config_file is None
         self._own_dir: Path | None = None
-        if store_dir is None and (jetstream or log_file is None):
+        if temp_store or (store_dir is None and log_file is None):
             self._own_dir = Path(tempfile.mkdtemp(prefix="nats-server-"))
             with _registry_lock:
                 _owned_dirs.add(self._own_dir)
         self._store_dir: Path | None = Path(store_dir) if store_dir is not None else None
-        if self._store_dir is None and jetstream:
+        if temp_store:
             self._store_dir = self._own_dir
         if log_file is not None:
             self._log_file = Path(log_file)
@@ -224,6 +225,8 @@ class NatsServer:
             args += ["--cluster_name", self._cluster_name]
         if self._routes:
             args += ["--routes", ",".join(self._routes)]
+        # Written once the listeners are up, named after the PID: our readiness signal.
+        args += ["--ports_file_dir", str(self._log_file.parent)]
         return args + self._extra_args
 
     def start(self, timeout: float = 10.0) -> Self:
@@ -320,6 +323,9 @@ class NatsServer:
     def _forget(self, proc: subprocess.Popen[bytes]) -> None:
         with _registry_lock:
             _live_procs.discard(proc)
+        # A clean shutdown removes it; after SIGKILL it would linger.
+        for path in self._ports_files(proc.pid):
+            path.unlink(missing_ok=True)
         if self._proc is proc:
             self._proc = None
 
@@ -334,7 +340,7 @@ class NatsServer:
                     f"nats-server on port {self._port} exited with code {proc.returncode} "
                     f"during start-up (log: {self._log_file}):\n{self._startup_log()}"
                 )
-            if self._greets():
+            if self._greets(proc):
                 return
             if time.monotonic() >= deadline:
                 self.kill()
@@ -347,12 +353,18 @@ class NatsServer:
     def _startup_log(self) -> str:
         return _read_tail(self._log_file, 30, start=self._log_offset)
 
-    def _greets(self) -> bool:
-        """True once the port accepts a connection and the server sends its INFO line.
+    def _ports_files(self, pid: int) -> list[Path]:
+        """``<executable>_<pid>.ports`` in the ports dir (any executable name)."""
+        return list(self._log_file.parent.glob(f"*_{pid}.ports"))
 
-        With a server name we also check it is ours, not some other server that
-        grabbed the port while ours was failing to bind.
+    def _greets(self, proc: subprocess.Popen[bytes]) -> bool:
+        """True once *our* process listens and a client gets its ``INFO {`` line.
+
+        A connect alone could reach another server that holds the port while ours
+        fails to bind; the ports file, named after our PID, rules that out.
         """
+        if not self._ports_files(proc.pid):
+            return False
         try:
             with socket.create_connection((LOOPBACK, self._port), timeout=0.5) as sock:
                 sock.settimeout(0.5)
@@ -364,15 +376,7 @@ class NatsServer:
                     data += chunk
         except OSError:
             return False
-        if not data.startswith(b"INFO {"):
-            return False
-        if self._server_name is None:
-            return True
-        try:
-            info = json.loads(data[5 : data.index(b"\r\n")])
-        except ValueError:
-            return False
-        return bool(info.get("server_name") == self._server_name)
+        return data.startswith(b"INFO {")
 
 
 def _server_list(url_or_urls: str | Sequence[str]) -> list[str]:
@@ -382,7 +386,10 @@ def _server_list(url_or_urls: str | Sequence[str]) -> list[str]:
     return list(url_or_urls)
 
 
-async def wait_jetstream_ready(url_or_urls: str | Sequence[str], timeout: float = 20.0) -> None:
+async def wait_jetstream_ready(
+    url_or_urls: str | Sequence[str],
+    timeout: float = 20.0,
+) -> None:
     """Block until JetStream answers ``account_info``.
 
     A server accepts clients before JetStream can serve them; in a cluster the

@@ -66,11 +66,32 @@ async def client(nats_url: str) -> AsyncIterator[Any]:
 async def serve(nats_url: str) -> AsyncIterator[Serve]:
     """Run services inside the test's loop until teardown, stopped in reverse order.
 
-    Defaults to the test's server; pass ``url`` (e.g. ``nats_cluster.url``) for another.
+    Each service runs in a task of its own: pytest-asyncio sets up and tears down async
+    fixtures in different tasks, and a service's task group must be entered and left in
+    one. Defaults to the test's server; pass ``url`` (e.g. ``nats_cluster.url``).
     """
-    async with contextlib.AsyncExitStack() as stack:
+    import asyncio
 
-        async def _serve(service: _Servable, url: str | None = None) -> None:
-            await stack.enter_async_context(service.serve(url or nats_url))
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
-        yield _serve
+    async def _serve(service: _Servable, url: str | None = None) -> None:
+        started, stop = asyncio.Event(), asyncio.Event()
+
+        async def run() -> None:
+            async with service.serve(url or nats_url):
+                started.set()
+                await stop.wait()
+
+        task = asyncio.create_task(run())
+        running.append((stop, task))
+        waiter = asyncio.create_task(started.wait())
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task.done():
+            task.result()  # the service failed to start: raise its error here
+
+    yield _serve
+    for stop, task in reversed(running):
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
