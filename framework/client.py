@@ -172,7 +172,8 @@ class Client:
                     span.set_attribute("messaging.message.conversation_id", out[h.CORRELATION_ID])
             reply = await self._request(subject, encode_payload(payload), wait, out)
             raise_for_error(reply.headers, subject)
-            return self._decode_reply(reply.data, returns, subject)
+            result: T = self._decode_reply(reply.data, returns, subject)
+            return result
         except ServiceError as error:
             telemetry.record_error(span, error)
             raise

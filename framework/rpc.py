@@ -197,7 +197,9 @@ class RpcEndpoint:
         if self._decoder is None:
             return None
         if not data:
-            raise BadRequest(f"empty request: expected JSON for {_type_name(self.signature.payload_type)}")
+            raise BadRequest(
+                f"empty request: expected JSON for {_type_name(self.signature.payload_type)}"
+            )
         try:
             return self._decoder.decode(data)
         except msgspec.ValidationError as exc:

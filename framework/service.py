@@ -41,12 +41,16 @@ class Service:
         *,
         metadata: Mapping[str, str] | None = None,
         streams: Sequence[Stream] = (),
+        publishes: Sequence[str] = (),
     ) -> None:
         self.name = check_service_name(name)
         self.version = version
         self.description = description
         self.metadata = dict(metadata or {})
         self.streams = list(streams)
+        self.publishes = [check_event_type(t) for t in publishes]
+        if self.publishes:
+            self.metadata.setdefault("publishes", ",".join(self.publishes))
         self.endpoints: list[RpcEndpoint] = []
         self.subscribers: list[Subscriber] = []
         self.instance_id = ""
@@ -145,10 +149,11 @@ class Service:
                     await client.close()
 
     async def _start(self, client: Client, task_group: Any, responder: Responder) -> None:
-        if self.subscribers or self.streams:
+        if self.subscribers or self.streams or self.publishes:
             from .streams import ensure_streams
 
-            await ensure_streams(client, self.streams, [s.event_type for s in self.subscribers])
+            event_types = [*self.publishes, *(s.event_type for s in self.subscribers)]
+            await ensure_streams(client, self.streams, event_types)
         for endpoint in self.endpoints:
             await endpoint.start(client, task_group)
         for subscriber in self.subscribers:

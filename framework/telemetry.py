@@ -21,6 +21,7 @@ __all__ = [
     "end_span",
     "extract_context",
     "inject_context",
+    "links_to",
     "record_error",
     "start_span",
 ]
@@ -64,3 +65,11 @@ def record_error(span: Span, error: BaseException, description: str | None = Non
 
 def end_span(span: Span) -> None:
     span.end()
+
+
+def links_to(parent: otel_context.Context | None) -> list[Link]:
+    """A consumer span links to its producer, so each redelivery shows its origin."""
+    if parent is None:
+        return []
+    span_context = trace.get_current_span(parent).get_span_context()
+    return [Link(span_context)] if span_context.is_valid else []
