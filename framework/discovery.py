@@ -6,6 +6,7 @@ time) so that `nats micro ls`, nats.go, nats.js and nats.py clients see our serv
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -139,10 +140,21 @@ class Responder:
         build = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}[verb]
 
         async def answer(msg: Any) -> None:
-            if msg.reply:
-                await nc.publish(msg.reply, msgspec.json.encode(build()))
+            if not msg.reply:
+                return
+            if verb == "STATS":
+                await self._refresh()
+            await nc.publish(msg.reply, msgspec.json.encode(build()))
 
         return answer
+
+    async def _refresh(self) -> None:
+        """Figures that live on the server (consumer lag) are read when asked for."""
+        for handler in self._handlers:
+            refresh = getattr(handler, "refresh_stats", None)
+            if refresh is not None:
+                with contextlib.suppress(Exception):
+                    await refresh()
 
     def ping(self) -> PingResponse:
         return PingResponse(**self._identity)  # type: ignore[arg-type]

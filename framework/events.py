@@ -332,6 +332,7 @@ class Subscriber:
         self.stats = HandlerStats()
         self.duplicates = 0
         self.pending = 0
+        self.ack_pending = 0
         self.stream = ""
         self._decoder = decoder_for(signature.payload_type)
         self._client: Client | None = None
@@ -367,6 +368,7 @@ class Subscriber:
     def extra_stats(self) -> dict[str, Any]:
         return {
             "pending": self.pending,
+            "ack_pending": self.ack_pending,
             "redelivered": self.stats.redelivered,
             "dead_lettered": self.stats.dead_lettered,
             "duplicates": self.duplicates,
@@ -428,16 +430,27 @@ class Subscriber:
                 changes={k: {"was": _norm(a), "now": _norm(b)} for k, (a, b) in diff.items()},
             )
 
-    async def start(self, client: Client, task_group: TaskGroup) -> None:
+    async def prepare(self, client: Client) -> None:
+        """Consumer and idempotency bucket: configuration errors surface here."""
         self._client = client
-        self._scope = anyio.CancelScope()
-        self._wake = anyio.Event()
-        self._taken = self._outstanding = 0
         await self.ensure_consumer()
         if self.idempotent:
             self._processed = await ProcessedIds.open(
                 client, self.service, self.name, self.idempotency_ttl
             )
+
+    async def refresh_stats(self) -> None:
+        """Lag from the consumer itself: what the stream holds that we have not taken."""
+        if self._client is None or not self.stream:
+            return
+        info = await self._client.js.consumer_info(self.stream, self.durable, timeout=0.5)
+        self.pending = info.num_pending or 0
+        self.ack_pending = info.num_ack_pending or 0
+
+    async def start(self, client: Client, task_group: TaskGroup) -> None:
+        self._scope = anyio.CancelScope()
+        self._wake = anyio.Event()
+        self._taken = self._outstanding = 0
         self._pool = WorkerPool(self._handle, self.max_concurrency)
         self._pool.start(task_group)
         self._inbox = client.nc.new_inbox()
@@ -545,16 +558,17 @@ class Subscriber:
             self._wake_puller()
 
     async def _keep_alive_loop(self) -> None:
-        """In-progress acks for long handlers, and deferred consumer checks."""
-        interval = max(0.5, self.ack_wait / 3)
+        """In-progress acks for long handlers (a third of ack_wait), deferred consumer checks."""
+        every = max(0.1, self.ack_wait / 3)
         while True:
-            await anyio.sleep(min(interval, PULL_HEARTBEAT))
+            await anyio.sleep(every / 2)
             check, self._pending_check = self._pending_check, None
             if check is not None:
                 await check()
             now = time.monotonic()
-            for msg, since in list(self._active.values()):
-                if now - since >= interval:
+            for key, (msg, touched) in list(self._active.items()):
+                if now - touched >= every and key in self._active:
+                    self._active[key] = (msg, now)
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
 
@@ -580,7 +594,6 @@ class Subscriber:
         meta = msg.metadata
         attempt = meta.num_delivered
         sequence = meta.sequence.stream
-        self.pending = meta.num_pending
         if attempt > 1:
             self.stats.redelivered += 1
         try:
@@ -639,8 +652,9 @@ class Subscriber:
             await self._dead_letter(msg, "rejected", exc.reason, attempt, sequence, info.event_id)
         except Exception as exc:
             telemetry.record_error(span, exc)
-            self.stats.record(time.perf_counter_ns() - started, f"{type(exc).__name__}: {exc}")
-            await self._failed(msg, exc, ctx, attempt, sequence)
+            error = _describe(exc)
+            self.stats.record(time.perf_counter_ns() - started, error)
+            await self._failed(msg, exc, error, ctx, attempt, sequence)
         else:
             if self._processed is not None:
                 await self._processed.mark(info.event_id)
@@ -676,13 +690,8 @@ class Subscriber:
         )
 
     async def _failed(
-        self, msg: Any, exc: Exception, ctx: Context, attempt: int, sequence: int
+        self, msg: Any, exc: Exception, error: str, ctx: Context, attempt: int, sequence: int
     ) -> None:
-        error = (
-            "processing time exceeded"
-            if isinstance(exc, TimeoutError)
-            else f"{type(exc).__name__}: {exc}"
-        )
         if attempt >= self.max_deliver:
             ctx.log.error("event handler failed, last attempt", error=error, exc_info=exc)
             await self._dead_letter(
@@ -731,6 +740,12 @@ class Subscriber:
             stream_sequence=sequence,
         )
         await msg.term()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "processing time exceeded"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _norm(value: Any) -> Any:

@@ -118,12 +118,15 @@ class RpcEndpoint:
     def extra_stats(self) -> dict[str, Any] | None:
         return {"in_flight": self.stats.in_flight}
 
-    async def start(self, client: Client, task_group: TaskGroup) -> None:
+    async def prepare(self, client: Client) -> None:
+        """Everything that can fail on configuration, before any task starts."""
         self._client = client
         if self.idempotent:
             from .idempotency import ResponseCache
 
             self._cache = await ResponseCache.open(client, self.service, self.name)
+
+    async def start(self, client: Client, task_group: TaskGroup) -> None:
         self._pool = WorkerPool(self._handle, self.max_concurrency)
         self._pool.start(task_group)
         self._sub = await client.nc.subscribe(

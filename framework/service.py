@@ -134,6 +134,7 @@ class Service:
             [*self.endpoints, *self.subscribers],
         )
         try:
+            await self._prepare(client)
             async with anyio.create_task_group() as task_group:
                 try:
                     await self._start(client, task_group, responder)
@@ -148,12 +149,18 @@ class Service:
                 with anyio.CancelScope(shield=True):
                     await client.close()
 
-    async def _start(self, client: Client, task_group: Any, responder: Responder) -> None:
+    async def _prepare(self, client: Client) -> None:
+        """Streams, consumers, buckets: fail with the real error before anything runs."""
         if self.subscribers or self.streams or self.publishes:
             from .streams import ensure_streams
 
             event_types = [*self.publishes, *(s.event_type for s in self.subscribers)]
             await ensure_streams(client, self.streams, event_types)
+        handlers: list[RpcEndpoint | Subscriber] = [*self.endpoints, *self.subscribers]
+        for handler in handlers:
+            await handler.prepare(client)
+
+    async def _start(self, client: Client, task_group: Any, responder: Responder) -> None:
         for endpoint in self.endpoints:
             await endpoint.start(client, task_group)
         for subscriber in self.subscribers:

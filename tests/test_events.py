@@ -1,0 +1,411 @@
+"""Event outcomes against a real JetStream server: ack, retry with backoff, dead letter."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import anyio
+import msgspec
+import nats
+import pytest
+
+from framework import (
+    ConfigConflict,
+    Context,
+    InvalidName,
+    PublishError,
+    Reject,
+    Service,
+)
+from framework.deadletter import get_dead_letter, list_dead_letters, replay_dead_letter
+from framework.events import BatchPublisher
+from framework.streams import Stream
+
+
+class OrderCreated(msgspec.Struct):
+    order_id: str
+    amount_cents: int
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.02)
+
+
+async def test_publish_waits_for_ack_and_dedupes_by_event_id(serve, client):
+    await serve(Service("orders", publishes=["order.created.v1"]))
+    first = await client.publish("order.created.v1", OrderCreated("o-1", 5), event_id="order-o-1")
+    again = await client.publish("order.created.v1", OrderCreated("o-1", 5), event_id="order-o-1")
+    assert (first.stream, first.duplicate, again.duplicate) == ("EVENTS_ORDER", False, True)
+    assert first.seq == again.seq
+    info = await client.js.stream_info("EVENTS_ORDER")
+    assert info.state.messages == 1
+
+
+async def test_publish_to_a_type_no_stream_captures_is_an_error(client):
+    with pytest.raises(PublishError, match="no stream captures events.ghost.appeared.v1"):
+        await client.publish("ghost.appeared.v1", {"x": 1})
+
+
+@pytest.mark.parametrize(
+    "bad", ["Order.created.v1", "order.created", "order.*.v1", "order created.v1", "a.b.c.d.v1"]
+)
+async def test_invalid_event_types_are_refused(client, bad):
+    with pytest.raises(InvalidName):
+        await client.publish(bad, {"x": 1})
+
+
+async def test_duplicate_outside_dedupe_window_is_handled_once(serve, client):
+    svc = Service(
+        "payments", streams=[Stream("EVENTS_ORDER", ["events.order.>"], duplicate_window=0.5)]
+    )
+    handled: list[str] = []
+
+    @svc.subscribe("order.created.v1")
+    async def on_created(event: OrderCreated, ctx: Context) -> None:
+        handled.append(ctx.event_id or "")
+
+    await serve(svc)
+    await client.publish("order.created.v1", OrderCreated("o-1", 5), event_id="evt-1")
+    await wait_until(lambda: len(handled) == 1)
+    await anyio.sleep(1.0)  # past the stream's dedupe window: stored a second time
+    second = await client.publish("order.created.v1", OrderCreated("o-1", 5), event_id="evt-1")
+    assert not second.duplicate
+    await client.publish("order.created.v1", OrderCreated("o-2", 5), event_id="evt-2")
+    await wait_until(lambda: "evt-2" in handled)
+    stats = (await client.stats("payments"))[0].endpoints[0]
+    assert handled == ["evt-1", "evt-2"]
+    assert stats.data is not None and stats.data["duplicates"] == 1
+
+
+async def test_failing_twice_then_succeeding_uses_backoff_delays(serve, client):
+    svc = Service("payments")
+    attempts: list[tuple[int, float]] = []
+
+    @svc.subscribe("order.created.v1", backoff=[0.4, 0.8], max_deliver=5)
+    async def flaky(event: OrderCreated, ctx: Context) -> None:
+        attempts.append((ctx.attempt, time.monotonic()))
+        if ctx.attempt < 3:
+            raise RuntimeError(f"transient failure {ctx.attempt}")
+
+    await serve(svc)
+    await client.publish("order.created.v1", OrderCreated("o-1", 5))
+    await wait_until(lambda: len(attempts) == 3)
+    await anyio.sleep(0.3)
+    assert [a for a, _ in attempts] == [1, 2, 3]
+    first_gap = attempts[1][1] - attempts[0][1]
+    second_gap = attempts[2][1] - attempts[1][1]
+    assert first_gap >= 0.4 and second_gap >= 0.8, (first_gap, second_gap)
+    stats = (await client.stats("payments"))[0].endpoints[0]
+    assert (stats.num_requests, stats.num_errors) == (3, 2)
+    assert stats.data is not None and stats.data["redelivered"] == 2
+    assert await list_dead_letters(client) == []
+
+
+async def test_always_failing_event_is_dead_lettered_and_replayable(serve, client):
+    svc = Service("payments")
+    attempts: list[int] = []
+    healed = False
+
+    @svc.subscribe("order.created.v1", backoff=[0.05], max_deliver=3)
+    async def broken(event: OrderCreated, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if not healed:
+            raise ValueError("provider unavailable")
+
+    await serve(svc)
+    ack = await client.publish(
+        "order.created.v1", OrderCreated("o-9", 900), event_id="evt-9", headers={"X-Tenant": "t1"}
+    )
+    await wait_until(lambda: len(attempts) == 3)
+    letters: list = []
+
+    async def dead_lettered() -> None:
+        with anyio.fail_after(5):
+            while not letters:
+                letters.extend(await list_dead_letters(client))
+                await anyio.sleep(0.05)
+
+    await dead_lettered()
+    (letter,) = letters
+    assert (letter.reason, letter.attempts, letter.event_id) == ("max_deliver", 3, "evt-9")
+    assert "provider unavailable" in letter.error
+    assert (letter.service, letter.handler) == ("payments", "broken")
+    assert (letter.subject, letter.stream, letter.sequence) == (
+        "events.order.created.v1",
+        "EVENTS_ORDER",
+        ack.seq,
+    )
+    assert letter.headers["X-Tenant"] == "t1"
+    assert msgspec.json.decode(letter.data.encode(), type=OrderCreated) == OrderCreated("o-9", 900)
+    assert (await get_dead_letter(client, letter.id)).event_id == "evt-9"
+    await anyio.sleep(0.5)
+    assert attempts == [1, 2, 3]  # terminated: no further deliveries
+
+    healed = True
+    await replay_dead_letter(client, letter.id)
+    await wait_until(lambda: len(attempts) == 4)
+    assert attempts[-1] == 1  # a new attempt
+    await wait_until(lambda: True)
+    assert await list_dead_letters(client) == []
+
+
+async def test_poison_payload_is_dead_lettered_at_once_and_does_not_block(serve, client, nats_url):
+    svc = Service("payments")
+    handled: list[str] = []
+
+    @svc.subscribe("order.created.v1", max_concurrency=1, backoff=[0.05])
+    async def on_created(event: OrderCreated) -> None:
+        handled.append(event.order_id)
+
+    await serve(svc)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        await js.publish("events.order.created.v1", b"{not json")
+        await js.publish("events.order.created.v1", b'{"order_id": 5}')
+    finally:
+        await nc.close()
+    for n in range(5):
+        await client.publish("order.created.v1", OrderCreated(f"o-{n}", 1))
+    await wait_until(lambda: len(handled) == 5)
+    letters = await list_dead_letters(client)
+    assert sorted(d.reason for d in letters) == ["undecodable", "undecodable"]
+    assert all(d.attempts == 1 for d in letters)
+    assert any("malformed" in d.error for d in letters)
+    assert any("Expected `str`" in d.error for d in letters)
+
+
+async def test_reject_dead_letters_without_retry(serve, client):
+    svc = Service("payments")
+    attempts = 0
+
+    @svc.subscribe("order.created.v1", backoff=[0.05])
+    async def picky(event: OrderCreated) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise Reject("amount is negative")
+
+    await serve(svc)
+    await client.publish("order.created.v1", OrderCreated("o", -1))
+    letters: list = []
+    with anyio.fail_after(5):
+        while not letters:
+            letters = await list_dead_letters(client)
+            await anyio.sleep(0.05)
+    assert (letters[0].reason, letters[0].error, attempts) == ("rejected", "amount is negative", 1)
+
+
+async def test_fan_out_to_services_and_load_balancing_across_replicas(serve, client):
+    handled: Counter[str] = Counter()
+
+    def make(name: str, replica: int) -> Service:
+        svc = Service(name)
+
+        @svc.subscribe("order.created.v1")
+        async def on_created(event: OrderCreated) -> None:
+            handled[f"{name}/{replica}"] += 1
+            await anyio.sleep(0.01)
+
+        return svc
+
+    for svc in (make("payments", 1), make("payments", 2), make("audit", 1)):
+        await serve(svc)
+    async with BatchPublisher(client) as batch:
+        for n in range(60):
+            await batch.publish("order.created.v1", OrderCreated(str(n), n))
+    await wait_until(
+        lambda: handled["payments/1"] + handled["payments/2"] == 60 and handled["audit/1"] == 60
+    )
+    assert handled["payments/1"] > 0 and handled["payments/2"] > 0
+
+
+async def test_ordered_by_key_serializes_same_key_and_parallelizes_others(serve, client):
+    svc = Service("ledger")
+    log: list[tuple[str, int]] = []
+    running: Counter[str] = Counter()
+    overlap_same_key = False
+    peak = 0
+
+    @svc.subscribe("order.created.v1", ordered_by=lambda e: e.order_id, max_concurrency=8)
+    async def apply(event: OrderCreated) -> None:
+        nonlocal overlap_same_key, peak
+        running[event.order_id] += 1
+        overlap_same_key |= running[event.order_id] > 1
+        peak = max(peak, sum(running.values()))
+        await anyio.sleep(0.02)
+        log.append((event.order_id, event.amount_cents))
+        running[event.order_id] -= 1
+
+    await serve(svc)
+    async with BatchPublisher(client) as batch:
+        for n in range(10):
+            for key in ("a", "b", "c"):
+                await batch.publish("order.created.v1", OrderCreated(key, n))
+    await wait_until(lambda: len(log) == 30)
+    assert not overlap_same_key
+    assert peak > 1
+    for key in ("a", "b", "c"):
+        assert [n for k, n in log if k == key] == list(range(10))
+
+
+async def test_long_handler_sends_in_progress_and_is_not_redelivered(serve, client):
+    svc = Service("slow")
+    attempts: list[int] = []
+    done = anyio.Event()
+
+    @svc.subscribe("order.created.v1", ack_wait=1.0)
+    async def crunch(event: OrderCreated, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        await anyio.sleep(2.5)
+        done.set()
+
+    await serve(svc)
+    await client.publish("order.created.v1", OrderCreated("o", 1))
+    with anyio.fail_after(10):
+        await done.wait()
+    await anyio.sleep(1.5)
+    assert attempts == [1]
+
+
+async def test_handler_over_max_processing_time_is_cancelled_and_retried(serve, client):
+    svc = Service("hangs")
+    attempts: list[int] = []
+
+    @svc.subscribe("order.created.v1", max_processing_time=0.3, backoff=[0.05])
+    async def sometimes_hangs(event: OrderCreated, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await anyio.sleep(3600)
+
+    await serve(svc)
+    await client.publish("order.created.v1", OrderCreated("o", 1))
+    await wait_until(lambda: attempts == [1, 2])
+    stats = (await client.stats("hangs"))[0].endpoints[0]
+    assert stats.num_errors == 1 and "processing time exceeded" in stats.last_error
+
+
+async def test_events_published_from_handlers_carry_correlation_and_causation(serve, client):
+    orders, shipping = Service("orders", publishes=["order.paid.v1"]), Service("shipping")
+    seen: dict[str, str | None] = {}
+
+    @orders.subscribe("order.created.v1")
+    async def pay(event: OrderCreated, ctx: Context) -> None:
+        seen["first_event_id"] = ctx.event_id
+        await ctx.publish("order.paid.v1", event)
+
+    @shipping.subscribe("order.paid.v1")
+    async def ship(event: OrderCreated, ctx: Context) -> None:
+        seen["correlation"] = ctx.correlation_id
+        seen["causation"] = ctx.causation_id
+        seen["producer"] = ctx.headers.get("Producer")
+
+    await serve(orders)
+    await serve(shipping)
+    await client.publish("order.created.v1", OrderCreated("o", 1), correlation_id="corr-7")
+    await wait_until(lambda: "causation" in seen)
+    assert seen["correlation"] == "corr-7"
+    assert seen["causation"] == seen["first_event_id"]
+    assert seen["producer"] == "orders"
+
+
+async def test_declared_stream_conflict_is_reported_with_the_difference(serve, client, nats_url):
+    await serve(
+        Service("first", streams=[Stream("EVENTS_ORDER", ["events.order.>"], max_age=3600)])
+    )
+    clash = Service("second", streams=[Stream("EVENTS_ORDER", ["events.order.>"], max_age=7200)])
+    with pytest.raises(ConfigConflict) as info:
+        async with clash.serve(nats_url):
+            pass
+    assert "max_age" in str(info.value) and "3600" in str(info.value) and "7200" in str(info.value)
+    assert (await client.js.stream_info("EVENTS_ORDER")).config.max_age == 3600
+
+
+async def test_consumer_config_drift_is_detected(serve, client, nats_url):
+    first = Service("payments")
+
+    @first.subscribe("order.created.v1", deliver="all")
+    async def on_created(event: OrderCreated) -> None: ...
+
+    await serve(first)
+    second = Service("payments")
+
+    @second.subscribe("order.created.v1", deliver="new")
+    async def on_created_again(event: OrderCreated) -> None: ...
+
+    second.subscribers[0].durable = first.subscribers[0].durable
+    with pytest.raises(ConfigConflict, match="deliver_policy"):
+        async with second.serve(nats_url):
+            pass
+
+
+async def test_subscribers_appear_in_info_and_stats_with_lag(serve, client):
+    svc = Service("payments")
+    gate = anyio.Event()
+
+    @svc.subscribe("order.created.v1", max_concurrency=1)
+    async def on_created(event: OrderCreated) -> None:
+        await gate.wait()
+
+    await serve(svc)
+    for n in range(10):
+        await client.publish("order.created.v1", OrderCreated(str(n), n))
+    await anyio.sleep(0.5)
+    (info,) = await client.info("payments")
+    (endpoint,) = info.endpoints
+    assert endpoint.metadata is not None
+    assert (endpoint.subject, endpoint.metadata["kind"], endpoint.metadata["consumer"]) == (
+        "events.order.created.v1",
+        "subscriber",
+        "payments_on_created",
+    )
+    assert "order_id" in endpoint.metadata["event_schema"]
+    (stats,) = await client.stats("payments")
+    data = stats.endpoints[0].data
+    assert data is not None and data["pending"] >= 7  # lag: the slow handler holds the rest back
+    gate.set()
+    await wait_until(lambda: True)
+
+
+async def test_batch_publisher_stores_everything_with_bounded_outstanding(serve, client):
+    await serve(Service("orders", publishes=["order.created.v1"]))
+    async with BatchPublisher(client, max_outstanding=32) as batch:
+        for n in range(1000):
+            await batch.publish("order.created.v1", OrderCreated(str(n), n), event_id=f"b-{n}")
+            assert len(batch._pending) <= 32
+    assert len(batch.acks) == 1000 and not batch.failures
+    assert (await client.js.stream_info("EVENTS_ORDER")).state.messages == 1000
+
+
+async def test_batch_publisher_reports_what_was_not_stored(client):
+    with pytest.raises(PublishError, match="not stored"):
+        async with BatchPublisher(client) as batch:
+            await batch.publish("nowhere.to.go.v1", {"x": 1})
+
+
+async def test_idempotent_rpc_returns_the_stored_response(serve, client):
+    svc = Service("payments")
+    charges = 0
+
+    @svc.rpc(idempotent=True)
+    async def charge(req: OrderCreated) -> str:
+        nonlocal charges
+        charges += 1
+        return f"charge-{charges}"
+
+    await serve(svc)
+    first = await client.call(
+        "payments.charge", OrderCreated("o", 1), returns=str, idempotency_key="k-1"
+    )
+    again = await client.call(
+        "payments.charge", OrderCreated("o", 1), returns=str, idempotency_key="k-1"
+    )
+    other = await client.call(
+        "payments.charge", OrderCreated("o", 1), returns=str, idempotency_key="k-2"
+    )
+    plain = await client.call("payments.charge", OrderCreated("o", 1), returns=str)
+    assert (first, again, other, plain) == ("charge-1", "charge-1", "charge-2", "charge-3")
+    assert charges == 3
