@@ -31,13 +31,32 @@ def load_service(spec: str) -> Service:
 async def serve_until_signal(
     services: Sequence[Service], url: str | Sequence[str] | None = None, *, grace: float = 10.0
 ) -> None:
-    async with AsyncExitStack() as stack:
-        for service in services:
-            await stack.enter_async_context(service.serve(url, grace=grace))
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Signals are watched from the start, so a service still waiting for NATS stops too.
+
+    Once serving, a signal ends the serve blocks normally (graceful: in-flight work
+    finishes); only a process that never got connected is cancelled outright.
+    """
+    stop = anyio.Event()
+    serving = False
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as task_group:
+
+            async def serve_all() -> None:
+                nonlocal serving
+                async with AsyncExitStack() as stack:
+                    for service in services:
+                        await stack.enter_async_context(service.serve(url, grace=grace))
+                    serving = True
+                    await stop.wait()
+                task_group.cancel_scope.cancel()  # done: stop watching signals
+
+            task_group.start_soon(serve_all)
             async for signum in signals:
                 _log.info("stopping", signal=signal.Signals(signum).name)
                 break
+            stop.set()
+            if not serving:
+                task_group.cancel_scope.cancel()
 
 
 def _backend_options() -> dict[str, Any]:

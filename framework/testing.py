@@ -33,6 +33,13 @@ class Serve(Protocol):
     def __call__(self, service: _Servable, url: str | None = None) -> Awaitable[None]: ...
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Readable log lines on stderr, where pytest shows them next to a failure."""
+    from framework.logging import configure_logging
+
+    configure_logging(json=False)
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A fresh JetStream server per test: no state leaks between tests."""
