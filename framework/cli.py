@@ -485,23 +485,26 @@ def _subparser(subparsers: Subparsers, name: str, help_text: str) -> argparse.Ar
     )
 
 
+_EXTENSIONS = ("cli_events", "cli_mesh")
+
+
 def _register_extensions(subparsers: Subparsers, handlers: dict[str, Handler]) -> None:
-    """Commands that live elsewhere (`publish`, `dlq ...` in framework.cli_events)."""
-    module_name = f"{__package__}.cli_events"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name == module_name:
-            return  # not written (yet): the core commands work without it
-        print(f"mesh: event commands unavailable: {error}", file=sys.stderr)
-        return
-    except ImportError as error:
-        print(f"mesh: event commands unavailable: {error}", file=sys.stderr)
-        return
-    register: Callable[[Subparsers], Mapping[str, Handler] | None] | None
-    register = getattr(module, "register", None)
-    if register is not None:
-        handlers.update(register(subparsers) or {})
+    """Commands that live elsewhere: `publish`, `dlq ...` (cli_events), `up|down|demo` (cli_mesh)."""
+    for extension in _EXTENSIONS:
+        module_name = f"{__package__}.{extension}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                print(f"mesh: {extension} commands unavailable: {error}", file=sys.stderr)
+            continue
+        except ImportError as error:
+            print(f"mesh: {extension} commands unavailable: {error}", file=sys.stderr)
+            continue
+        register: Callable[[Subparsers], Mapping[str, Handler] | None] | None
+        register = getattr(module, "register", None)
+        if register is not None:
+            handlers.update(register(subparsers) or {})
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

@@ -143,6 +143,7 @@ class NatsServer:
         routes: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         log_file: str | Path | None = None,
+        own_session: bool = False,
     ) -> None:
         self._auto_port = port == 0
         self._port = port or free_port()
@@ -153,6 +154,9 @@ class NatsServer:
         self._cluster_port = cluster_port
         self._routes = [_route_url(r) for r in routes]
         self._extra_args = list(extra_args)
+        # own_session: a terminal's Ctrl-C does not reach the server, so a supervisor
+        # (mesh up) can stop its services first and the server last.
+        self._own_session = own_session
         # A temp store unless the caller or a config file says where it goes (the
         # config's store_dir must win over ours); the temp dir is ours to delete, a
         # caller's store_dir never is.
@@ -314,7 +318,11 @@ class NatsServer:
         with self._log_file.open("ab") as log:
             self._log_offset = log.tell()
             proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=self._own_session,
             )
         with _registry_lock:
             _live_procs.add(proc)
