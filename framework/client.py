@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import msgspec
 import nats
@@ -110,6 +110,34 @@ class Client:
         if self._owns and not self._nc.is_closed:
             await self._nc.close()
 
+    @overload
+    async def call(
+        self,
+        subject: str,
+        payload: Any = None,
+        *,
+        returns: type[T],
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        parent: Context | None = None,
+    ) -> T: ...
+
+    @overload
+    async def call(
+        self,
+        subject: str,
+        payload: Any = None,
+        *,
+        returns: Any = Any,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        parent: Context | None = None,
+    ) -> Any: ...
+
     async def call(
         self,
         subject: str,
@@ -153,28 +181,26 @@ class Client:
         if send_deadline:
             out = out or {}
             out[h.DEADLINE] = str(int((time.time() + wait) * 1000))
-        span = telemetry.start_span(
-            f"send {subject}",
+        name, attributes = telemetry.send_target(
+            "request", subject, parent.service if parent is not None else self.name
+        )
+        span = telemetry.start_send_span(
+            name,
             telemetry.SpanKind.CLIENT,
-            {
-                "messaging.system": "nats",
-                "messaging.destination.name": subject,
-                "messaging.operation.type": "send",
-                "messaging.operation.name": "call",
-            },
-            parent_span=parent.span if parent is not None else None,
+            attributes,
+            parent.span if parent is not None else None,
         )
         try:
-            if span.is_recording():
+            if span.get_span_context().is_valid:
                 out = out or {}
                 telemetry.inject_context(out, span)
-                if out.get(h.CORRELATION_ID):
-                    span.set_attribute("messaging.message.conversation_id", out[h.CORRELATION_ID])
+                if span.is_recording() and out.get(h.CORRELATION_ID):
+                    span.set_attribute(telemetry.CONVERSATION_ID, out[h.CORRELATION_ID])
             reply = await self._request(subject, encode_payload(payload), wait, out)
             raise_for_error(reply.headers, subject)
             result: T = self._decode_reply(reply.data, returns, subject)
             return result
-        except ServiceError as error:
+        except Exception as error:
             telemetry.record_error(span, error)
             raise
         finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import structlog
 from opentelemetry import trace
@@ -103,6 +103,28 @@ class Context:
         """What a message sent from here names as its cause."""
         return self.event_id
 
+    @overload
+    async def call(
+        self,
+        subject: str,
+        payload: Any = None,
+        *,
+        returns: type[T],
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> T: ...
+
+    @overload
+    async def call(
+        self,
+        subject: str,
+        payload: Any = None,
+        *,
+        returns: Any = Any,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any: ...
+
     async def call(
         self,
         subject: str,
@@ -111,7 +133,7 @@ class Context:
         returns: type[T] | Any = Any,
         timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> T:
+    ) -> Any:
         return await self._client.call(
             subject, payload, returns=returns, timeout=timeout, headers=headers, parent=self
         )

@@ -27,7 +27,7 @@ from nats.js import api
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from . import headers as h
-from . import telemetry
+from . import metrics, telemetry
 from .codec import decoder_for, schema_json
 from .context import Context
 from .deadletter import REPLAY_OF, send_to_dead_letter
@@ -36,7 +36,6 @@ from .errors import BadRequest, ConfigConflict, PublishError, Reject
 from .idempotency import DEFAULT_TTL, ProcessedIds
 from .names import check_event_type, event_subject
 from .signature import NO_PAYLOAD, Handler, HandlerSignature
-from .stats import HandlerStats
 
 if TYPE_CHECKING:
     from .client import Client
@@ -120,20 +119,17 @@ async def publish_event(
         correlation_id=correlation_id,
         parent=parent,
     )
-    span = telemetry.start_span(
-        f"send {subject}",
+    name, attributes = telemetry.send_target("publish", subject, out.get(h.PRODUCER))
+    span = telemetry.start_send_span(
+        name,
         telemetry.SpanKind.PRODUCER,
-        {
-            "messaging.system": "nats",
-            "messaging.destination.name": subject,
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "publish",
-            "messaging.message.id": event_id,
-            "messaging.message.conversation_id": out[h.CORRELATION_ID],
-        },
-        parent_span=parent.span if parent is not None else None,
+        attributes,
+        parent.span if parent is not None else None,
     )
     try:
+        if span.is_recording():
+            span.set_attribute(telemetry.MESSAGE_ID, event_id)
+            span.set_attribute(telemetry.CONVERSATION_ID, out[h.CORRELATION_ID])
         telemetry.inject_context(out, span)
         try:
             ack = await client.js.publish(subject, data, timeout=timeout, headers=out)
@@ -329,7 +325,9 @@ class Subscriber:
         self.dead_letter = dead_letter
         self.ordered_by = ordered_by
         self.max_ack_pending = max_ack_pending or max(1000, 4 * max_concurrency)
-        self.stats = HandlerStats()
+        self.stats = metrics.stats_for(service, name, "subscriber")
+        self._span_name = f"process {self.subject}"
+        self._span_attributes = telemetry.handler_attributes(service, self.subject, self.durable)
         self.duplicates = 0
         self.pending = 0
         self.ack_pending = 0
@@ -456,6 +454,7 @@ class Subscriber:
         self._inbox = client.nc.new_inbox()
         self._sub = await client.nc.subscribe(self._inbox, cb=self._on_delivery)
         task_group.start_soon(self._run_loops)
+        metrics.track(self)
 
     async def _run_loops(self) -> None:
         assert self._scope is not None
@@ -466,6 +465,7 @@ class Subscriber:
 
     async def stop(self, grace: float) -> bool:
         """Stop pulling; in-flight events finish within `grace` or are redelivered later."""
+        metrics.untrack(self)
         if self._scope is not None:
             self._scope.cancel()
         if self._sub is not None:
@@ -594,6 +594,7 @@ class Subscriber:
         meta = msg.metadata
         attempt = meta.num_delivered
         sequence = meta.sequence.stream
+        self.pending = meta.num_pending  # lag, fresh with every delivery
         if attempt > 1:
             self.stats.redelivered += 1
         try:
@@ -631,7 +632,7 @@ class Subscriber:
             await msg.ack()
             return
         started = time.perf_counter_ns()
-        span = self._span(msg, info, attempt)
+        span = self._span(msg, info, attempt, sequence)
         ctx = Context(
             self._client,  # type: ignore[arg-type]
             service=self.service,
@@ -644,6 +645,7 @@ class Subscriber:
             headers=msg.headers,
             span=span,
         )
+        token = telemetry.activate(span)  # user code and ctx.call/publish nest under it
         try:
             await self._invoke(event, ctx)
         except Reject as exc:
@@ -661,6 +663,7 @@ class Subscriber:
             await msg.ack()
             self.stats.record(time.perf_counter_ns() - started)
         finally:
+            telemetry.deactivate(token)
             span.end()
 
     async def _invoke(self, event: Any, ctx: Context) -> None:
@@ -670,24 +673,21 @@ class Subscriber:
         with anyio.fail_after(self.max_processing_time):
             await self.signature.invoke(self.fn, event, ctx)
 
-    def _span(self, msg: Any, info: EventHeaders, attempt: int) -> Any:
-        producer = telemetry.extract_context(msg.headers)
-        links = telemetry.links_to(producer)
-        return telemetry.start_span(
-            f"process {self.subject}",
+    def _span(self, msg: Any, info: EventHeaders, attempt: int, sequence: int) -> Any:
+        """Child of the producer's span and linked to it: each attempt is its own span."""
+        span = telemetry.start_handler_span(
+            self._span_name,
             telemetry.SpanKind.CONSUMER,
-            {
-                "messaging.system": "nats",
-                "messaging.destination.name": self.subject,
-                "messaging.operation.type": "process",
-                "messaging.consumer.group.name": self.durable,
-                "messaging.message.id": info.event_id,
-                "messaging.message.conversation_id": info.correlation_id,
-                "messaging.nats.delivery_attempt": attempt,
-            },
-            parent=producer,
-            links=links,
+            self._span_attributes,
+            msg.headers,
+            link_to_parent=True,
         )
+        if span.is_recording():
+            span.set_attribute(telemetry.MESSAGE_ID, info.event_id)
+            span.set_attribute(telemetry.CONVERSATION_ID, info.correlation_id)
+            span.set_attribute(telemetry.DELIVERY_ATTEMPT, attempt)
+            span.set_attribute(telemetry.STREAM_SEQUENCE, sequence)
+        return span
 
     async def _failed(
         self, msg: Any, exc: Exception, error: str, ctx: Context, attempt: int, sequence: int

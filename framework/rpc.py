@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -12,13 +13,12 @@ import structlog
 from anyio.abc import TaskGroup
 
 from . import headers as h
-from . import telemetry
+from . import metrics, telemetry
 from .codec import decoder_for, encode, schema_json
 from .context import Context
 from .dispatch import WorkerPool
 from .errors import BadRequest, DeadlineExceeded, ServiceError
 from .signature import NO_PAYLOAD, Handler, HandlerSignature
-from .stats import HandlerStats
 
 if TYPE_CHECKING:
     from .client import Client
@@ -94,7 +94,9 @@ class RpcEndpoint:
         self.max_concurrency = max_concurrency
         self.idempotent = idempotent
         self.extra_metadata = dict(metadata or {})
-        self.stats = HandlerStats()
+        self.stats = metrics.stats_for(service, name, "rpc")
+        self._span_name = f"process {subject}"
+        self._span_attributes = telemetry.handler_attributes(service, subject, self.queue_group)
         self._client: Client | None = None
         self._pool: WorkerPool | None = None
         self._sub: Any = None
@@ -132,9 +134,11 @@ class RpcEndpoint:
         self._sub = await client.nc.subscribe(
             self.subject, queue=self.queue_group, cb=self._pool.submit
         )
+        metrics.track(self)
 
     async def stop(self, grace: float) -> bool:
         """Stop taking requests, answer the ones already received, then release workers."""
+        metrics.untrack(self)
         deadline = time.monotonic() + grace
         if self._sub is not None:
             with anyio.move_on_after(grace):
@@ -151,6 +155,9 @@ class RpcEndpoint:
             body, reply_headers = await self._process(msg)
         except ServiceError as exc:
             body, reply_headers, error = b"", error_headers(exc), exc.message
+        except Exception as exc:  # a framework bug must still answer, and be seen
+            failure = self._internal_error(exc, None)
+            body, reply_headers, error = b"", error_headers(failure), failure.message
         finally:
             self.stats.in_flight -= 1
         self.stats.record(time.perf_counter_ns() - started, error)
@@ -161,7 +168,34 @@ class RpcEndpoint:
                 _log.warning("reply failed", subject=self.subject, error=str(exc))
 
     async def _process(self, msg: Any) -> tuple[bytes, dict[str, str] | None]:
-        request = read_request_headers(msg.headers)
+        """The SERVER span covers the whole answer and is current while the handler runs."""
+        span = telemetry.start_handler_span(
+            self._span_name, telemetry.SpanKind.SERVER, self._span_attributes, msg.headers
+        )
+        token = telemetry.activate(span)
+        correlation_id: str | None = None
+        try:
+            request = read_request_headers(msg.headers)
+            correlation_id = request.correlation_id
+            if correlation_id is None and self.signature.wants_context:
+                correlation_id = h.new_id()  # the edge: every later hop carries this one
+            if correlation_id is not None and span.is_recording():
+                span.set_attribute(telemetry.CONVERSATION_ID, correlation_id)
+            return await self._answer(msg, request, span, correlation_id)
+        except ServiceError as exc:
+            # a caller's mistake (4xx) marks the caller's span, not this one (as in HTTP)
+            telemetry.record_error(span, exc, status=exc.code >= 500)
+            raise
+        except Exception as exc:
+            telemetry.record_error(span, exc)
+            raise self._internal_error(exc, correlation_id) from None
+        finally:
+            telemetry.deactivate(token)
+            span.end()
+
+    async def _answer(
+        self, msg: Any, request: RequestHeaders, span: Any, correlation_id: str | None
+    ) -> tuple[bytes, dict[str, str] | None]:
         if request.deadline is not None and request.deadline <= time.time():
             raise DeadlineExceeded("deadline passed before the request was handled")
         payload = self._decode(msg.data)
@@ -169,29 +203,13 @@ class RpcEndpoint:
             cached = await self._cache.get(request.idempotency_key)
             if cached is not None:
                 return cached, None
-        span = telemetry.start_span(
-            f"process {self.subject}",
-            telemetry.SpanKind.SERVER,
-            {
-                "messaging.system": "nats",
-                "messaging.destination.name": self.subject,
-                "messaging.operation.type": "process",
-                "messaging.consumer.group.name": self.queue_group,
-            },
-            parent=telemetry.extract_context(msg.headers),
+        ctx = (
+            self._context(msg, request, span, correlation_id)
+            if self.signature.wants_context
+            else None
         )
-        try:
-            ctx = self._context(msg, request, span) if self.signature.wants_context else None
-            result = await self._run(payload, ctx, request.deadline)
-            body = encode(result)
-        except ServiceError as exc:
-            telemetry.record_error(span, exc)
-            raise
-        except Exception as exc:
-            telemetry.record_error(span, exc)
-            raise self._internal_error(exc, msg, request) from None
-        finally:
-            span.end()
+        result = await self._run(payload, ctx, request.deadline)
+        body = encode(result)
         if self._cache is not None and request.idempotency_key:
             await self._cache.put(request.idempotency_key, body)
         return body, None
@@ -213,35 +231,40 @@ class RpcEndpoint:
     async def _run(self, payload: Any, ctx: Context | None, deadline: float | None) -> Any:
         if deadline is None:
             return await self.signature.invoke(self.fn, payload, ctx)
-        with anyio.move_on_after(deadline - time.time()) as scope:
-            return await self.signature.invoke(self.fn, payload, ctx)
-        if scope.cancelled_caught:
-            raise DeadlineExceeded("deadline passed while the request was handled")
-        raise AssertionError("unreachable")  # pragma: no cover
+        # asyncio.timeout, not an anyio scope: a third of the cost per request (measured),
+        # and nats-py ties us to asyncio anyway.
+        try:
+            async with asyncio.timeout(deadline - time.time()):
+                return await self.signature.invoke(self.fn, payload, ctx)
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed while the request was handled") from None
 
-    def _context(self, msg: Any, request: RequestHeaders, span: Any) -> Context:
+    def _context(
+        self, msg: Any, request: RequestHeaders, span: Any, correlation_id: str | None
+    ) -> Context:
         assert self._client is not None
         return Context(
             self._client,
             service=self.service,
             handler=self.name,
             subject=self.subject,
-            correlation_id=request.correlation_id or h.new_id(),
+            correlation_id=correlation_id or h.new_id(),
             causation_id=request.causation_id,
             deadline=request.deadline,
             headers=msg.headers,
             span=span,
         )
 
-    def _internal_error(self, exc: Exception, msg: Any, request: RequestHeaders) -> ServiceError:
-        """Log the traceback here; the caller gets only an id to quote."""
+    def _internal_error(self, exc: Exception, correlation_id: str | None) -> ServiceError:
+        """Log the traceback here (the span is current: trace ids join the line);
+        the caller gets only an id to quote."""
         error_id = h.new_id()
         _log.error(
             "handler failed",
             service=self.service,
             handler=self.name,
             subject=self.subject,
-            correlation_id=request.correlation_id,
+            correlation_id=correlation_id,
             error_id=error_id,
             exc_info=exc,
         )

@@ -72,8 +72,10 @@ def run_services(
     services: Sequence[Service], url: str | Sequence[str] | None = None, *, grace: float = 10.0
 ) -> None:
     from .logging import configure_logging
+    from .telemetry import configure_telemetry
 
     configure_logging()
+    configure_telemetry("+".join(service.name for service in services))
     anyio.run(
         lambda: serve_until_signal(services, url, grace=grace),
         backend="asyncio",

@@ -166,6 +166,8 @@ class Service:
         for subscriber in self.subscribers:
             await subscriber.start(client, task_group)
         await responder.start(client.nc)
+        # one round trip: the server has every subscription before serve() yields
+        await client.nc.flush()
 
     async def _stop(self, responder: Responder, grace: float) -> None:
         """Stop intake everywhere first, then give in-flight work the grace period."""
