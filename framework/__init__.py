@@ -8,6 +8,7 @@ from .errors import (
     DeadlineExceeded,
     InvalidName,
     NoResponders,
+    NoStream,
     NotFound,
     PublishError,
     Reject,
@@ -16,6 +17,8 @@ from .errors import (
 )
 from .logging import configure_logging
 from .service import Service
+from .streams import Stream
+from .telemetry import configure_telemetry
 
 __all__ = [
     "BadRequest",
@@ -25,12 +28,15 @@ __all__ = [
     "DeadlineExceeded",
     "InvalidName",
     "NoResponders",
+    "NoStream",
     "NotFound",
     "PublishError",
     "Reject",
     "RemoteError",
     "Service",
     "ServiceError",
+    "Stream",
     "configure_logging",
+    "configure_telemetry",
     "connect",
 ]

@@ -45,7 +45,7 @@ from .cli import (
     print_json,
     with_client,
 )
-from .errors import BadRequest, InvalidName, NotFound, PublishError
+from .errors import BadRequest, InvalidName, NoStream, NotFound, PublishError
 
 if TYPE_CHECKING:
     from .client import Client
@@ -218,7 +218,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             )
         except PublishError as error:
             message = str(error)
-            if message.startswith("no stream captures"):
+            if isinstance(error, NoStream):
                 raise CliError(message, ExitCode.NOT_FOUND) from None
             if event_id:
                 message += f" (publishing again with --event-id {event_id} stores it once)"

@@ -14,6 +14,7 @@ __all__ = [
     "DeadlineExceeded",
     "InvalidName",
     "NoResponders",
+    "NoStream",
     "NotFound",
     "PublishError",
     "Reject",
@@ -119,3 +120,7 @@ class ConfigConflict(RuntimeError):
 
 class PublishError(RuntimeError):
     """An event could not be stored (no stream captures it, permission denied, timeout)."""
+
+
+class NoStream(PublishError):
+    """No stream captures the event's subject: nothing was stored."""

@@ -32,7 +32,7 @@ from .codec import decoder_for, schema_json
 from .context import Context
 from .deadletter import REPLAY_OF, send_to_dead_letter
 from .dispatch import WorkerPool
-from .errors import BadRequest, ConfigConflict, PublishError, Reject
+from .errors import BadRequest, ConfigConflict, NoStream, PublishError, Reject
 from .idempotency import DEFAULT_TTL, ProcessedIds
 from .names import check_event_type, event_subject
 from .signature import NO_PAYLOAD, Handler, HandlerSignature
@@ -89,7 +89,7 @@ def build_event(
 
 def _publish_error(subject: str, exc: BaseException) -> PublishError:
     if isinstance(exc, NoStreamResponseError | NoRespondersError):
-        return PublishError(
+        return NoStream(
             f"no stream captures {subject}: declare a Stream for its domain or start a "
             "service that subscribes to it (the event was not stored)"
         )
@@ -330,6 +330,7 @@ class Subscriber:
         self._span_attributes = telemetry.handler_attributes(service, self.subject, self.durable)
         self.duplicates = 0
         self.pending = 0
+        self._lag_sequence = 0
         self.ack_pending = 0
         self.stream = ""
         self._decoder = decoder_for(signature.payload_type)
@@ -431,6 +432,8 @@ class Subscriber:
     async def prepare(self, client: Client) -> None:
         """Consumer and idempotency bucket: configuration errors surface here."""
         self._client = client
+        self.stats.reset()  # a service served again starts its counts afresh
+        self.duplicates = 0
         await self.ensure_consumer()
         if self.idempotent:
             self._processed = await ProcessedIds.open(
@@ -594,7 +597,8 @@ class Subscriber:
         meta = msg.metadata
         attempt = meta.num_delivered
         sequence = meta.sequence.stream
-        self.pending = meta.num_pending  # lag, fresh with every delivery
+        if sequence > self._lag_sequence:  # lag as of the newest delivery
+            self._lag_sequence, self.pending = sequence, meta.num_pending
         if attempt > 1:
             self.stats.redelivered += 1
         try:

@@ -123,6 +123,7 @@ class RpcEndpoint:
     async def prepare(self, client: Client) -> None:
         """Everything that can fail on configuration, before any task starts."""
         self._client = client
+        self.stats.reset()  # a service served again starts its counts afresh
         if self.idempotent:
             from .idempotency import ResponseCache
 
