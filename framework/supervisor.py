@@ -32,6 +32,7 @@ DEFAULT_SERVICES = (
 MESH_DIR = Path(".mesh")
 PID_FILE = MESH_DIR / "mesh.pid"
 LOG_FILE = MESH_DIR / "mesh.log"
+TRACE_FILE = MESH_DIR / "traces.jsonl"
 _COLORS = ("36", "35", "33", "32", "34", "31")
 
 
@@ -100,6 +101,8 @@ async def _stop(processes: Sequence[Process], grace: float) -> None:
 async def _run(spec: MeshSpec, server: NatsServer, out: IO[str]) -> int:
     env = {**os.environ, "NATS_URL": server.url, "PYTHONUNBUFFERED": "1"}
     env.setdefault("LOG_FORMAT", "console")
+    # every service appends its spans here, so `mesh demo` can show one order's whole trace
+    env.setdefault("MESH_TRACE_FILE", str(TRACE_FILE.resolve()))
     names = [_name(s) for s in spec.services]
     width = max(len(n) for n in names)
     processes: list[Process] = []

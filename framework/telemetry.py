@@ -244,6 +244,8 @@ def configure_telemetry(service_name: str | None = None, *, stream: Any = None) 
 
     - `MESH_TRACE_CONSOLE=1`: print every finished trace as an indented tree (stderr,
       or `stream`).
+    - `MESH_TRACE_FILE=path`: append finished spans to a JSON-lines file shared by the
+      processes of a local mesh (what `mesh demo` reads to show one trace whole).
     - `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`): export spans, and metrics,
       over OTLP when `opentelemetry-exporter-otlp` is installed (`OTEL_EXPORTER_OTLP_PROTOCOL`
       picks `grpc` or `http/protobuf`).
@@ -253,11 +255,12 @@ def configure_telemetry(service_name: str | None = None, *, stream: Any = None) 
     """
     global _configured
     console = _flag("MESH_TRACE_CONSOLE", False)
+    trace_file = os.environ.get("MESH_TRACE_FILE", "")
     otlp = bool(
         os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
-    if not (console or otlp):
+    if not (console or otlp or trace_file):
         return False
     if _configured:
         return True
@@ -287,6 +290,14 @@ def configure_telemetry(service_name: str | None = None, *, stream: Any = None) 
 
         provider.add_span_processor(
             TraceTreePrinter(stream=stream if stream is not None else sys.stderr)
+        )
+    if trace_file:
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        from .trace_file import SpanFileExporter
+
+        provider.add_span_processor(
+            BatchSpanProcessor(SpanFileExporter(trace_file), schedule_delay_millis=200)
         )
     if otlp:
         _add_otlp(provider, resource)
