@@ -85,7 +85,41 @@ async def _wait_ready(url: str, names: set[str], timeout: float) -> bool:
     return False
 
 
-async def _stop(processes: Sequence[Process], grace: float) -> None:
+class _Child:
+    """One service process, restarted when it dies unless the mesh is stopping."""
+
+    def __init__(self, spec: str, prefix: str, env: dict[str, str], out: IO[str]) -> None:
+        self.spec = spec
+        self.name = _name(spec)
+        self.prefix = prefix
+        self.env = env
+        self.out = out
+        self.process: Process | None = None
+        self.stopping = False
+        self.restarts = 0
+
+    async def keep_running(self) -> None:
+        while not self.stopping:
+            self.process = await anyio.open_process(
+                [sys.executable, "-m", "framework.cli", "run", self.spec],
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
+            )
+            await _pump(self.process.stdout, self.prefix, self.out)
+            code = await self.process.wait()
+            if self.stopping:
+                return
+            self.restarts += 1
+            _say(f"{self.name} exited with code {code}; restarting it in 1 s", self.out)
+            await anyio.sleep(1.0)
+
+
+async def _stop(children: Sequence[_Child], grace: float) -> None:
+    for child in children:
+        child.stopping = True
+    processes = [c.process for c in children if c.process is not None]
     for process in processes:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -105,21 +139,15 @@ async def _run(spec: MeshSpec, server: NatsServer, out: IO[str]) -> int:
     env.setdefault("MESH_TRACE_FILE", str(TRACE_FILE.resolve()))
     names = [_name(s) for s in spec.services]
     width = max(len(n) for n in names)
-    processes: list[Process] = []
+    children = [
+        _Child(service, _prefix(name, index, spec.color, width), env, out)
+        for index, (service, name) in enumerate(zip(spec.services, names, strict=True))
+    ]
     try:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as task_group:
-                for index, (service, name) in enumerate(zip(spec.services, names, strict=True)):
-                    process = await anyio.open_process(
-                        [sys.executable, "-m", "framework.cli", "run", service],
-                        env=env,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,  # Ctrl-C reaches us; we stop children in order
-                    )
-                    processes.append(process)
-                    prefix = _prefix(name, index, spec.color, width)
-                    task_group.start_soon(_pump, process.stdout, prefix, out)
+                for child in children:
+                    task_group.start_soon(child.keep_running)
 
                 async def announce() -> None:
                     started = time.monotonic()
@@ -136,11 +164,11 @@ async def _run(spec: MeshSpec, server: NatsServer, out: IO[str]) -> int:
                 async for signum in signals:
                     _say(f"{signal.Signals(signum).name}: stopping services, then NATS", out)
                     break
-                await _stop(processes, spec.grace)
+                await _stop(children, spec.grace)
                 task_group.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await _stop(processes, spec.grace)
+            await _stop(children, spec.grace)
         server.stop()
         _say("stopped", out)
     return 0

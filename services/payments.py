@@ -20,6 +20,7 @@ import random
 import uuid
 from typing import Any
 
+import anyio
 import msgspec
 from nats.js.errors import KeyWrongLastSequenceError
 
@@ -49,25 +50,38 @@ class ProviderUnavailable(Exception):
 class SimulatedProvider:
     """A card processor stand-in: deterministic declines, optional transient failures."""
 
-    def __init__(self, failure_rate: float = 0.0) -> None:
+    def __init__(self, failure_rate: float = 0.0, ledger: str = "") -> None:
         self.failure_rate = failure_rate
+        self.ledger = ledger
         self.charged: dict[str, int] = {}  # charges really made: idempotency key -> cents
         self.refunded: set[str] = set()
 
-    async def charge(self, key: str, amount_cents: int) -> str | None:
+    async def charge(self, key: str, amount_cents: int, order_id: str = "") -> str | None:
         """Capture the amount; returns None, or the reason it was declined."""
         if random.random() < self.failure_rate:
             raise ProviderUnavailable("card network timeout (simulated)")
         if amount_cents > DECLINE_ABOVE_CENTS:
             return f"amount {amount_cents} cents is above the limit of {DECLINE_ABOVE_CENTS} cents"
         self.charged.setdefault(key, amount_cents)  # a known key is the same charge again
+        if self.ledger:
+            await anyio.to_thread.run_sync(self._record, key, amount_cents, order_id)
         return None
+
+    def _record(self, key: str, amount_cents: int, order_id: str) -> None:
+        """`PAYMENTS_LEDGER=path`: the provider's own record of charges, one JSON line each
+        (what the end-to-end test counts to prove that no order was charged twice)."""
+        line = {"key": key, "order_id": order_id, "amount_cents": amount_cents}
+        with open(self.ledger, "ab") as out:
+            out.write(msgspec.json.encode(line) + b"\n")
 
     async def refund(self, key: str) -> None:
         self.refunded.add(key)
 
 
-provider = SimulatedProvider(float(os.environ.get("PAYMENTS_FAILURE_RATE", "0") or 0))
+provider = SimulatedProvider(
+    float(os.environ.get("PAYMENTS_FAILURE_RATE", "0") or 0),
+    os.environ.get("PAYMENTS_LEDGER", ""),
+)
 
 service = Service(
     "payments",
@@ -83,7 +97,7 @@ async def on_order_created(event: OrderCreated, ctx: Context) -> None:
     kv = await payments.open(ctx.client)
     payment, revision = await payment_for(kv, event)
     if payment.status == "pending":
-        reason = await provider.charge(payment.id, payment.amount_cents)
+        reason = await provider.charge(payment.id, payment.amount_cents, payment.order_id)
         status = "declined" if reason else "captured"
         payment = msgspec.structs.replace(payment, status=status, reason=reason)
         # Fails if a racing delivery settled it first; the retry then finds it settled.

@@ -15,6 +15,7 @@ from framework import (
     ConfigConflict,
     Context,
     InvalidName,
+    NoStream,
     PublishError,
     Reject,
     Service,
@@ -46,7 +47,7 @@ async def test_publish_waits_for_ack_and_dedupes_by_event_id(serve, client):
 
 
 async def test_publish_to_a_type_no_stream_captures_is_an_error(client):
-    with pytest.raises(PublishError, match="no stream captures events.ghost.appeared.v1"):
+    with pytest.raises(NoStream, match=r"no stream captures events\.ghost\.appeared\.v1"):
         await client.publish("ghost.appeared.v1", {"x": 1})
 
 

@@ -80,7 +80,10 @@ async def test_service_serves_again_after_server_restart(nats_server: NatsServer
         with anyio.fail_after(15):
             while True:
                 try:
-                    assert await client.call("phoenix.echo", "after", returns=str, timeout=1) == "after"
+                    assert (
+                        await client.call("phoenix.echo", "after", returns=str, timeout=1)
+                        == "after"
+                    )
                     break
                 except (NoResponders, DeadlineExceeded, Exception):
                     await anyio.sleep(0.2)

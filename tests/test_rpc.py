@@ -20,7 +20,6 @@ from framework import (
     RemoteError,
     Service,
     ServiceError,
-    connect,
 )
 from framework.headers import CORRELATION_ID, DEADLINE, ERROR, ERROR_CODE
 
@@ -72,7 +71,10 @@ async def test_handler_error_code_reaches_caller_typed(serve, client):
     ("payload", "fragment"),
     [
         (b"{not json", "malformed"),
-        (b'{"order_id": "o", "amount_cents": "five"}', "Expected `int`, got `str` - at `$.amount_cents`"),
+        (
+            b'{"order_id": "o", "amount_cents": "five"}',
+            "Expected `int`, got `str` - at `$.amount_cents`",
+        ),
         (b'{"order_id": "o"}', "missing required field `amount_cents`"),
         (b"", "empty request: expected JSON for Charge"),
     ],
@@ -205,7 +207,9 @@ async def test_nested_call_propagates_correlation_id_and_smaller_deadline(serve,
 
     await serve(back)
     await serve(front)
-    assert await client.call("front.outer", returns=str, timeout=5, correlation_id="corr-42") == "ok"
+    assert (
+        await client.call("front.outer", returns=str, timeout=5, correlation_id="corr-42") == "ok"
+    )
     assert seen["outer_correlation"] == seen["inner_correlation"] == "corr-42"
     outer_left, inner_left = seen["outer_remaining"], seen["inner_remaining"]
     assert isinstance(outer_left, float) and isinstance(inner_left, float)
@@ -226,7 +230,12 @@ async def test_spent_deadline_is_not_sent_over_the_wire(serve, client):
     live = Context(client, service="t", handler="h", subject="t.h", correlation_id="c")
     assert await live.call("back.inner", returns=str) == "late"
     spent = Context(
-        client, service="t", handler="h", subject="t.h", correlation_id="c", deadline=time.time() - 0.01
+        client,
+        service="t",
+        handler="h",
+        subject="t.h",
+        correlation_id="c",
+        deadline=time.time() - 0.01,
     )
     with pytest.raises(DeadlineExceeded):
         await spent.call("back.inner", returns=str)

@@ -1,0 +1,182 @@
+"""The local mesh end to end, started the way `just up` starts it (real processes).
+
+50 orders, some declined; the payments process is killed with SIGKILL mid-stream and
+restarted by the supervisor. Every order must reach its final state, every customer be
+notified exactly once, and no order be charged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+
+from framework import connect
+from framework.devserver import free_port
+from services.contracts import CreateOrder, GetOrder, Order, OrderItem
+
+pytestmark = pytest.mark.slow
+
+ORDERS = 50
+DECLINED_EVERY = 5  # every fifth order is above the provider's limit
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Child processes of `pid` with their command lines (from /proc)."""
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent == pid:
+                found[int(entry.name)] = (
+                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                )
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+class MeshProcess:
+    def __init__(self, workdir: Path, port: int) -> None:
+        config = workdir / "nats.conf"
+        config.write_text('listen: 127.0.0.1:4222\njetstream { store_dir: ".mesh/jetstream" }\n')
+        self.outbox = workdir / "outbox.jsonl"
+        self.ledger = workdir / "ledger.jsonl"
+        env = {
+            **os.environ,
+            "MESH_OUTBOX": str(self.outbox),
+            "PAYMENTS_LEDGER": str(self.ledger),
+            "LOG_FORMAT": "json",
+        }
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "framework.cli",
+                "up",
+                "--port",
+                str(port),
+                "--no-color",
+                "--config",
+                str(config),
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def said(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def child(self, name: str) -> int:
+        for pid, cmdline in _children(self.proc.pid).items():
+            if f"services.{name}:service" in cmdline:
+                return pid
+        raise LookupError(f"no {name} process")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                return self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def _request(n: int) -> CreateOrder:
+    price = 250_000 if n % DECLINED_EVERY == 0 else 1_000 + n
+    return CreateOrder(customer_id=f"cust-{n}", items=[OrderItem("sku-1", 1, price)])
+
+
+async def _until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.1)
+
+
+async def test_mesh_end_to_end_with_payments_killed_mid_stream(tmp_path: Path):
+    port = free_port()
+    mesh = MeshProcess(tmp_path, port)
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        await _until(lambda: mesh.said("mesh: ready"), 60, "mesh ready")
+        placed: list[Order] = []
+        async with connect(url) as client:
+            for n in range(ORDERS):
+                if n == ORDERS // 2:
+                    os.kill(mesh.child("payments"), signal.SIGKILL)
+                placed.append(
+                    await client.call("orders.create", _request(n), returns=Order, timeout=10)
+                )
+            await _until(lambda: mesh.said("payments exited with code -9"), 10, "restart notice")
+
+            final: dict[str, Order] = {}
+
+            async def all_final() -> None:
+                with anyio.fail_after(90):
+                    while len(final) < ORDERS:
+                        for order in placed:
+                            if order.id not in final:
+                                now = await client.call(
+                                    "orders.get", GetOrder(order.id), returns=Order
+                                )
+                                if now.status in ("confirmed", "cancelled"):
+                                    final[order.id] = now
+                        await anyio.sleep(0.2)
+
+            await all_final()
+        expected = {
+            order.id: "cancelled" if n % DECLINED_EVERY == 0 else "confirmed"
+            for n, order in enumerate(placed)
+        }
+        assert {oid: o.status for oid, o in final.items()} == expected
+
+        await _until(
+            lambda: mesh.outbox.exists() and len(mesh.outbox.read_text().splitlines()) >= ORDERS,
+            30,
+            "outbox",
+        )
+        await anyio.sleep(1.0)  # anything sent twice would have arrived by now
+        sent = [json.loads(line) for line in mesh.outbox.read_text().splitlines()]
+        per_order = Counter(note["order_id"] for note in sent)
+        assert set(per_order) == set(expected) and set(per_order.values()) == {1}, per_order
+
+        charges = [json.loads(line) for line in mesh.ledger.read_text().splitlines()]
+        keys_per_order: dict[str, set[str]] = {}
+        for charge in charges:
+            keys_per_order.setdefault(charge["order_id"], set()).add(charge["key"])
+        confirmed = {oid for oid, status in expected.items() if status == "confirmed"}
+        assert set(keys_per_order) == confirmed
+        assert all(len(keys) == 1 for keys in keys_per_order.values()), keys_per_order
+        print(
+            f"e2e: {ORDERS} orders, {len(confirmed)} confirmed, {ORDERS - len(confirmed)} declined, "
+            f"{len(sent)} notifications, {len(charges)} provider charge calls "
+            f"({sum(len(k) for k in keys_per_order.values())} distinct charges)"
+        )
+    finally:
+        code = mesh.stop()
+        assert mesh.said("mesh: stopped"), "".join(mesh.lines[-30:])
+    assert code == 0
+    assert not _children(mesh.proc.pid)
