@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 import structlog
@@ -12,13 +12,14 @@ import structlog
 from .client import Client
 from .context import Context
 from .discovery import Responder
+from .events import DEFAULT_BACKOFF, Subscriber
 from .headers import new_id
+from .idempotency import DEFAULT_TTL
 from .names import check_endpoint_name, check_event_type, check_service_name
 from .rpc import RpcEndpoint
 from .signature import Handler, read_signature
 
 if TYPE_CHECKING:
-    from .events import Subscriber
     from .streams import Stream
 
 __all__ = ["Service"]
@@ -91,19 +92,52 @@ class Service:
 
         return decorate
 
-    def subscribe(self, event_type: str, **options: Any) -> Callable[[F], F]:
-        """Handle every `event_type` event through a durable consumer shared by replicas."""
-        from .events import Subscriber
+    def subscribe(
+        self,
+        event_type: str,
+        *,
+        name: str | None = None,
+        max_deliver: int = 5,
+        backoff: Sequence[float] = DEFAULT_BACKOFF,
+        ack_wait: float = 30.0,
+        max_concurrency: int = 16,
+        max_processing_time: float | None = 300.0,
+        deliver: Literal["all", "new"] = "all",
+        idempotent: bool = True,
+        idempotency_ttl: float = DEFAULT_TTL,
+        dead_letter: bool = True,
+        ordered_by: Callable[[Any], Hashable] | None = None,
+        max_ack_pending: int | None = None,
+    ) -> Callable[[F], F]:
+        """Handle every `event_type` event through a durable consumer shared by replicas.
 
+        `backoff[i]` is the delay before attempt i + 2 (the last value repeats);
+        after `max_deliver` attempts the event is dead-lettered.
+        """
         check_event_type(event_type)
 
         def decorate(fn: F) -> F:
-            handler_name = check_endpoint_name(options.pop("name", None) or fn.__name__)
+            handler_name = check_endpoint_name(name or fn.__name__)
             if any(s.name == handler_name for s in self.subscribers):
                 raise ValueError(f"{self.name} already has a subscriber named {handler_name!r}")
             self.subscribers.append(
                 Subscriber(
-                    self.name, handler_name, event_type, fn, read_signature(fn, Context), **options
+                    self.name,
+                    handler_name,
+                    event_type,
+                    fn,
+                    read_signature(fn, Context),
+                    max_deliver=max_deliver,
+                    backoff=backoff,
+                    ack_wait=ack_wait,
+                    max_concurrency=max_concurrency,
+                    max_processing_time=max_processing_time,
+                    deliver=deliver,
+                    idempotent=idempotent,
+                    idempotency_ttl=idempotency_ttl,
+                    dead_letter=dead_letter,
+                    ordered_by=ordered_by,
+                    max_ack_pending=max_ack_pending,
                 )
             )
             return fn

@@ -193,11 +193,11 @@ class UnavailableOnce(payments.SimulatedProvider):
         super().__init__()
         self.calls = 0
 
-    async def charge(self, key: str, amount_cents: int) -> str | None:
+    async def charge(self, key: str, amount_cents: int, order_id: str = "") -> str | None:
         self.calls += 1
         if self.calls == 1:
             raise payments.ProviderUnavailable("card network timeout")
-        return await super().charge(key, amount_cents)
+        return await super().charge(key, amount_cents, order_id)
 
 
 async def test_transient_provider_failure_is_retried_with_the_same_payment(
