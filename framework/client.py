@@ -28,7 +28,7 @@ from .settings import ConnectSettings
 if TYPE_CHECKING:
     from .context import Context
     from .discovery import InfoResponse, PingResponse, StatsResponse
-    from .events import PublishAck
+    from .events import BatchPublisher, PublishAck
 
 __all__ = ["Client", "connect"]
 
@@ -272,6 +272,12 @@ class Client:
             timeout=timeout,
             parent=parent,
         )
+
+    def batch(self, *, max_outstanding: int = 256, timeout: float = 10.0) -> BatchPublisher:
+        """Publish many events without waiting for each ack (`async with client.batch() as b`)."""
+        from .events import BatchPublisher
+
+        return BatchPublisher(self, max_outstanding=max_outstanding, timeout=timeout)
 
     async def ping(self, name: str | None = None, *, timeout: float = 0.5) -> list[PingResponse]:
         from .discovery import PingResponse, gather

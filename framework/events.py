@@ -10,6 +10,7 @@ terminate it. Long handlers keep their messages alive with in-progress acks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -21,6 +22,7 @@ import anyio
 import msgspec
 import structlog
 from anyio.abc import TaskGroup
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
@@ -183,7 +185,14 @@ class BatchPublisher:
             correlation_id=correlation_id,
             parent=None,
         )
-        await self._slots.acquire()
+        try:
+            with anyio.fail_after(self._timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise PublishError(
+                f"no acknowledgement for {len(self._pending)} outstanding events within "
+                f"{self._timeout:g}s; {event_id} was not sent"
+            ) from None
         try:
             future = await self._client.js.publish_async(subject, data, headers=out)
         except Exception as exc:
@@ -191,13 +200,18 @@ class BatchPublisher:
             raise _publish_error(subject, exc) from None
         self._pending.add(future)
         future.add_done_callback(lambda f: self._settled(f, event_id, subject))
+        # nats-py never resolves a future whose ack died with a connection: expire it,
+        # or its slot is never freed and the next publish waits forever
+        asyncio.get_running_loop().call_later(
+            self._timeout, lambda: future.done() or future.cancel()
+        )
         return event_id
 
     def _settled(self, future: Any, event_id: str, subject: str) -> None:
         self._pending.discard(future)
         self._slots.release()
         if future.cancelled():
-            self.failures.append((event_id, "cancelled"))
+            self.failures.append((event_id, f"no acknowledgement within {self._timeout:g}s"))
         elif future.exception() is not None:
             self.failures.append((event_id, str(_publish_error(subject, future.exception()))))
         else:
@@ -205,24 +219,17 @@ class BatchPublisher:
             self.acks.append(PublishAck(ack.stream, ack.seq, event_id, bool(ack.duplicate)))
 
     async def flush(self) -> list[PublishAck]:
-        import asyncio
-
+        """Every ack, or `PublishError` listing what was not stored (`failures`)."""
         if self._pending:
             _, late = await asyncio.wait(set(self._pending), timeout=self._timeout)
             for future in late:
                 future.cancel()
+            if late:
+                await asyncio.wait(late)  # their callbacks record the failures first
         if self.failures:
             failed, first = len(self.failures), self.failures[0][1]
             raise PublishError(f"{failed} event(s) not stored; first error: {first}")
         return self.acks
-
-
-@contextlib.asynccontextmanager
-async def batch_publisher(
-    client: Client, *, max_outstanding: int = 256
-) -> AsyncIterator[BatchPublisher]:
-    async with BatchPublisher(client, max_outstanding=max_outstanding) as publisher:
-        yield publisher
 
 
 class _KeyLocks:
@@ -349,6 +356,7 @@ class Subscriber:
         self._active: dict[int, tuple[Any, float]] = {}
         self._scope: anyio.CancelScope | None = None
         self._pending_check: Callable[[], Awaitable[None]] | None = None
+        self._stopping = False
 
     # -- discovery -------------------------------------------------------------------
 
@@ -450,6 +458,7 @@ class Subscriber:
 
     async def start(self, client: Client, task_group: TaskGroup) -> None:
         self._scope = anyio.CancelScope()
+        self._stopping = False
         self._wake = anyio.Event()
         self._taken = self._outstanding = 0
         self._pool = WorkerPool(self._handle, self.max_concurrency)
@@ -469,11 +478,14 @@ class Subscriber:
     async def stop(self, grace: float) -> bool:
         """Stop pulling; in-flight events finish within `grace` or are redelivered later."""
         metrics.untrack(self)
+        self._stopping = True
         if self._scope is not None:
             self._scope.cancel()
         if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+            # drain, not unsubscribe: what is already on its way is handed back (nak)
+            # for another replica now, instead of waiting out ack_wait
+            with anyio.move_on_after(min(grace, 5.0)), contextlib.suppress(Exception):
+                await self._sub.drain()
         if self._pool is None:
             return True
         return await self._pool.close(grace)
@@ -535,6 +547,10 @@ class Subscriber:
             self._on_status(msg)
             return
         self._outstanding = max(0, self._outstanding - 1)
+        if self._stopping:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
         self._taken += 1
         assert self._pool is not None
         await self._pool.submit(msg)
@@ -583,10 +599,17 @@ class Subscriber:
         self.stats.in_flight += 1
         try:
             await self._process(msg)
-        except Exception as exc:  # never lose the worker; the message is redelivered
-            _log.error(
-                "event settlement failed", consumer=self.durable, error=str(exc), exc_info=exc
-            )
+        except Exception as exc:  # never lose the worker; hand the event back for a retry
+            if isinstance(exc, NatsError | TimeoutError | OSError):
+                _log.warning(
+                    "event deferred: NATS unavailable", consumer=self.durable, error=str(exc)
+                )
+            else:
+                _log.error(
+                    "event settlement failed", consumer=self.durable, error=str(exc), exc_info=exc
+                )
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.backoff[0])
         finally:
             self.stats.in_flight -= 1
             del self._active[key]
@@ -663,12 +686,31 @@ class Subscriber:
             await self._failed(msg, exc, error, ctx, attempt, sequence)
         else:
             if self._processed is not None:
-                await self._processed.mark(info.event_id)
+                await self._mark_processed(info.event_id)
             await msg.ack()
             self.stats.record(time.perf_counter_ns() - started)
         finally:
             telemetry.deactivate(token)
             span.end()
+
+    async def _mark_processed(self, event_id: str) -> None:
+        """The handler succeeded: record it, retrying while the server is away.
+
+        Acking without the marker would let a redelivery run the handler again, so the
+        marker is retried (the message kept alive by in-progress acks) for as long as a
+        handler may take; only then does the error reach `_handle`, which naks.
+        """
+        assert self._processed is not None
+        delay, give_up = 0.1, time.monotonic() + (self.max_processing_time or 60.0)
+        while True:
+            try:
+                await self._processed.mark(event_id)
+                return
+            except Exception:
+                if time.monotonic() + delay > give_up:
+                    raise
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _invoke(self, event: Any, ctx: Context) -> None:
         if self.max_processing_time is None:
