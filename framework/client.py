@@ -6,13 +6,14 @@ through their `Context`, which adds correlation, tracing and deadline propagatio
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import msgspec
-import nats
 import structlog
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
@@ -22,6 +23,7 @@ from . import headers as h
 from . import telemetry
 from .codec import decode, encode
 from .errors import DeadlineExceeded, NoResponders, NotFound, ServiceError, error_from_code
+from .headers import wire_size
 from .names import check_subject
 from .settings import ConnectSettings
 
@@ -65,10 +67,89 @@ def raise_for_error(msg_headers: Mapping[str, str] | None, subject: str) -> None
     raise error_from_code(status, message, service=_service_of(subject))
 
 
+_DENIED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+
+
+class _Errors:
+    """error_cb of a connection: routes permission violations to what waits on them.
+
+    nats-py hands the server's -ERR 'Permissions Violation for Publish to "x"' only to
+    error_cb; the publish or request that caused it would otherwise wait out its timeout.
+    """
+
+    def __init__(self) -> None:
+        self.waiters: dict[str, set[asyncio.Future[str]]] = {}
+        self.auth_failed: asyncio.Event | None = None
+        self.calls: dict[str, set[asyncio.Task[Any]]] = {}
+        self._refusals: dict[asyncio.Task[Any], str] = {}
+
+    def watch(self, subject: str) -> asyncio.Task[Any] | None:
+        """Note the task calling `subject`, so a refusal can end its wait at once."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.calls.setdefault(subject, set()).add(task)
+        return task
+
+    def unwatch(self, subject: str, task: asyncio.Task[Any]) -> None:
+        tasks = self.calls.get(subject)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self.calls[subject]
+        self._refusals.pop(task, None)
+
+    def refused(self, task: asyncio.Task[Any]) -> str | None:
+        """The refusal that cancelled `task`, if that is why it was cancelled."""
+        reason = self._refusals.pop(task, None)
+        if reason is not None:
+            task.uncancel()  # our cancel, not the caller's: it must not leak outwards
+        return reason
+
+    async def on_error(self, error: Exception) -> None:
+        text = str(error)
+        match = _DENIED.search(text)
+        if match:
+            for task in self.calls.get(match.group(1), ()):
+                if task not in self._refusals:
+                    self._refusals[task] = f"not allowed to publish to {match.group(1)}: {text}"
+                    task.cancel()
+            for waiter in self.waiters.get(match.group(1), ()):
+                if not waiter.done():
+                    waiter.set_result(text)
+        elif self.auth_failed is not None and "authorization violation" in text.lower():
+            self.auth_failed.set()
+        await _on_error(error)
+
+    async def guard(self, subject: str, operation: Awaitable[T]) -> T:
+        """Run `operation` (a publish or request to `subject`) unless the server refuses it."""
+        denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        waiters = self.waiters.setdefault(subject, set())
+        waiters.add(denied)
+        task = asyncio.ensure_future(operation)
+        try:
+            both: set[asyncio.Future[Any]] = {task, denied}
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            task.cancel()
+            raise PermissionDenied(f"not allowed to publish to {subject}: {denied.result()}")
+        finally:
+            waiters.discard(denied)
+            if not waiters:
+                self.waiters.pop(subject, None)
+            if not task.done():
+                task.cancel()
+
+
+class PermissionDenied(Exception):
+    """The server refused a publish to this subject (the user lacks permission)."""
+
+
 class Client:
     """A connection to NATS with typed calls; cheap to share between tasks."""
 
     def __init__(self, nc: NATS, *, name: str | None = None, owns_connection: bool = True) -> None:
+        self._errors: _Errors | None = None
         self._nc = nc
         self.name = name
         self._owns = owns_connection
@@ -80,20 +161,38 @@ class Client:
         cls, url: str | Sequence[str] | None = None, *, name: str | None = None, **options: Any
     ) -> Client:
         settings = ConnectSettings.from_env(url)
+        errors = _Errors()
+        errors.auth_failed = asyncio.Event()
         nats_options: dict[str, Any] = {
             "name": name or "framework",
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.25,
             "connect_timeout": 2,
-            "error_cb": _on_error,
+            "error_cb": errors.on_error,
             "disconnected_cb": _on_disconnect,
             "reconnected_cb": _on_reconnect,
             "closed_cb": _on_closed,
             **settings.nats_options(),
             **options,
         }
-        nc = await nats.connect(**nats_options)
-        return cls(nc, name=name)
+        # H. A wrong password is not a server still starting: fail instead of retrying forever.
+        nc = NATS()
+        connecting = asyncio.ensure_future(nc.connect(**nats_options))
+        refused = asyncio.ensure_future(errors.auth_failed.wait())
+        await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+        refused.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await nc.close()
+            raise ConnectionRefusedError(
+                "nats: authorization violation: check NATS_USER/NATS_PASSWORD, NATS_TOKEN, "
+                "NATS_NKEY_SEED(_FILE) or NATS_CREDS"
+            )
+        connecting.result()
+        errors.auth_failed = None
+        client = cls(nc, name=name)
+        client._errors = errors
+        return client
 
     @property
     def nc(self) -> NATS:
@@ -209,14 +308,31 @@ class Client:
     async def _request(
         self, subject: str, data: bytes, wait: float, out: dict[str, str] | None
     ) -> Any:
+        if wire_size(data, out) > self._nc.max_payload:
+            raise ServiceError(
+                413,
+                f"request of {wire_size(data, out)} bytes (with headers) exceeds the server's "
+                f"max_payload of {self._nc.max_payload}",
+                service=_service_of(subject),
+            )
+        errors = self._errors
+        task = errors.watch(subject) if errors is not None else None
         try:
             return await self._nc.request(subject, data, timeout=wait, headers=out)
+        except asyncio.CancelledError:
+            denial = errors.refused(task) if errors is not None and task is not None else None
+            if denial is None:
+                raise
+            raise ServiceError(403, denial, service=_service_of(subject)) from None
         except NoRespondersError:
             raise await self._unserved(subject) from None
         except NatsTimeoutError:
             raise DeadlineExceeded(
                 f"no reply from {subject} within {wait:.3g}s", service=_service_of(subject)
             ) from None
+        finally:
+            if errors is not None and task is not None:
+                errors.unwatch(subject, task)
 
     async def _unserved(self, subject: str) -> ServiceError:
         """No responders: 404 if the service runs but lacks the endpoint, else 503.

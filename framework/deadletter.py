@@ -93,6 +93,9 @@ async def send_to_dead_letter(
             h.MSG_ID: f"dl-{service}-{handler}-{stream}-{sequence}",
         }
     )
+    if h.wire_size(data, out) > client.nc.max_payload:
+        out["Dead-Letter-Truncated"] = str(len(data))  # the original stays at stream/sequence
+        data = b""
     try:
         await client.js.publish(f"deadletter.{service}.{handler}", data, headers=out, timeout=5.0)
     except Exception as exc:

@@ -95,6 +95,8 @@ def _publish_error(subject: str, exc: BaseException) -> PublishError:
             f"no stream captures {subject}: declare a Stream for its domain or start a "
             "service that subscribes to it (the event was not stored)"
         )
+    if type(exc).__name__ == "PermissionDenied":
+        return PublishError(f"permission denied, the event was not stored: {exc}")
     if isinstance(exc, NatsTimeoutError | TimeoutError):
         return PublishError(f"no acknowledgement from JetStream for {subject} (not known stored)")
     return PublishError(f"publish to {subject} failed: {exc}")
@@ -133,8 +135,16 @@ async def publish_event(
             span.set_attribute(telemetry.MESSAGE_ID, event_id)
             span.set_attribute(telemetry.CONVERSATION_ID, out[h.CORRELATION_ID])
         telemetry.inject_context(out, span)
+        size = h.wire_size(data, out)
+        if size > client.nc.max_payload:
+            raise PublishError(
+                f"event of {size} bytes (with headers) exceeds the server's max_payload of "
+                f"{client.nc.max_payload}; not stored"
+            )
         try:
-            ack = await client.js.publish(subject, data, timeout=timeout, headers=out)
+            publish = client.js.publish(subject, data, timeout=timeout, headers=out)
+            errors = getattr(client, "_errors", None)
+            ack = await (errors.guard(subject, publish) if errors is not None else publish)
         except Exception as exc:
             error = _publish_error(subject, exc)
             telemetry.record_error(span, error)
@@ -641,7 +651,7 @@ class Subscriber:
             )
         try:
             event = self._decoder.decode(msg.data)
-        except msgspec.MsgspecError as exc:
+        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:
             self.stats.record(0, f"undecodable: {exc}")
             return await self._dead_letter(
                 msg, "undecodable", str(exc), attempt, sequence, info.event_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Mapping
 
 from .errors import BadRequest
 
@@ -58,6 +59,19 @@ def new_id() -> str:
     return os.urandom(12).hex()
 
 
+def wire_size(data: bytes, headers: Mapping[str, str] | None) -> int:
+    """Bytes the server counts against max_payload: payload plus the header block.
+
+    nats-py compares only the payload with max_payload; a message that fits without its
+    headers is sent, refused with -ERR 'Maximum Payload Violation', and the server
+    closes the connection (for good: nats-py does not reconnect after that error).
+    """
+    if not headers:
+        return len(data)
+    # b"NATS/1.0\r\n" + b"Name: value\r\n" per header + b"\r\n"
+    return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
 def check_header(name: str, value: str) -> str:
     """Reject oversized values and control characters (header injection, log forging)."""
     if len(value) > MAX_HEADER_VALUE:
@@ -84,5 +98,7 @@ def parse_deadline(value: str) -> float:
         raise BadRequest(
             f"header {DEADLINE} must be epoch milliseconds, got {value[:40]!r}"
         ) from None
-    deadline = millis / 1000.0
-    return min(deadline, time.time() + MAX_DEADLINE_AHEAD_S)
+    ceiling = time.time() + MAX_DEADLINE_AHEAD_S
+    if millis >= ceiling * 1000:  # also keeps 400-digit values away from float()
+        return ceiling
+    return max(millis, 0) / 1000.0

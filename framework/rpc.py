@@ -163,6 +163,13 @@ class RpcEndpoint:
             self.stats.in_flight -= 1
         self.stats.record(time.perf_counter_ns() - started, error)
         if msg.reply:
+            limit = self._client.nc.max_payload  # type: ignore[union-attr]
+            if h.wire_size(body, reply_headers) > limit:
+                failure = ServiceError(
+                    500, f"reply of {len(body)} bytes exceeds the server's max_payload of {limit}"
+                )
+                _log.error("reply too large", subject=self.subject, size=len(body), limit=limit)
+                body, reply_headers = b"", error_headers(failure)
             try:
                 await self._client.nc.publish(msg.reply, body, headers=reply_headers)  # type: ignore[union-attr]
             except Exception as exc:  # a lost connection must not kill the worker
@@ -226,7 +233,7 @@ class RpcEndpoint:
             return self._decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise BadRequest(f"invalid request: {exc}") from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BadRequest(f"undecodable request: {exc}") from None
 
     async def _run(self, payload: Any, ctx: Context | None, deadline: float | None) -> Any:

@@ -25,9 +25,17 @@ def split_urls(url: str | Sequence[str] | None) -> list[str]:
     return list(url)
 
 
+def redact_url(url: str) -> str:
+    """nats://user:pass@host:4222 -> nats://***@host:4222 (tokens too)."""
+    scheme, sep, rest = url.rpartition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
+
+
 @dataclass(frozen=True)
 class ConnectSettings:
-    servers: list[str]
+    servers: list[str] = field(repr=False)
     user: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
@@ -55,6 +63,14 @@ class ConnectSettings:
             tls_cert=env.get("NATS_TLS_CERT") or None,
             tls_key=env.get("NATS_TLS_KEY") or None,
         )
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={getattr(self, name)!r}"
+            for name in ("nkey_seed_file", "creds_file", "tls_ca", "tls_cert", "tls_key")
+        )
+        servers = [redact_url(u) for u in self.servers]
+        return f"ConnectSettings(servers={servers!r}, {shown})"
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.tls_ca or self.tls_cert):

@@ -145,8 +145,11 @@ async def ensure_stream(client: Client, stream: Stream, *, strict: bool = True) 
             await js.add_stream(declared)
             _log.info("stream created", stream=stream.name, subjects=list(stream.subjects))
             return
-        except Exception:
-            info = await js.stream_info(stream.name)  # created meanwhile by a replica
+        except Exception as create_error:
+            try:
+                info = await js.stream_info(stream.name)  # created meanwhile by a replica
+            except NotFoundError:
+                raise create_error from None  # not a race: say why it was refused
     diff = differences(info.config, declared)
     if diff and strict:
         raise ConfigConflict(f"stream {stream.name}", diff)
