@@ -22,7 +22,14 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from . import headers as h
 from . import telemetry
 from .codec import decode, encode
-from .errors import DeadlineExceeded, NoResponders, NotFound, ServiceError, error_from_code
+from .errors import (
+    DeadlineExceeded,
+    NoResponders,
+    NotFound,
+    PermissionDenied,
+    ServiceError,
+    error_from_code,
+)
 from .headers import wire_size
 from .names import check_subject
 from .settings import ConnectSettings
@@ -78,7 +85,6 @@ class _Errors:
     """
 
     def __init__(self) -> None:
-        self.waiters: dict[str, set[asyncio.Future[str]]] = {}
         self.auth_failed: asyncio.Event | None = None
         self.calls: dict[str, set[asyncio.Task[Any]]] = {}
         self._refusals: dict[asyncio.Task[Any], str] = {}
@@ -113,36 +119,9 @@ class _Errors:
                 if task not in self._refusals:
                     self._refusals[task] = f"not allowed to publish to {match.group(1)}: {text}"
                     task.cancel()
-            for waiter in self.waiters.get(match.group(1), ()):
-                if not waiter.done():
-                    waiter.set_result(text)
         elif self.auth_failed is not None and "authorization violation" in text.lower():
             self.auth_failed.set()
         await _on_error(error)
-
-    async def guard(self, subject: str, operation: Awaitable[T]) -> T:
-        """Run `operation` (a publish or request to `subject`) unless the server refuses it."""
-        denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        waiters = self.waiters.setdefault(subject, set())
-        waiters.add(denied)
-        task = asyncio.ensure_future(operation)
-        try:
-            both: set[asyncio.Future[Any]] = {task, denied}
-            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                return task.result()
-            task.cancel()
-            raise PermissionDenied(f"not allowed to publish to {subject}: {denied.result()}")
-        finally:
-            waiters.discard(denied)
-            if not waiters:
-                self.waiters.pop(subject, None)
-            if not task.done():
-                task.cancel()
-
-
-class PermissionDenied(Exception):
-    """The server refused a publish to this subject (the user lacks permission)."""
 
 
 class Client:
@@ -315,21 +294,35 @@ class Client:
                 f"max_payload of {self._nc.max_payload}",
                 service=_service_of(subject),
             )
-        errors = self._errors
-        task = errors.watch(subject) if errors is not None else None
         try:
-            return await self._nc.request(subject, data, timeout=wait, headers=out)
-        except asyncio.CancelledError:
-            denial = errors.refused(task) if errors is not None and task is not None else None
-            if denial is None:
-                raise
-            raise ServiceError(403, denial, service=_service_of(subject)) from None
+            return await self.refusable(
+                subject, self._nc.request(subject, data, timeout=wait, headers=out)
+            )
+        except PermissionDenied as exc:
+            raise ServiceError(403, str(exc), service=_service_of(subject)) from None
         except NoRespondersError:
             raise await self._unserved(subject) from None
         except NatsTimeoutError:
             raise DeadlineExceeded(
                 f"no reply from {subject} within {wait:.3g}s", service=_service_of(subject)
             ) from None
+
+    async def refusable(self, subject: str, operation: Awaitable[T]) -> T:
+        """Await a publish or request to `subject`, ended at once if the server refuses it.
+
+        nats-py reports a permissions violation only to the error callback; the waiting
+        task is noted here (a set entry, no task per call) so the callback can end its
+        wait with `PermissionDenied` instead of a timeout.
+        """
+        errors = self._errors
+        task = errors.watch(subject) if errors is not None else None
+        try:
+            return await operation
+        except asyncio.CancelledError:
+            denial = errors.refused(task) if errors is not None and task is not None else None
+            if denial is None:
+                raise
+            raise PermissionDenied(denial) from None
         finally:
             if errors is not None and task is not None:
                 errors.unwatch(subject, task)

@@ -16,6 +16,7 @@ __all__ = [
     "NoResponders",
     "NoStream",
     "NotFound",
+    "PermissionDenied",
     "PublishError",
     "Reject",
     "RemoteError",
@@ -120,6 +121,10 @@ class ConfigConflict(RuntimeError):
 
 class PublishError(RuntimeError):
     """An event could not be stored (no stream captures it, permission denied, timeout)."""
+
+
+class PermissionDenied(Exception):
+    """The server refused a publish to this subject: the user lacks the permission."""
 
 
 class NoStream(PublishError):

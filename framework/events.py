@@ -34,7 +34,14 @@ from .codec import decoder_for, schema_json
 from .context import Context
 from .deadletter import REPLAY_OF, send_to_dead_letter
 from .dispatch import WorkerPool
-from .errors import BadRequest, ConfigConflict, NoStream, PublishError, Reject
+from .errors import (
+    BadRequest,
+    ConfigConflict,
+    NoStream,
+    PermissionDenied,
+    PublishError,
+    Reject,
+)
 from .idempotency import DEFAULT_TTL, ProcessedIds
 from .names import check_event_type, event_subject
 from .signature import NO_PAYLOAD, Handler, HandlerSignature
@@ -95,7 +102,7 @@ def _publish_error(subject: str, exc: BaseException) -> PublishError:
             f"no stream captures {subject}: declare a Stream for its domain or start a "
             "service that subscribes to it (the event was not stored)"
         )
-    if type(exc).__name__ == "PermissionDenied":
+    if isinstance(exc, PermissionDenied):
         return PublishError(f"permission denied, the event was not stored: {exc}")
     if isinstance(exc, NatsTimeoutError | TimeoutError):
         return PublishError(f"no acknowledgement from JetStream for {subject} (not known stored)")
@@ -142,9 +149,9 @@ async def publish_event(
                 f"{client.nc.max_payload}; not stored"
             )
         try:
-            publish = client.js.publish(subject, data, timeout=timeout, headers=out)
-            errors = getattr(client, "_errors", None)
-            ack = await (errors.guard(subject, publish) if errors is not None else publish)
+            ack = await client.refusable(
+                subject, client.js.publish(subject, data, timeout=timeout, headers=out)
+            )
         except Exception as exc:
             error = _publish_error(subject, exc)
             telemetry.record_error(span, error)
