@@ -397,6 +397,8 @@ def _server_list(url_or_urls: str | Sequence[str]) -> list[str]:
 async def wait_jetstream_ready(
     url_or_urls: str | Sequence[str],
     timeout: float = 20.0,
+    *,
+    replicas: int = 1,
 ) -> None:
     """Block until JetStream answers ``account_info``.
 
@@ -405,6 +407,7 @@ async def wait_jetstream_ready(
     fail, so fixtures wait here instead of tests sleeping.
     """
     import nats
+    from nats.js import api
 
     servers = _server_list(url_or_urls)
     loop = asyncio.get_running_loop()
@@ -428,7 +431,18 @@ async def wait_jetstream_ready(
                 allow_reconnect=False,
                 error_cb=quiet,
             )
-            await nc.jetstream(timeout=min(2.0, remaining)).account_info()
+            js = nc.jetstream(timeout=min(2.0, remaining))
+            await js.account_info()
+            if replicas > 1:
+                # a meta leader is not enough: an R3 stream needs three current peers
+                # ("no suitable peers for placement" otherwise), so place a probe
+                await js.add_stream(
+                    name="READINESS_PROBE",
+                    subjects=["readiness.probe"],
+                    num_replicas=replicas,
+                    storage=api.StorageType.MEMORY,
+                )
+                await js.delete_stream("READINESS_PROBE")
             return
         except Exception as exc:  # not ready yet: no leader, no responders, refused...
             last_error = exc
@@ -504,13 +518,15 @@ class NatsCluster:
         return all(node.running for node in self.nodes)
 
     def start(self, timeout: float = 30.0) -> Self:
-        """Start every node not running, then wait for a JetStream meta leader."""
+        """Start every node not running, then wait until an R<size> stream can be placed."""
         deadline = time.monotonic() + timeout
         try:
             for node in self.nodes:
                 node.start(max(1.0, deadline - time.monotonic()))
             remaining = max(1.0, deadline - time.monotonic())
-            _run_blocking(lambda: wait_jetstream_ready(self.urls, remaining))
+            _run_blocking(
+                lambda: wait_jetstream_ready(self.urls, remaining, replicas=len(self.nodes))
+            )
         except BaseException:
             self.stop()
             raise
