@@ -10,7 +10,7 @@ test run) still loads while one of them is broken.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +20,37 @@ import pytest_asyncio
 
 from framework.devserver import NatsCluster, NatsServer
 
-__all__ = ["Serve", "client", "nats_cluster", "nats_server", "nats_url", "serve"]
+__all__ = ["Serve", "client", "eventually", "nats_cluster", "nats_server", "nats_url", "serve"]
+
+
+async def eventually(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 10.0,
+    what: str | Callable[[], str] = "",
+    interval: float = 0.02,
+) -> None:
+    """Poll `predicate` (sync or async) until it is true; fail the test after `timeout`.
+
+    Messaging tests wait for things that happen elsewhere (a redelivery, a consumer
+    catching up): polling with a deadline instead of fixed sleeps keeps them fast and
+    makes a failure say what never happened (`what`, or a callable giving a report).
+    """
+    import inspect
+
+    import anyio
+
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                result = predicate()
+                if inspect.isawaitable(result):
+                    result = await result
+                if result:
+                    return
+                await anyio.sleep(interval)
+    except TimeoutError:
+        detail = what() if callable(what) else what
+        raise AssertionError(f"timed out after {timeout}s waiting for {detail}") from None
 
 
 class _Servable(Protocol):

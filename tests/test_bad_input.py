@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +24,7 @@ from framework.deadletter import list_dead_letters
 from framework.devserver import NatsServer
 from framework.names import check_endpoint_name, check_service_name, check_token
 from framework.streams import stream_name_for_domain
+from framework.testing import eventually as wait_until
 
 EVENT = "order.created.v1"
 EVENT_SUBJECT = "events.order.created.v1"
@@ -46,22 +46,6 @@ class OrderCreated(msgspec.Struct):
 
 
 VALID = b'{"order_id": "o-1", "amount_cents": 500}'
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, what: str = ""
-) -> None:
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                result = predicate()
-                if inspect.isawaitable(result):
-                    result = await result
-                if result:
-                    return
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
 class Shop:

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from framework import Context, Service
 from framework.cli import ExitCode, main
 from framework.deadletter import DeadLetter, list_dead_letters, send_to_dead_letter
 from framework.devserver import free_port
+from framework.testing import eventually as wait_until
 
 
 class OrderCreated(msgspec.Struct):
@@ -43,14 +43,6 @@ def mesh_command() -> list[str]:
         return [str(script)]
     found = shutil.which("mesh")
     return [found] if found else [sys.executable, "-m", "framework.cli"]
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while True:
-            if predicate():
-                return
-            await anyio.sleep(0.02)
 
 
 async def wait_for_dead_letters(client: Any, count: int, timeout: float = 10.0) -> list[DeadLetter]:

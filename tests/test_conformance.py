@@ -30,6 +30,7 @@ from framework.client import Client
 from framework.deadletter import list_dead_letters
 from framework.devserver import NatsServer
 from framework.events import BatchPublisher, PublishAck
+from framework.testing import eventually as wait_until
 
 CREATED = "order.created.v1"
 CANCELLED = "order.cancelled.v1"
@@ -99,23 +100,6 @@ class Tally:
         assert not self.lost(), report
         assert not self.unexpected(), report
         assert self.duplicated() == 0, report
-
-
-async def wait_until(
-    condition: Callable[[], bool], timeout: float, report: Callable[[], str]
-) -> None:
-    """Poll until `condition()` holds; on timeout fail with the test's counters."""
-    started = time.monotonic()
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                if condition():
-                    return
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(
-            f"timed out after {time.monotonic() - started:.1f}s: {report()}"
-        ) from None
 
 
 async def wait_settled(

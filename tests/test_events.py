@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import anyio
 import msgspec
@@ -23,17 +22,12 @@ from framework import (
 from framework.deadletter import get_dead_letter, list_dead_letters, replay_dead_letter
 from framework.events import BatchPublisher
 from framework.streams import Stream
+from framework.testing import eventually as wait_until
 
 
 class OrderCreated(msgspec.Struct):
     order_id: str
     amount_cents: int
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.02)
 
 
 async def test_publish_waits_for_ack_and_dedupes_by_event_id(serve, client):

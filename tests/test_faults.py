@@ -7,7 +7,6 @@ prints one `figures:` line and merges its figures into `tests/fault_figures.json
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import os
@@ -16,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from framework.deadletter import list_dead_letters
 from framework.devserver import NatsServer, free_port, wait_jetstream_ready
 from framework.events import BatchPublisher
 from framework.streams import ensure_streams
+from framework.testing import eventually as wait_until
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -62,26 +61,6 @@ def record_figures(name: str, **figures: Any) -> None:
         data = {}
     data[name] = figures
     FIGURES.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]],
-    timeout: float,
-    what: str = "",
-    interval: float = 0.02,
-) -> None:
-    """Poll `predicate` (sync or async) until true; fail with `what` after `timeout`."""
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                result = predicate()
-                if inspect.isawaitable(result):
-                    result = await result
-                if result:
-                    return
-                await anyio.sleep(interval)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
 async def stats_of(client: Any, name: str) -> Any:

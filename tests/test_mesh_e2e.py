@@ -21,6 +21,7 @@ import pytest
 
 from framework import connect
 from framework.devserver import free_port
+from framework.testing import eventually as _until
 from services.contracts import CreateOrder, GetOrder, Order, OrderItem
 
 pytestmark = pytest.mark.slow
@@ -108,12 +109,6 @@ class MeshProcess:
 def _request(n: int) -> CreateOrder:
     price = 250_000 if n % DECLINED_EVERY == 0 else 1_000 + n
     return CreateOrder(customer_id=f"cust-{n}", items=[OrderItem("sku-1", 1, price)])
-
-
-async def _until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.1)
 
 
 async def test_mesh_end_to_end_with_payments_killed_mid_stream(tmp_path: Path):

@@ -11,7 +11,6 @@ and shown to refuse what a service does not own.
 from __future__ import annotations
 
 import base64
-import inspect
 import json
 import os
 import secrets
@@ -19,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,25 +32,10 @@ from framework.deadletter import list_dead_letters
 from framework.devserver import NatsServer
 from framework.settings import ConnectSettings
 from framework.streams import ensure_streams
+from framework.testing import eventually as wait_until
 
 ROOT = Path(__file__).parent.parent
 SECURE_CONF = ROOT / "nats-secure.conf"
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, what: str = ""
-) -> None:
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                result = predicate()
-                if inspect.isawaitable(result):
-                    result = await result
-                if result:
-                    return
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
 def secret(prefix: str) -> str:

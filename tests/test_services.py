@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -13,6 +11,7 @@ import pytest
 from framework import BadRequest, NotFound, ServiceError
 from framework.deadletter import list_dead_letters, replay_dead_letter
 from framework.runner import load_service
+from framework.testing import eventually
 from services import notifications, orders, payments
 from services.contracts import (
     ORDER_CREATED,
@@ -57,17 +56,6 @@ def provider(monkeypatch: pytest.MonkeyPatch) -> payments.SimulatedProvider:
 async def mesh(serve: Any, outbox: RecordingSender, provider: payments.SimulatedProvider) -> None:
     for module in (notifications, payments, orders):
         await serve(module.service)
-
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while True:
-            result = check()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await anyio.sleep(0.05)
 
 
 async def order_reaches(client: Any, order_id: str, status: str) -> Order:
