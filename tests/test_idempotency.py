@@ -11,6 +11,7 @@ from nats.errors import NoRespondersError
 from nats.js import api
 
 from framework.idempotency import BATCH_KEYS, ProcessedIds, ResponseCache, kv_key
+from framework.testing import eventually
 
 
 async def _open(client, handler: str = "handle") -> ProcessedIds:
@@ -163,9 +164,7 @@ async def test_a_stopped_server_raises_instead_of_hanging(client, nats_server):
 
     nats_server.start()  # back on the same port and store: the markers are still there
     processed.timeout = 5.0
-    deadline = time.monotonic() + 10
-    while not client.nc.is_connected and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await eventually(lambda: client.nc.is_connected, what="reconnected")
     processed.batched = True
     assert await asyncio.gather(processed.seen("before"), processed.seen("x0")) == [True, False]
 
