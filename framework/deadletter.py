@@ -174,9 +174,9 @@ async def replay_dead_letter(client: Client, dead_letter_id: int) -> Any:
             letter.subject, letter.data.encode(), headers=out, timeout=5.0
         )
     except Exception as exc:
-        from .events import _publish_error
+        from .events import publish_error
 
-        reason = _publish_error(letter.subject, exc)
+        reason = publish_error(letter.subject, exc)
         raise type(reason)(f"replay of dead letter {dead_letter_id} failed: {reason}") from exc
     await client.js.delete_msg(DEADLETTER_STREAM, dead_letter_id)
     return ack

@@ -12,12 +12,12 @@ import structlog
 from .client import Client
 from .context import Context
 from .discovery import Responder
-from .events import DEFAULT_BACKOFF, Subscriber
 from .headers import new_id
 from .idempotency import DEFAULT_TTL
 from .names import check_endpoint_name, check_event_type, check_service_name
 from .rpc import RpcEndpoint
 from .signature import Handler, read_signature
+from .subscriber import DEFAULT_BACKOFF, Subscriber
 
 if TYPE_CHECKING:
     from .streams import Stream
