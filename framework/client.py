@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+import anyio
 import msgspec
 import structlog
 from nats.aio.client import Client as NATS
@@ -294,18 +295,26 @@ class Client:
                 f"max_payload of {self._nc.max_payload}",
                 service=_service_of(subject),
             )
-        try:
-            return await self.refusable(
-                subject, self._nc.request(subject, data, timeout=wait, headers=out)
-            )
-        except PermissionDenied as exc:
-            raise ServiceError(403, str(exc), service=_service_of(subject)) from None
-        except NoRespondersError:
-            raise await self._unserved(subject) from None
-        except NatsTimeoutError:
-            raise DeadlineExceeded(
-                f"no reply from {subject} within {wait:.3g}s", service=_service_of(subject)
-            ) from None
+        started = time.monotonic()
+        for attempt in (1, 2):
+            try:
+                return await self.refusable(
+                    subject, self._nc.request(subject, data, timeout=wait, headers=out)
+                )
+            except PermissionDenied as exc:
+                raise ServiceError(403, str(exc), service=_service_of(subject)) from None
+            except NoRespondersError:
+                error, listed = await self._unserved(subject)
+                wait -= time.monotonic() - started
+                if not listed or attempt == 2 or wait <= 0.05:
+                    raise error from None
+                # a replica that lists the endpoint is just (re)subscribing: ask once more
+                await anyio.sleep(0.02)
+            except NatsTimeoutError:
+                raise DeadlineExceeded(
+                    f"no reply from {subject} within {wait:.3g}s", service=_service_of(subject)
+                ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def refusable(self, subject: str, operation: Awaitable[T]) -> T:
         """Await a publish or request to `subject`, ended at once if the server refuses it.
@@ -327,22 +336,24 @@ class Client:
             if errors is not None and task is not None:
                 errors.unwatch(subject, task)
 
-    async def _unserved(self, subject: str) -> ServiceError:
+    async def _unserved(self, subject: str) -> tuple[ServiceError, bool]:
         """No responders: 404 if the service runs but lacks the endpoint, else 503.
 
         One `$SRV.INFO` round trip, paid only on this failure path, instead of a
-        catch-all subscription that would double every request's traffic.
+        catch-all subscription that would double every request's traffic. Also says
+        whether the service lists the endpoint after all (a replica starting up).
         """
         service = _service_of(subject)
         try:
             reply = await self._nc.request(f"$SRV.INFO.{service}", b"", timeout=0.25)
             endpoints = [e.get("subject") for e in msgspec.json.decode(reply.data)["endpoints"]]
         except Exception:
-            return NoResponders(f"no responders: nothing serves {subject}", service=service)
+            return NoResponders(f"no responders: nothing serves {subject}", service=service), False
         known = ", ".join(str(e) for e in endpoints if e) or "none"
-        return NotFound(
+        error = NotFound(
             f"{service} has no endpoint {subject} (it serves: {known})", service=service
         )
+        return error, subject in endpoints
 
     @staticmethod
     def _decode_reply(data: bytes, returns: Any, subject: str) -> Any:

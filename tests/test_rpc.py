@@ -417,7 +417,7 @@ async def test_discovery_client_returns_typed_results_for_every_instance(serve, 
         return "hi"
 
     await serve(other)
-    pings = await client.ping()
+    pings = await client.ping(timeout=1.0)
     assert sorted(p.name for p in pings) == ["other", "payments", "payments"]
     infos = await client.info("payments")
     assert len(infos) == 2 and all(i.endpoints[0].subject == "payments.charge" for i in infos)
