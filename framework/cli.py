@@ -367,39 +367,52 @@ def _none_found(name: str | None, timeout: float) -> int:
     return ExitCode.OK
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def _discovery(
+    args: argparse.Namespace,
+    verb: Callable[[Client], Callable[..., Awaitable[Sequence[Any]]]],
+    render: Callable[[Sequence[Any]], str],
+) -> int:
+    """`info` and `stats`: ask every instance (of NAME), print JSON or a rendering."""
     _check_name(args.name)
     timeout = discovery_timeout(args)
 
     async def body(client: Client) -> int:
-        responses = await client.info(args.name, timeout=timeout)
+        responses = await verb(client)(args.name, timeout=timeout)
         if not responses:
             return _none_found(args.name, timeout)
         if args.json:
             print_json(responses)
-            return ExitCode.OK
-        blocks = []
-        for r in responses:
-            lines = [
-                f"Service:     {r.name}",
-                f"ID:          {r.id}",
-                f"Version:     {r.version}",
-                f"Description: {r.description or '-'}",
-            ]
-            if r.endpoints:
-                rows = [
-                    (e.name, e.subject, e.queue_group, (e.metadata or {}).get("kind"))
-                    for e in r.endpoints
-                ]
-                endpoints = _table(rows, ("NAME", "SUBJECT", "QUEUE", "KIND"))
-                lines += ["Endpoints:", *("  " + line for line in endpoints.splitlines())]
-            else:
-                lines.append("Endpoints:   none")
-            blocks.append("\n".join(lines))
-        print("\n\n".join(blocks))
+        else:
+            print(render(responses))
         return ExitCode.OK
 
     return with_client(args, body)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    return _discovery(args, lambda client: client.info, _render_info)
+
+
+def _render_info(responses: Sequence[Any]) -> str:
+    blocks = []
+    for r in responses:
+        lines = [
+            f"Service:     {r.name}",
+            f"ID:          {r.id}",
+            f"Version:     {r.version}",
+            f"Description: {r.description or '-'}",
+        ]
+        if r.endpoints:
+            rows = [
+                (e.name, e.subject, e.queue_group, (e.metadata or {}).get("kind"))
+                for e in r.endpoints
+            ]
+            endpoints = _table(rows, ("NAME", "SUBJECT", "QUEUE", "KIND"))
+            lines += ["Endpoints:", *("  " + line for line in endpoints.splitlines())]
+        else:
+            lines.append("Endpoints:   none")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 # What a subscriber adds to its endpoint stats `data` (consumer lag and failures).
@@ -411,42 +424,33 @@ _SUBSCRIBER_STATS = (
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    _check_name(args.name)
-    timeout = discovery_timeout(args)
+    return _discovery(args, lambda client: client.stats, _render_stats)
 
-    async def body(client: Client) -> int:
-        responses = await client.stats(args.name, timeout=timeout)
-        if not responses:
-            return _none_found(args.name, timeout)
-        if args.json:
-            print_json(responses)
-            return ExitCode.OK
-        present = {key for r in responses for e in r.endpoints for key in (e.data or {})}
-        extra = [(key, title) for key, title in _SUBSCRIBER_STATS if key in present]
-        headers = ["SERVICE", "ID", "ENDPOINT", "REQUESTS", "ERRORS", "AVG(ms)"]
-        headers += [title for _, title in extra] + ["LAST ERROR"]
-        rows: list[list[object]] = []
-        for r in responses:
-            if not r.endpoints:
-                rows.append([r.name, r.id, None, None, None, None, *(None for _ in extra), None])
-            for e in r.endpoints:
-                data = e.data or {}
-                rows.append(
-                    [
-                        r.name,
-                        r.id,
-                        e.name,
-                        e.num_requests,
-                        e.num_errors,
-                        f"{e.average_processing_time / 1e6:.3f}",
-                        *(data.get(key) for key, _ in extra),
-                        _truncate(e.last_error, LAST_ERROR_WIDTH) or None,
-                    ]
-                )
-        print(_table(rows, headers))
-        return ExitCode.OK
 
-    return with_client(args, body)
+def _render_stats(responses: Sequence[Any]) -> str:
+    present = {key for r in responses for e in r.endpoints for key in (e.data or {})}
+    extra = [(key, title) for key, title in _SUBSCRIBER_STATS if key in present]
+    headers = ["SERVICE", "ID", "ENDPOINT", "REQUESTS", "ERRORS", "AVG(ms)"]
+    headers += [title for _, title in extra] + ["LAST ERROR"]
+    rows: list[list[object]] = []
+    for r in responses:
+        if not r.endpoints:
+            rows.append([r.name, r.id, None, None, None, None, *(None for _ in extra), None])
+        for e in r.endpoints:
+            data = e.data or {}
+            rows.append(
+                [
+                    r.name,
+                    r.id,
+                    e.name,
+                    e.num_requests,
+                    e.num_errors,
+                    f"{e.average_processing_time / 1e6:.3f}",
+                    *(data.get(key) for key, _ in extra),
+                    _truncate(e.last_error, LAST_ERROR_WIDTH) or None,
+                ]
+            )
+    return _table(rows, headers)
 
 
 # --- parser --------------------------------------------------------------------------
