@@ -122,7 +122,28 @@ def _read_tail(path: Path, n: int, start: int = 0) -> str:
     return "\n".join(lines[-n:]) if n > 0 else ""
 
 
-class NatsServer:
+class _Managed:
+    """`with` starts it and cleans up after it (stop, remove what it created)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+
+class NatsServer(_Managed):
     """One nats-server process on 127.0.0.1 that can be stopped, killed and restarted.
 
     The client port is fixed at construction (a free one when ``port`` is 0), so a
@@ -298,17 +319,6 @@ class NatsServer:
         """Last lines of the server log, for error messages and failing tests."""
         return _read_tail(self._log_file, n)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
     def _spawn(self) -> None:
         args = self.args()
         if self._store_dir is not None:
@@ -462,7 +472,7 @@ def _run_blocking(fn: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         return pool.submit(lambda: asyncio.run(fn())).result()
 
 
-class NatsCluster:
+class NatsCluster(_Managed):
     """A JetStream cluster of ``size`` nodes on loopback, for replication and node loss.
 
     Nodes are named n1..nN, each with its own store dir, client and cluster port,
@@ -553,17 +563,6 @@ class NatsCluster:
 
     def log_tail(self, n: int = 20) -> str:
         return "\n".join(f"--- {node.url}\n{node.log_tail(n)}" for node in self.nodes)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
 
 def start_cluster(
