@@ -189,6 +189,9 @@ def up(spec: MeshSpec, out: IO[str] = sys.stdout) -> int:
 
 def up_detached(spec: MeshSpec, args: Sequence[str], out: IO[str] = sys.stdout) -> int:
     """Start `mesh up` in the background (output in .mesh/mesh.log) and wait for readiness."""
+    from .logging import configure_logging
+
+    configure_logging(level="ERROR")  # connection attempts while NATS starts are expected
     MESH_DIR.mkdir(exist_ok=True)
     if PID_FILE.exists() and _alive(int(PID_FILE.read_text() or 0)):
         _say(f"already running (pid {PID_FILE.read_text().strip()}); `mesh down` stops it", out)
