@@ -175,3 +175,38 @@ async def test_mesh_end_to_end_with_payments_killed_mid_stream(tmp_path: Path):
         assert mesh.said("mesh: stopped"), "".join(mesh.lines[-30:])
     assert code == 0
     assert not _children(mesh.proc.pid)
+
+
+def test_detached_mesh_runs_in_the_background_until_down(tmp_path: Path):
+    """`just up-detached` / `just down`: the mesh outlives the command that started it."""
+    port = free_port()
+    (tmp_path / "nats.conf").write_text('jetstream { store_dir: ".mesh/jetstream" }\n')
+    env = {**os.environ, "MESH_OUTBOX": str(tmp_path / "outbox.jsonl")}
+
+    def mesh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "framework.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+
+    started = mesh("up", "--detach", "--port", str(port), "--config", "nats.conf")
+    assert started.returncode == 0, started.stdout + started.stderr
+    pid = int((tmp_path / ".mesh" / "mesh.pid").read_text())
+    try:
+        listed = mesh("--url", f"nats://127.0.0.1:{port}", "ls")
+        assert listed.returncode == 0
+        for name in ("orders", "payments", "notifications"):
+            assert name in listed.stdout
+        again = mesh("up", "--detach", "--port", str(port), "--config", "nats.conf")
+        assert again.returncode == 1 and "already running" in again.stdout
+    finally:
+        stopped = mesh("down")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not (tmp_path / ".mesh" / "mesh.pid").exists()
+    assert (
+        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    )
