@@ -147,17 +147,23 @@ def start_handler_span(
     With `link_to_parent` (event consumers) the span also links to the producer's span,
     per the messaging conventions: redeliveries are separate spans with the same link.
     """
-    if not ENABLED:
-        return INVALID_SPAN
+    incoming = bool(headers) and TRACEPARENT in headers  # type: ignore[operator]
+    if not ENABLED or (not incoming and _no_sdk()):
+        return INVALID_SPAN  # nothing to record and nothing to pass on: skip the API
     parent = _ROOT
     links: tuple[Link, ...] | None = None
-    if headers and TRACEPARENT in headers:
+    if incoming:
         parent = propagate.extract(headers, context=_ROOT)
         if link_to_parent:
             producer = trace.get_current_span(parent).get_span_context()
             if producer.is_valid:
                 links = (Link(producer),)
     return _tracer.start_span(name, context=parent, kind=kind, attributes=attributes, links=links)
+
+
+def _no_sdk() -> bool:
+    """No tracer provider installed: every span would be a no-op."""
+    return isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def start_send_span(
@@ -170,12 +176,15 @@ def start_send_span(
     """
     if not ENABLED:
         return INVALID_SPAN
-    context = None
+    current_valid = trace.get_current_span().get_span_context().is_valid
     if (
-        parent_span is not None
-        and parent_span.get_span_context().is_valid
-        and not trace.get_current_span().get_span_context().is_valid
+        not current_valid
+        and (parent_span is None or not parent_span.get_span_context().is_valid)
+        and _no_sdk()
     ):
+        return INVALID_SPAN  # no trace to continue and nothing to record
+    context = None
+    if parent_span is not None and parent_span.get_span_context().is_valid and not current_valid:
         context = trace.set_span_in_context(parent_span)
     return _tracer.start_span(name, context=context, kind=kind, attributes=attributes)
 
