@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -51,12 +52,36 @@ async def serve_until_signal(
                 task_group.cancel_scope.cancel()  # done: stop watching signals
 
             task_group.start_soon(serve_all)
+            task_group.start_soon(_stop_when_supervisor_dies)
             async for signum in signals:
                 _log.info("stopping", signal=signal.Signals(signum).name)
                 break
             stop.set()
             if not serving:
                 task_group.cancel_scope.cancel()
+
+
+async def _stop_when_supervisor_dies() -> None:
+    """`mesh up` starts services in sessions of their own (so Ctrl-C reaches only it);
+    should the supervisor itself die without stopping them, they stop on their own
+    rather than live on as orphans."""
+    supervisor = int(os.environ.get("MESH_SUPERVISOR_PID", "0") or 0)
+    if supervisor <= 0:
+        return
+    while _alive(supervisor):  # noqa: ASYNC110 - a pid has no event to wait on
+        await anyio.sleep(1.0)
+    _log.warning("supervisor is gone, stopping", supervisor_pid=supervisor)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _backend_options() -> dict[str, Any]:

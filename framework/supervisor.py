@@ -137,6 +137,7 @@ async def _run(spec: MeshSpec, server: NatsServer, out: IO[str]) -> int:
     env.setdefault("LOG_FORMAT", "console")
     # every service appends its spans here, so `mesh demo` can show one order's whole trace
     env.setdefault("MESH_TRACE_FILE", str(TRACE_FILE.resolve()))
+    env["MESH_SUPERVISOR_PID"] = str(os.getpid())  # children stop if we die unannounced
     names = [_name(s) for s in spec.services]
     width = max(len(n) for n in names)
     children = [

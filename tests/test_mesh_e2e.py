@@ -210,3 +210,27 @@ def test_detached_mesh_runs_in_the_background_until_down(tmp_path: Path):
     assert (
         not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     )
+
+
+async def test_services_stop_when_the_supervisor_is_killed(tmp_path: Path):
+    """No orphans even when `mesh up` itself dies by SIGKILL (Ctrl-C is the usual path)."""
+    port = free_port()
+    mesh = MeshProcess(tmp_path, port)
+    try:
+        await _until(lambda: mesh.said("mesh: ready"), 60, "mesh ready")
+        children = _children(mesh.proc.pid)
+        services = [pid for pid, cmd in children.items() if "framework.cli run" in cmd]
+        servers = [pid for pid, cmd in children.items() if "nats-server" in cmd]
+        assert len(services) == 3, children
+    finally:
+        mesh.proc.kill()
+        mesh.proc.wait()
+
+    def alive() -> list[int]:
+        return [pid for pid in services if Path(f"/proc/{pid}").exists()]
+
+    try:
+        await _until(lambda: not alive(), 20, "the services to stop on their own")
+    finally:
+        for pid in alive() + servers:  # the server has no such watch: clean it up here
+            os.kill(pid, signal.SIGKILL)
