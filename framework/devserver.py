@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +65,17 @@ def _reap_at_exit() -> None:
 
 
 atexit.register(_reap_at_exit)
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if its starter dies, even by SIGKILL. A server in
+    a session of its own (`mesh up`) is out of reach of the terminal's Ctrl-C, so this
+    is what keeps it from outliving a supervisor that was killed."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def find_nats_server() -> str:
@@ -333,6 +345,7 @@ class NatsServer(_Managed):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=self._own_session,
+                preexec_fn=_die_with_parent if self._own_session else None,
             )
         with _registry_lock:
             _live_procs.add(proc)
