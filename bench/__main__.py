@@ -29,7 +29,7 @@ from bench.common import (
     nats_server,
     ratio,
     run_loop,
-    uvloop_available,
+    wanted_uvloop,
 )
 from framework import configure_logging
 
@@ -193,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     configure_logging(level="WARNING")
     args = common_args(ns)
-    use_uvloop = bool(ns.uvloop)
-    if use_uvloop and not uvloop_available():
-        print(
-            "uvloop is not installed (pip install -e '.[uvloop]'): using asyncio", file=sys.stderr
-        )
-        use_uvloop = False
+    use_uvloop = wanted_uvloop(args.uvloop)
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}

@@ -80,6 +80,31 @@ def run_loop(main: Coroutine[Any, Any, T], *, use_uvloop: bool) -> T:
     return asyncio.run(main)
 
 
+def wanted_uvloop(requested: bool) -> bool:
+    """`--uvloop` honoured when uvloop is installed; otherwise say so and use asyncio."""
+    if requested and not uvloop_available():
+        print(
+            "uvloop is not installed (pip install -e '.[uvloop]'): using asyncio", file=sys.stderr
+        )
+        return False
+    return requested
+
+
+def run_standalone(
+    key: str,
+    benchmark: Callable[[str, CommonArgs, bool], Coroutine[Any, Any, dict[str, Any]]],
+    args: CommonArgs,
+) -> int:
+    """`python -m bench.<key>`: one benchmark on a fresh server, results merged to file."""
+    use_uvloop = wanted_uvloop(args.uvloop)
+    with nats_server() as server:
+        data = run_loop(benchmark(server.url, args, use_uvloop), use_uvloop=use_uvloop)
+    if args.output is not None:
+        merge_results(key, data, args.output)
+        print(f"\nresults stored under '{key}' in {args.output}")
+    return 0
+
+
 def loop_name() -> str:
     """`uvloop` or `asyncio`: the module of the running loop's class."""
     return type(asyncio.get_running_loop()).__module__.split(".")[0]

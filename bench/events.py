@@ -60,11 +60,8 @@ from bench.common import (
     environment,
     format_table,
     loop_name,
-    merge_results,
-    nats_server,
     ratio,
-    run_loop,
-    uvloop_available,
+    run_standalone,
 )
 from framework import Service, configure_logging, connect
 from framework.events import BatchPublisher
@@ -566,19 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     ns = parser.parse_args(argv)
     configure_logging(level="WARNING")
-    args = common_args(ns)
-    use_uvloop = bool(ns.uvloop)
-    if use_uvloop and not uvloop_available():
-        print(
-            "uvloop is not installed (pip install -e '.[uvloop]'): using asyncio", file=sys.stderr
-        )
-        use_uvloop = False
-    with nats_server() as server:
-        data = run_loop(benchmark(server.url, args, use_uvloop), use_uvloop=use_uvloop)
-    if args.output is not None:
-        merge_results(KEY, data, args.output)
-        print(f"\nresults stored under '{KEY}' in {args.output}")
-    return 0
+    return run_standalone(KEY, benchmark, common_args(ns))
 
 
 if __name__ == "__main__":

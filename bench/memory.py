@@ -51,11 +51,9 @@ from bench.common import (
     environment,
     format_table,
     loop_name,
-    merge_results,
-    nats_server,
     ratio,
     run_loop,
-    uvloop_available,
+    run_standalone,
     wait_for_stdin_eof,
 )
 from framework import Context, Service, configure_logging
@@ -433,18 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             main_coro = drain_framework(ns.url, ns.event_type, ns.name)
         run_loop(main_coro, use_uvloop=use_uvloop)
         return 0
-    args = common_args(ns)
-    if use_uvloop and not uvloop_available():
-        print(
-            "uvloop is not installed (pip install -e '.[uvloop]'): using asyncio", file=sys.stderr
-        )
-        use_uvloop = False
-    with nats_server() as server:
-        data = run_loop(benchmark(server.url, args, use_uvloop), use_uvloop=use_uvloop)
-    if args.output is not None:
-        merge_results(KEY, data, args.output)
-        print(f"\nresults stored under '{KEY}' in {args.output}")
-    return 0
+    return run_standalone(KEY, benchmark, common_args(ns))
 
 
 if __name__ == "__main__":

@@ -48,11 +48,9 @@ from bench.common import (
     format_table,
     loop_name,
     measure,
-    merge_results,
-    nats_server,
     ratio,
     run_loop,
-    uvloop_available,
+    run_standalone,
     wait_for_stdin_eof,
 )
 from framework import Service, configure_logging, connect
@@ -313,18 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "serve-framework":
         run_loop(serve_framework(ns.url), use_uvloop=use_uvloop)
         return 0
-    args = common_args(ns)
-    if use_uvloop and not uvloop_available():
-        print(
-            "uvloop is not installed (pip install -e '.[uvloop]'): using asyncio", file=sys.stderr
-        )
-        use_uvloop = False
-    with nats_server() as server:
-        data = run_loop(benchmark(server.url, args, use_uvloop), use_uvloop=use_uvloop)
-    if args.output is not None:
-        merge_results("rpc", data, args.output)
-        print(f"\nresults stored under 'rpc' in {args.output}")
-    return 0
+    return run_standalone("rpc", benchmark, common_args(ns))
 
 
 if __name__ == "__main__":

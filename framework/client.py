@@ -22,7 +22,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from . import headers as h
 from . import telemetry
-from .codec import decode, encode
+from .codec import decode, encode_payload
+from .discovery import InfoResponse, PingResponse, StatsResponse, gather
 from .errors import (
     DeadlineExceeded,
     NoResponders,
@@ -31,29 +32,19 @@ from .errors import (
     ServiceError,
     error_from_code,
 )
+from .events import BatchPublisher, publish_event
 from .headers import wire_size
 from .names import check_subject
 from .settings import ConnectSettings
 
 if TYPE_CHECKING:
     from .context import Context
-    from .discovery import InfoResponse, PingResponse, StatsResponse
-    from .events import BatchPublisher, PublishAck
 
 __all__ = ["Client", "connect"]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 5.0
 _log = structlog.get_logger("framework.client")
-
-
-def encode_payload(payload: Any) -> bytes:
-    """Bytes pass through untouched; None is an empty body; anything else is JSON."""
-    if payload is None:
-        return b""
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return bytes(payload)
-    return encode(payload)
 
 
 def _service_of(subject: str) -> str:
@@ -368,50 +359,20 @@ class Client:
                 502, f"invalid reply from {subject}: {error}", service=_service_of(subject)
             ) from None
 
-    async def publish(
-        self,
-        event_type: str,
-        event: Any,
-        *,
-        event_id: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        correlation_id: str | None = None,
-        timeout: float = 5.0,
-        parent: Context | None = None,
-    ) -> PublishAck:
-        """Publish a domain event and wait for JetStream to store it."""
-        from .events import publish_event
-
-        return await publish_event(
-            self,
-            event_type,
-            event,
-            event_id=event_id,
-            headers=headers,
-            correlation_id=correlation_id,
-            timeout=timeout,
-            parent=parent,
-        )
+    # Publishing lives with the events it makes; as a method it reads `client.publish(...)`.
+    publish = publish_event
 
     def batch(self, *, max_outstanding: int = 256, timeout: float = 10.0) -> BatchPublisher:
         """Publish many events without waiting for each ack (`async with client.batch() as b`)."""
-        from .events import BatchPublisher
-
         return BatchPublisher(self, max_outstanding=max_outstanding, timeout=timeout)
 
     async def ping(self, name: str | None = None, *, timeout: float = 0.5) -> list[PingResponse]:
-        from .discovery import PingResponse, gather
-
         return await gather(self._nc, "PING", name, PingResponse, timeout)
 
     async def info(self, name: str | None = None, *, timeout: float = 0.5) -> list[InfoResponse]:
-        from .discovery import InfoResponse, gather
-
         return await gather(self._nc, "INFO", name, InfoResponse, timeout)
 
     async def stats(self, name: str | None = None, *, timeout: float = 0.5) -> list[StatsResponse]:
-        from .discovery import StatsResponse, gather
-
         return await gather(self._nc, "STATS", name, StatsResponse, timeout)
 
     discover = ping

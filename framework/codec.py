@@ -8,7 +8,11 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["decode", "decoder_for", "encode", "schema_json"]
+__all__ = ["DECODE_ERRORS", "decode", "decoder_for", "encode", "encode_payload", "schema_json"]
+
+# What decoding untrusted bytes can raise besides msgspec's own errors: invalid UTF-8
+# inside a JSON string, and nesting deep enough to exhaust the recursion limit.
+DECODE_ERRORS = (msgspec.MsgspecError, UnicodeDecodeError, RecursionError)
 
 _encoder = msgspec.json.Encoder()
 encode = _encoder.encode
@@ -17,6 +21,15 @@ encode = _encoder.encode
 @functools.cache
 def decoder_for(tp: Any) -> msgspec.json.Decoder[Any]:
     return msgspec.json.Decoder(tp)
+
+
+def encode_payload(payload: Any) -> bytes:
+    """Bytes pass through untouched; None is an empty body; anything else is JSON."""
+    if payload is None:
+        return b""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    return encode(payload)
 
 
 def decode(data: bytes, tp: Any) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -221,13 +221,3 @@ async def gather(
     finally:
         await sub.unsubscribe()
     return sorted(replies, key=lambda r: (r.name, r.id))
-
-
-def by_name(responses: Iterable[R]) -> dict[str, list[R]]:
-    grouped: dict[str, list[R]] = {}
-    for response in responses:
-        grouped.setdefault(response.name, []).append(response)
-    return grouped
-
-
-__all__ += ["by_name"]

@@ -21,6 +21,7 @@ from nats.js.errors import NoStreamResponseError
 
 from . import headers as h
 from . import telemetry
+from .codec import encode_payload
 from .context import Context
 from .errors import NoStream, PermissionDenied, PublishError
 from .names import check_event_type, event_subject
@@ -53,8 +54,6 @@ def build_event(
     parent: Context | None,
 ) -> tuple[str, bytes, dict[str, str], str]:
     """Subject, body, headers and event id of an event about to be published."""
-    from .client import encode_payload
-
     check_event_type(event_type)
     event_id = h.check_id(h.MSG_ID, event_id) if event_id else h.new_id()
     out = dict(headers) if headers else {}

@@ -27,6 +27,7 @@ __all__ = [
     "TRACEPARENT",
     "TRACESTATE",
     "check_header",
+    "check_headers",
     "check_id",
     "new_id",
     "parse_deadline",
@@ -70,6 +71,12 @@ def wire_size(data: bytes, headers: Mapping[str, str] | None) -> int:
         return len(data)
     # b"NATS/1.0\r\n" + b"Name: value\r\n" per header + b"\r\n"
     return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Every value that arrived, checked before any of them is used or logged."""
+    for name, value in headers.items():
+        check_header(name, value)
 
 
 def check_header(name: str, value: str) -> str:

@@ -22,7 +22,7 @@ every `$SRV.STATS` request.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from opentelemetry import metrics
@@ -60,30 +60,26 @@ def _handlers() -> list[tuple[dict[str, str], _Handler]]:
     return list(_tracked.values())  # collection may run in an exporter's thread
 
 
-def _observe_handled(options: CallbackOptions) -> Iterable[Observation]:
-    return [Observation(h.stats.num_requests, a) for a, h in _handlers()]
+def _observe(
+    read: Callable[[Any], int], subscribers_only: bool = False
+) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    """A callback reporting `read(handler)` for every tracked handler at collection."""
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(read(handler), attributes)
+            for attributes, handler in _handlers()
+            if not subscribers_only or attributes["kind"] == "subscriber"
+        ]
+
+    return observe
 
 
-def _observe_failed(options: CallbackOptions) -> Iterable[Observation]:
-    return [Observation(h.stats.num_errors, a) for a, h in _handlers()]
-
-
-def _observe_in_flight(options: CallbackOptions) -> Iterable[Observation]:
-    return [Observation(h.stats.in_flight, a) for a, h in _handlers()]
-
-
-def _observe_dead_lettered(options: CallbackOptions) -> Iterable[Observation]:
-    return [
-        Observation(h.stats.dead_lettered, a) for a, h in _handlers() if a["kind"] == "subscriber"
-    ]
-
-
-def _observe_lag(options: CallbackOptions) -> Iterable[Observation]:
-    return [
-        Observation(getattr(h, "pending", 0), a)
-        for a, h in _handlers()
-        if a["kind"] == "subscriber"
-    ]
+_observe_handled = _observe(lambda h: h.stats.num_requests)
+_observe_failed = _observe(lambda h: h.stats.num_errors)
+_observe_in_flight = _observe(lambda h: h.stats.in_flight)
+_observe_dead_lettered = _observe(lambda h: h.stats.dead_lettered, subscribers_only=True)
+_observe_lag = _observe(lambda h: getattr(h, "pending", 0), subscribers_only=True)
 
 
 _meter = metrics.get_meter("framework")

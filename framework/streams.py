@@ -113,20 +113,22 @@ _COMPARED = (
 
 
 def _normalize(name: str, value: Any) -> Any:
-    if name == "subjects":
+    if name in ("subjects", "filter_subjects"):
         return sorted(value or [])
     if isinstance(value, float):
         return round(value, 3)
-    if hasattr(value, "value"):
+    if hasattr(value, "value"):  # an enum of nats-py's api
         return value.value
     return value
 
 
 def differences(
-    existing: api.StreamConfig, declared: api.StreamConfig
+    existing: Any, declared: Any, fields: Iterable[str] = _COMPARED
 ) -> dict[str, tuple[Any, Any]]:
+    """`fields` whose values differ between two stream or consumer configs, normalized
+    (enums to values, floats rounded, subject lists sorted) as (existing, declared)."""
     diff: dict[str, tuple[Any, Any]] = {}
-    for name in _COMPARED:
+    for name in fields:
         a = _normalize(name, getattr(existing, name))
         b = _normalize(name, getattr(declared, name))
         if a != b:

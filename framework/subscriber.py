@@ -27,19 +27,21 @@ from nats.js.errors import NotFoundError
 
 from . import headers as h
 from . import metrics, telemetry
-from .codec import decoder_for, schema_json
+from .codec import DECODE_ERRORS, decoder_for, schema_json
 from .context import Context
 from .deadletter import REPLAY_OF, send_to_dead_letter
 from .dispatch import WorkerPool
 from .errors import (
     BadRequest,
     ConfigConflict,
+    NoStream,
     PublishError,
     Reject,
 )
 from .idempotency import DEFAULT_TTL, ProcessedIds
 from .names import event_subject
 from .signature import NO_PAYLOAD, Handler, HandlerSignature
+from .streams import differences
 
 if TYPE_CHECKING:
     from .client import Client
@@ -81,8 +83,7 @@ class EventHeaders(msgspec.Struct):
 def read_event_headers(headers: Mapping[str, str] | None, fallback_id: str) -> EventHeaders:
     if not headers:
         return EventHeaders(fallback_id, fallback_id, None)
-    for name, value in headers.items():
-        h.check_header(name, value)
+    h.check_headers(headers)
     event_id = headers.get(REPLAY_OF) or headers.get(h.MSG_ID) or fallback_id
     h.check_id(h.MSG_ID, event_id)
     correlation_id = headers.get(h.CORRELATION_ID) or event_id
@@ -224,7 +225,7 @@ class Subscriber:
             try:
                 self.stream = await js.find_stream_name_by_subject(self.subject)
             except NotFoundError:
-                raise PublishError(f"no stream captures {self.subject}") from None
+                raise NoStream(f"no stream captures {self.subject}") from None
         declared = self.consumer_config()
         try:
             info = await js.consumer_info(self.stream, self.durable)
@@ -237,11 +238,7 @@ class Subscriber:
         """Fixed fields must match; tunables are updated, and the change is logged."""
         fixed = {"deliver_policy", "ack_policy", "filter_subject"}
         tunable = {"ack_wait", "max_deliver", "max_ack_pending"}
-        diff = {
-            name: (getattr(existing, name), getattr(declared, name))
-            for name in fixed | tunable
-            if _norm(getattr(existing, name)) != _norm(getattr(declared, name))
-        }
+        diff = differences(existing, declared, sorted(fixed | tunable))
         conflicts = {k: v for k, v in diff.items() if k in fixed}
         if conflicts:
             raise ConfigConflict(f"consumer {self.stream}/{self.durable}", conflicts)
@@ -251,7 +248,7 @@ class Subscriber:
             _log.warning(
                 "consumer config updated",
                 consumer=self.durable,
-                changes={k: {"was": _norm(a), "now": _norm(b)} for k, (a, b) in diff.items()},
+                changes={k: {"was": a, "now": b} for k, (a, b) in diff.items()},
             )
 
     async def prepare(self, client: Client) -> None:
@@ -460,14 +457,23 @@ class Subscriber:
             )
         try:
             event = self._decoder.decode(msg.data)
-        except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:
+        except DECODE_ERRORS as exc:
             self.stats.record(0, f"undecodable: {exc}")
             return await self._dead_letter(
                 msg, "undecodable", str(exc), attempt, sequence, info.event_id
             )
         if self.ordered_by is None:
             return await self._run(msg, event, info, attempt, sequence)
-        async with self._locks.hold(self.ordered_by(event)):
+        try:
+            key = self.ordered_by(event)
+            hash(key)
+        except Exception as exc:  # retrying cannot change the key: a poison event
+            error = f"ordered_by failed: {_describe(exc)}"
+            self.stats.record(0, error)
+            return await self._dead_letter(
+                msg, "invalid_key", error, attempt, sequence, info.event_id
+            )
+        async with self._locks.hold(key):
             return await self._run(msg, event, info, attempt, sequence)
 
     async def _run(
@@ -536,8 +542,14 @@ class Subscriber:
             await self.signature.invoke(self.fn, event, ctx)
             return
         # asyncio.timeout: half the cost of an anyio scope per event (measured)
-        async with asyncio.timeout(self.max_processing_time):
-            await self.signature.invoke(self.fn, event, ctx)
+        timeout = asyncio.timeout(self.max_processing_time)
+        try:
+            async with timeout:
+                await self.signature.invoke(self.fn, event, ctx)
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the handler's own timeout, reported as what it is
+            raise ProcessingTimeExceeded("processing time exceeded") from None
 
     def _span(self, msg: Any, info: EventHeaders, attempt: int, sequence: int) -> Any:
         """Child of the producer's span and linked to it: each attempt is its own span."""
@@ -625,15 +637,11 @@ def ack_fields(reply: str) -> tuple[str, int, int, int] | None:
         return None
 
 
+class ProcessingTimeExceeded(TimeoutError):
+    """A handler ran past `max_processing_time` and was cancelled: a failed attempt."""
+
+
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "processing time exceeded"
+    if isinstance(exc, ProcessingTimeExceeded):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
-
-
-def _norm(value: Any) -> Any:
-    if hasattr(value, "value"):
-        return value.value
-    if isinstance(value, float):
-        return round(value, 3)
-    return value

@@ -96,7 +96,6 @@ class _Child:
         self.out = out
         self.process: Process | None = None
         self.stopping = False
-        self.restarts = 0
 
     async def keep_running(self) -> None:
         while not self.stopping:
@@ -111,7 +110,6 @@ class _Child:
             code = await self.process.wait()
             if self.stopping:
                 return
-            self.restarts += 1
             _say(f"{self.name} exited with code {code}; restarting it in 1 s", self.out)
             await anyio.sleep(1.0)
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import msgspec
 from nats.js.errors import KeyNotFoundError
 
-from framework import Client
+from framework import Client, NotFound
 from framework.idempotency import open_bucket
 
 T = TypeVar("T")
@@ -43,3 +43,11 @@ async def read(kv: Any, key: str, tp: type[T]) -> tuple[T, int] | None:
     except KeyNotFoundError:
         return None
     return msgspec.json.decode(entry.value, type=tp), int(entry.revision)
+
+
+async def read_existing(kv: Any, key: str, tp: type[T], missing: str) -> tuple[T, int]:
+    """The value and its revision; `NotFound(missing)` (404 to a caller) when absent."""
+    found = await read(kv, key, tp)
+    if found is None:
+        raise NotFound(missing)
+    return found

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 import msgspec
@@ -86,26 +86,27 @@ sent = Bucket("notifications", "notification ids claimed or sent", ttl=30 * 24 *
 
 @service.subscribe(ORDER_CONFIRMED, max_deliver=5, backoff=[0.2, 0.5, 1, 2])
 async def on_order_confirmed(event: OrderConfirmed, ctx: Context) -> None:
-    notification = Notification(
-        id=f"{event.order_id}-confirmed",
-        customer_id=event.customer_id,
-        order_id=event.order_id,
-        kind="order_confirmed",
-        message=f"Your order {event.order_id} is confirmed: {event.total_cents / 100:.2f} paid.",
-    )
-    await notify(ctx, notification)
+    message = f"Your order {event.order_id} is confirmed: {event.total_cents / 100:.2f} paid."
+    await notify(ctx, about(event.order_id, event.customer_id, "confirmed", message))
 
 
 @service.subscribe(ORDER_CANCELLED, max_deliver=5, backoff=[0.2, 0.5, 1, 2])
 async def on_order_cancelled(event: OrderCancelled, ctx: Context) -> None:
-    notification = Notification(
-        id=f"{event.order_id}-cancelled",
-        customer_id=event.customer_id,
-        order_id=event.order_id,
-        kind="order_cancelled",
-        message=f"Your order {event.order_id} was cancelled: {event.reason}.",
+    message = f"Your order {event.order_id} was cancelled: {event.reason}."
+    await notify(ctx, about(event.order_id, event.customer_id, "cancelled", message))
+
+
+def about(
+    order_id: str, customer_id: str, outcome: Literal["confirmed", "cancelled"], message: str
+) -> Notification:
+    """One notification per order and outcome: its id is what makes sending it once."""
+    return Notification(
+        id=f"{order_id}-{outcome}",
+        customer_id=customer_id,
+        order_id=order_id,
+        kind="order_confirmed" if outcome == "confirmed" else "order_cancelled",
+        message=message,
     )
-    await notify(ctx, notification)
 
 
 async def notify(ctx: Context, notification: Notification) -> None:

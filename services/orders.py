@@ -21,8 +21,8 @@ import uuid
 import msgspec
 from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
 
-from framework import BadRequest, Context, NotFound, Reject, Service
-from services.buckets import Bucket, read
+from framework import BadRequest, Context, Reject, Service
+from services.buckets import Bucket, read, read_existing
 from services.contracts import (
     ORDER_CANCELLED,
     ORDER_CONFIRMED,
@@ -130,10 +130,9 @@ def total_of(req: CreateOrder) -> int:
 
 @service.rpc("get")
 async def get(req: GetOrder, ctx: Context) -> Order:
-    found = await read(await orders.open(ctx.client), req.order_id, Order)
-    if found is None:
-        raise NotFound(f"no order {req.order_id}")
-    return found[0]
+    kv = await orders.open(ctx.client)
+    order, _ = await read_existing(kv, req.order_id, Order, f"no order {req.order_id}")
+    return order
 
 
 @service.rpc("list")

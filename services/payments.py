@@ -24,8 +24,8 @@ import anyio
 import msgspec
 from nats.js.errors import KeyWrongLastSequenceError
 
-from framework import Context, NotFound, Service, ServiceError
-from services.buckets import Bucket, read
+from framework import Context, Service, ServiceError
+from services.buckets import Bucket, read, read_existing
 from services.contracts import (
     ORDER_CREATED,
     PAYMENT_CAPTURED,
@@ -125,10 +125,10 @@ async def payment_for(kv: Any, event: OrderCreated) -> tuple[Payment, int]:
 
 @service.rpc("get")
 async def get(req: GetPayment, ctx: Context) -> Payment:
-    found = await read(await payments.open(ctx.client), req.order_id, Payment)
-    if found is None:
-        raise NotFound(f"no payment for order {req.order_id}")
-    return found[0]
+    kv = await payments.open(ctx.client)
+    missing = f"no payment for order {req.order_id}"
+    payment, _ = await read_existing(kv, req.order_id, Payment, missing)
+    return payment
 
 
 @service.rpc("refund")
@@ -136,10 +136,8 @@ async def refund(req: Refund, ctx: Context) -> Payment:
     """Compensation: give a captured payment back. Refunding twice answers the same."""
     kv = await payments.open(ctx.client)
     while True:
-        found = await read(kv, req.order_id, Payment)
-        if found is None:
-            raise NotFound(f"no payment for order {req.order_id}")
-        payment, revision = found
+        missing = f"no payment for order {req.order_id}"
+        payment, revision = await read_existing(kv, req.order_id, Payment, missing)
         if payment.status != "captured":
             break
         await provider.refund(payment.id)

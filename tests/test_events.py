@@ -21,7 +21,7 @@ from framework import (
 )
 from framework.deadletter import get_dead_letter, list_dead_letters, replay_dead_letter
 from framework.events import BatchPublisher
-from framework.streams import Stream
+from framework.streams import Stream, deadletter_stream, ensure_stream
 from framework.testing import eventually as wait_until
 
 
@@ -404,3 +404,79 @@ async def test_idempotent_rpc_returns_the_stored_response(serve, client):
     plain = await client.call("payments.charge", OrderCreated("o", 1), returns=str)
     assert (first, again, other, plain) == ("charge-1", "charge-1", "charge-2", "charge-3")
     assert charges == 3
+
+
+async def test_handlers_own_timeout_is_not_reported_as_processing_time(serve, client):
+    svc = Service("waits")
+    attempts: list[int] = []
+
+    @svc.subscribe("order.created.v1", backoff=[0.05], max_processing_time=30)
+    async def upstream(event: OrderCreated, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise TimeoutError("the upstream API did not answer")
+
+    await serve(svc)
+    await client.publish("order.created.v1", OrderCreated("o", 1))
+    await wait_until(lambda: attempts == [1, 2])
+    stats = (await client.stats("waits"))[0].endpoints[0]
+    assert stats.last_error == "TimeoutError: the upstream API did not answer"
+
+
+async def test_ordered_by_that_raises_dead_letters_the_event_at_once(serve, client):
+    svc = Service("ledger")
+    handled: list[str] = []
+
+    @svc.subscribe("order.created.v1", ordered_by=lambda e: {"unhashable": e.order_id})
+    async def apply(event: OrderCreated) -> None:
+        handled.append(event.order_id)
+
+    @svc.subscribe("order.paid.v1", ordered_by=lambda e: e.order_id.split("-")[1])
+    async def settle(event: OrderCreated) -> None:
+        handled.append(event.order_id)
+
+    await serve(svc)
+    await client.publish("order.created.v1", OrderCreated("o-1", 1))
+    await client.publish("order.paid.v1", OrderCreated("nodash", 1))
+    await client.publish("order.paid.v1", OrderCreated("o-2", 1))
+    await wait_until(lambda: handled == ["o-2"])
+    letters: list = []
+
+    async def both_dead_lettered() -> bool:
+        letters[:] = await list_dead_letters(client)
+        return len(letters) == 2
+
+    await wait_until(both_dead_lettered)
+    assert {(d.handler, d.reason, d.attempts) for d in letters} == {
+        ("apply", "invalid_key", 1),
+        ("settle", "invalid_key", 1),
+    }
+    assert any("IndexError" in d.error for d in letters)
+
+
+async def test_dead_letter_that_cannot_be_stored_keeps_the_event(serve, client):
+    svc = Service("payments")
+
+    @svc.subscribe("order.created.v1", backoff=[0.2])
+    async def on_created(event: OrderCreated) -> None: ...
+
+    await serve(svc)
+    await client.js.delete_stream("DEADLETTER")  # nowhere to put the poison event
+    await client.js.publish("events.order.created.v1", b"{poison")
+    consumer = svc.subscribers[0]
+
+    async def redelivered() -> bool:
+        info = await client.js.consumer_info("EVENTS_ORDER", consumer.durable)
+        return info.num_redelivered >= 1 and info.num_ack_pending == 1
+
+    await wait_until(redelivered)  # not terminated: handed back to try again
+    assert consumer.stats.dead_lettered == 0
+    await ensure_stream(client, deadletter_stream())
+    letters: list = []
+
+    async def stored() -> bool:
+        letters[:] = await list_dead_letters(client)
+        return bool(letters)
+
+    await wait_until(stored)
+    assert letters[0].reason == "undecodable" and letters[0].attempts >= 2

@@ -433,3 +433,15 @@ async def test_replicas_share_load_through_the_queue_group(serve, client):
         await client.call("payments.charge", Charge(str(n), 1), returns=Receipt)
     counts = [s.endpoints[0].num_requests for s in await client.stats("payments")]
     assert sum(counts) == 40 and all(c > 0 for c in counts)
+
+
+async def test_handlers_own_timeout_is_a_500_not_the_callers_deadline(serve, client):
+    svc = Service("waits")
+
+    @svc.rpc()
+    async def upstream() -> str:
+        raise TimeoutError("the upstream API did not answer")
+
+    await serve(svc)
+    with pytest.raises(RemoteError):  # 500: the caller's deadline (5 s) has not passed
+        await client.call("waits.upstream", returns=str, timeout=5)
