@@ -31,6 +31,7 @@ __all__ = [
     "check_id",
     "new_id",
     "parse_deadline",
+    "parse_header_block",
 ]
 
 TRACEPARENT = "traceparent"
@@ -71,6 +72,28 @@ def wire_size(data: bytes, headers: Mapping[str, str] | None) -> int:
         return len(data)
     # b"NATS/1.0\r\n" + b"Name: value\r\n" per header + b"\r\n"
     return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
+
+
+def parse_header_block(raw: bytes) -> dict[str, str]:
+    """nats-py's header parsing (`Client._parse_header_lines`), the same result at
+    less than half the cost: one decode for the block instead of two per line, and one
+    split instead of a generator over every character of a name. It runs for every
+    message with headers, so it is installed on each connection the framework opens.
+    """
+    out: dict[str, str] = {}
+    for line in raw.decode("utf-8", "replace").split("\r\n"):
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = name.strip(_ASCII_SPACE)
+        # names are ASCII tokens: skip ones with other bytes or with inner whitespace
+        if not key.isascii() or (key and key.split() != [key]):
+            continue
+        out[key] = value.strip(_ASCII_SPACE)
+    return out
 
 
 def check_headers(headers: Mapping[str, str]) -> None:

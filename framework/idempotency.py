@@ -47,6 +47,11 @@ DEFAULT_TTL = 7 * 24 * 3600.0  # as long as the default stream keeps events
 REQUEST_TIMEOUT = 5.0  # what nats-py's JetStream calls wait by default
 BATCH_KEYS = 256  # subjects per multi_last request (the server allows up to 1024)
 _JS_API = "$JS.API"  # the default JetStream API prefix, the one `Client.js` uses
+# Fast-ingest batches (nats-server 2.14+): the reply subject carries the protocol,
+# `<inbox>.<flow>.<gap>.<batch seq>.<operation>.$FI`.
+_FAST_FLOW = 1000  # ack cadence asked for: more than a batch holds, so only its ends
+_FI_START, _FI_ADD, _FI_COMMIT = 0, 1, 2
+_FAST_UNSUPPORTED = frozenset({10205, 10206})  # batch publish disabled, invalid pattern
 _KV_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+$")
 
 # Headers of direct get replies (ADR-31) and KV entries (ADR-8, ADR-48).
@@ -107,10 +112,20 @@ class _PubAck(msgspec.Struct):
 _decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
 
 
-class _Mux:
-    """Requests over one wildcard inbox subscription (`<inbox>.*`) of a connection.
+class _FastBatch:
+    """Collects the frames of one fast-ingest batch; resolves on the terminal one."""
 
-    Each request gets a counter token; the subscription's callback resolves the
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class _Mux:
+    """Requests over one wildcard inbox subscription (`<inbox>.>`) of a connection.
+
+    Each request gets a counter token (the first token after the prefix; a fast-ingest
+    batch adds tokens of its own after it); the subscription's callback resolves the
     request's future. Entries are removed when the request returns, fails or times out,
     so nothing grows while the server does not answer.
     """
@@ -122,21 +137,25 @@ class _Mux:
         self._sub: Any = None
         self._lock = asyncio.Lock()
         self._count = 0
-        # token -> (future, replies collected so far; None for a single reply)
-        self._pending: dict[str, tuple[asyncio.Future[Any], list[Msg] | None]] = {}
-        self.requests = 0  # requests sent, for tests and diagnostics
+        # token -> (future, replies collected so far; None for a single reply; or the
+        # fast-ingest batch whose terminal frame is awaited)
+        self._pending: dict[str, tuple[asyncio.Future[Any], list[Msg] | _FastBatch | None]] = {}
+        self.requests = 0  # messages sent, for tests and diagnostics
+        self.replies = 0  # messages received, likewise
 
     async def ready(self) -> None:
         if self._sub is None:
             async with self._lock:
                 if self._sub is None:
-                    self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+                    self._sub = await self._nc.subscribe(self._prefix + ">", cb=self._on_reply)
 
-    def _register(self, many: bool) -> tuple[str, asyncio.Future[Any]]:
+    def _register(
+        self, many: bool, batch: _FastBatch | None = None
+    ) -> tuple[str, asyncio.Future[Any]]:
         self._count += 1
         token = format(self._count, "x")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[token] = (future, [] if many else None)
+        self._pending[token] = (future, batch if batch is not None else [] if many else None)
         return token, future
 
     async def _publish(self, subject: str, data: bytes, token: str) -> None:
@@ -192,8 +211,34 @@ class _Mux:
         finally:
             del self._pending[token]
 
+    async def fast_batch(self, subjects: Sequence[str], data: bytes, timeout: float) -> None:
+        """Store one message on each subject as one fast-ingest batch (nats-server 2.14+,
+        `allow_batched` on the stream): the server answers the batch's first message and
+        its commit, not every message. Returns once all of them are stored; raises
+        `_Unsupported` when the server or stream does not do fast ingest, `APIError` when
+        a message was refused or the batch was cut short.
+        """
+        batch = _FastBatch(len(subjects))
+        token, future = self._register(False, batch)
+        prefix = f"{self._prefix}{token}.{_FAST_FLOW}.fail."
+        last = len(subjects)
+        try:
+            for seq, subject in enumerate(subjects, 1):
+                op = _FI_COMMIT if seq == last else _FI_START if seq == 1 else _FI_ADD
+                self.requests += 1
+                await self._nc.publish(subject, data, reply=f"{prefix}{seq}.{op}.$FI")
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            raise NatsTimeoutError from None
+        finally:
+            del self._pending[token]
+
     async def _on_reply(self, msg: Msg) -> None:
-        waiter = self._pending.get(msg.subject[self._cut :])
+        self.replies += 1
+        rest = msg.subject[self._cut :]
+        dot = rest.find(".")
+        waiter = self._pending.get(rest if dot < 0 else rest[:dot])
         if waiter is None:
             return  # late (timed out) or unknown
         future, replies = waiter
@@ -202,10 +247,65 @@ class _Mux:
         if replies is None:
             future.set_result(msg)
             return
+        if isinstance(replies, _FastBatch):
+            _settle_fast_batch(future, replies, msg)
+            return
         replies.append(msg)
         headers = msg.headers
         if not headers or _STATUS in headers or _NUM_PENDING not in headers:
             future.set_result(replies)
+
+
+class _BatchFrame(msgspec.Struct):
+    """A frame on a fast-ingest batch's inbox: a flow ack, gap or error (`type`), or
+    the terminal batch ack (`stream`, `batch`, `count`) or failure (`error`)."""
+
+    type: str = ""
+    stream: str = ""
+    batch: str = ""
+    count: int = 0
+    error: dict[str, Any] | None = None
+
+
+_decode_batch_frame = msgspec.json.Decoder(_BatchFrame).decode
+
+
+def _settle_fast_batch(future: asyncio.Future[Any], batch: _FastBatch, msg: Msg) -> None:
+    if not msg.data:
+        future.set_exception(_status_error(msg))  # 503: the stream is gone
+        return
+    try:
+        frame = _decode_batch_frame(msg.data)
+    except msgspec.MsgspecError:
+        future.set_exception(APIError(description=f"invalid batch ack: {msg.data[:200]!r}"))
+        return
+    if frame.type == "ack":
+        return  # flow control: the commit's ack is what counts
+    if frame.error is not None:
+        err = frame.error
+        if err.get("err_code") in _FAST_UNSUPPORTED:
+            future.set_exception(_Unsupported(err.get("description", "fast batch refused")))
+            return
+        future.set_exception(
+            APIError(
+                code=err.get("code"),
+                description=err.get("description"),
+                err_code=err.get("err_code"),
+            )
+        )
+        return
+    if frame.type:  # "gap" or "err" without details: the batch is not whole
+        future.set_exception(APIError(description=f"fast batch {frame.type}: {msg.data!r}"))
+        return
+    if not frame.batch:  # a plain PubAck: the server does not know fast ingest
+        future.set_exception(_Unsupported("the server answered a fast batch message alone"))
+        return
+    if frame.count != batch.size:
+        future.set_exception(
+            APIError(description=f"fast batch stored {frame.count} of {batch.size} messages")
+        )
+        return
+    future.set_result(None)
 
 
 # One multiplexer per client: one inbox subscription however many buckets are open.
@@ -218,6 +318,24 @@ async def _mux_of(client: Client) -> _Mux:
         mux = _muxes[client] = _Mux(client.nc)
     await mux.ready()
     return mux
+
+
+async def _allow_fast_ingest(client: Client, stream: str) -> bool:
+    """Fast ingest (`allow_batched`, nats-server 2.14+) on one of our own buckets'
+    streams, switched on if it is off. False where the server does not know it."""
+    nc = client.nc
+    try:
+        reply = await nc.request(f"{_JS_API}.STREAM.INFO.{stream}", b"", timeout=REQUEST_TIMEOUT)
+        config = msgspec.json.decode(reply.data).get("config") or {}
+        if config.get("allow_batched"):
+            return True
+        config["allow_batched"] = True
+        body = msgspec.json.encode(config)
+        reply = await nc.request(f"{_JS_API}.STREAM.UPDATE.{stream}", body, timeout=REQUEST_TIMEOUT)
+        updated = msgspec.json.decode(reply.data)
+    except Exception:
+        return False
+    return bool((updated.get("config") or {}).get("allow_batched"))
 
 
 def _status_error(msg: Msg) -> Exception:
@@ -306,6 +424,7 @@ class ProcessedIds(_Bucket):
         self._direct_get = f"{_JS_API}.DIRECT.GET.KV_{bucket}"
         self.direct = direct and mux is not None and bucket is not None
         self.batched = True  # multi_last until the server refuses it
+        self.fast = False  # marks stored as fast-ingest batches (see `_allow_fast_ingest`)
         self._queue: list[tuple[str, asyncio.Future[bool]]] = []
         self._scheduled = False
         self._marks: list[tuple[str, asyncio.Future[None]]] = []
@@ -320,7 +439,9 @@ class ProcessedIds(_Bucket):
         kv = await open_bucket(client, bucket, ttl, f"event ids handled by {service}.{handler}")
         status = await kv.status()
         direct = bool(status.stream_info.config.allow_direct)
-        return cls(kv, bucket, await _mux_of(client), direct)
+        processed = cls(kv, bucket, await _mux_of(client), direct)
+        processed.fast = await _allow_fast_ingest(client, f"KV_{bucket}")
+        return processed
 
     async def seen(self, event_id: str) -> bool:
         if not self.direct:
@@ -356,6 +477,8 @@ class ProcessedIds(_Bucket):
 
     async def _store(self, marks: list[tuple[str, asyncio.Future[None]]]) -> None:
         assert self._mux is not None
+        if self.fast and await self._stored_fast(marks):
+            return
         try:
             replies = await self._mux.request_each([(s, b"1") for s, _ in marks], self.timeout)
         except BaseException as exc:
@@ -370,6 +493,22 @@ class ProcessedIds(_Bucket):
                     future.set_result(None)
                 else:
                     future.set_exception(error)
+
+    async def _stored_fast(self, marks: list[tuple[str, asyncio.Future[None]]]) -> bool:
+        """One fast-ingest batch for the marks; False when it failed and they must be
+        stored one by one (each then gets its own PubAck, so its own error)."""
+        assert self._mux is not None
+        try:
+            await self._mux.fast_batch([s for s, _ in marks], b"1", self.timeout)
+        except _Unsupported:
+            self.fast = False  # for good: this server or stream does not do fast ingest
+            return False
+        except Exception:
+            return False
+        for _, future in marks:
+            if not future.done():
+                future.set_result(None)
+        return True
 
     # Batched lookups -------------------------------------------------------------
 

@@ -259,3 +259,81 @@ async def test_a_batch_the_server_cuts_short_is_continued(client):
     assert processed.batched
     assert _requests(processed) - before == len(requesters) == 3  # 5 messages, 2 at a time
     assert [e["Nats-Num-Pending"] for e in eobs] == ["3", "1", "0"]
+
+
+def _replies(processed: ProcessedIds) -> int:
+    assert processed._mux is not None
+    return processed._mux.replies
+
+
+async def _stream_config(client, stream: str) -> dict:
+    reply = await client.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2)
+    return json.loads(reply.data)["config"]
+
+
+async def _update_stream(client, config: dict) -> None:
+    name = config["name"]
+    reply = await client.nc.request(
+        f"$JS.API.STREAM.UPDATE.{name}", json.dumps(config).encode(), timeout=2
+    )
+    assert "error" not in json.loads(reply.data), reply.data
+
+
+async def test_marks_of_one_iteration_are_one_fast_ingest_batch(client):
+    processed = await _open(client)
+    assert processed.fast
+    assert (await _stream_config(client, "KV_processed_svc_handle"))["allow_batched"] is True
+    ids = [f"evt-{i}" for i in range(100)]
+
+    before = _replies(processed)
+    await asyncio.gather(*(processed.mark(i) for i in ids))
+    # the batch's first message and its commit are answered, not the 98 between them
+    assert _replies(processed) - before == 2
+    assert all(await asyncio.gather(*(processed.seen(i) for i in ids)))
+    info = await client.js.stream_info("KV_processed_svc_handle")
+    assert info.state.messages == 100
+
+    before = _replies(processed)
+    await processed.mark("evt-alone")
+    assert _replies(processed) - before == 1  # a batch of one: its commit
+    assert await processed.seen("evt-alone")
+    assert processed.fast and _in_flight(processed) == 0
+
+
+async def test_marks_fall_back_to_one_pub_ack_each_where_fast_ingest_is_off(client):
+    processed = await _open(client)
+    config = await _stream_config(client, "KV_processed_svc_handle")
+    config["allow_batched"] = False
+    await _update_stream(client, config)
+    if (await _stream_config(client, "KV_processed_svc_handle")).get("allow_batched"):
+        pytest.skip("this nats-server does not switch fast ingest off again")
+
+    before = _replies(processed)
+    await asyncio.gather(*(processed.mark(f"evt-{i}") for i in range(10)))
+    assert not processed.fast  # refused once, then never tried again
+    # the refusal (the server answers each message of the batch), then one PubAck each
+    assert _replies(processed) - before >= 1 + 10
+    assert all(await asyncio.gather(*(processed.seen(f"evt-{i}") for i in range(10))))
+    before = _replies(processed)
+    await asyncio.gather(*(processed.mark(f"evt-b{i}") for i in range(5)))
+    assert _replies(processed) - before == 5
+    assert _in_flight(processed) == 0
+
+
+async def test_a_fast_batch_the_stream_refuses_in_part_reports_each_mark(client):
+    processed = await _open(client)
+    await asyncio.gather(*(processed.mark(f"old-{i}") for i in range(3)))
+    config = await _stream_config(client, "KV_processed_svc_handle")
+    config["max_msgs"] = 5  # two more fit; discard "new" refuses the rest
+    config["discard"] = "new"
+    await _update_stream(client, config)
+
+    ids = [f"evt-{i}" for i in range(6)]
+    results = await asyncio.gather(*(processed.mark(i) for i in ids), return_exceptions=True)
+    stored = [i for i, r in zip(ids, results, strict=True) if r is None]
+    refused = [r for r in results if r is not None]
+    assert len(stored) == 2 and len(refused) == 4
+    assert all("maximum messages" in str(r).lower() for r in refused), refused
+    assert all(await asyncio.gather(*(processed.seen(i) for i in stored)))
+    assert processed.fast  # a refused message is not a server without fast ingest
+    assert _in_flight(processed) == 0
