@@ -34,6 +34,7 @@ from .errors import (
 )
 from .events import BatchPublisher, publish_event
 from .headers import wire_size
+from .mux import Mux
 from .names import check_subject
 from .settings import ConnectSettings
 
@@ -126,6 +127,7 @@ class Client:
         self._owns = owns_connection
         self.default_timeout = DEFAULT_TIMEOUT
         self._js: Any = None
+        self._mux = Mux(nc)
 
     @classmethod
     async def open(
@@ -291,9 +293,8 @@ class Client:
         started = time.monotonic()
         for attempt in (1, 2):
             try:
-                return await self.refusable(
-                    subject, self._nc.request(subject, data, timeout=wait, headers=out)
-                )
+                mux = self._mux if self._mux.ready_now else await self.mux()
+                return await self.refusable(subject, mux.request(subject, data, wait, out))
             except PermissionDenied as exc:
                 raise ServiceError(403, str(exc), service=_service_of(subject)) from None
             except NoRespondersError:
@@ -308,6 +309,11 @@ class Client:
                     f"no reply from {subject} within {wait:.3g}s", service=_service_of(subject)
                 ) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def mux(self) -> Mux:
+        """The connection's one inbox subscription for requests (calls, direct gets)."""
+        await self._mux.ready()
+        return self._mux
 
     async def refusable(self, subject: str, operation: Awaitable[T]) -> T:
         """Await a publish or request to `subject`, ended at once if the server refuses it.

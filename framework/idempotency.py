@@ -23,20 +23,17 @@ import asyncio
 import copy
 import hashlib
 import re
-import weakref
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError
 
+from .mux import Mux, Unsupported, status_error
 from .streams import default_replicas
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client as NATS
     from nats.aio.msg import Msg
 
     from .client import Client
@@ -47,11 +44,6 @@ DEFAULT_TTL = 7 * 24 * 3600.0  # as long as the default stream keeps events
 REQUEST_TIMEOUT = 5.0  # what nats-py's JetStream calls wait by default
 BATCH_KEYS = 256  # subjects per multi_last request (the server allows up to 1024)
 _JS_API = "$JS.API"  # the default JetStream API prefix, the one `Client.js` uses
-# Fast-ingest batches (nats-server 2.14+): the reply subject carries the protocol,
-# `<inbox>.<flow>.<gap>.<batch seq>.<operation>.$FI`.
-_FAST_FLOW = 1000  # ack cadence asked for: more than a batch holds, so only its ends
-_FI_START, _FI_ADD, _FI_COMMIT = 0, 1, 2
-_FAST_UNSUPPORTED = frozenset({10205, 10206})  # batch publish disabled, invalid pattern
 _KV_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+$")
 
 # Headers of direct get replies (ADR-31) and KV entries (ADR-8, ADR-48).
@@ -73,34 +65,46 @@ def kv_key(raw: str) -> str:
 
 
 async def open_bucket(
-    client: Client, bucket: str, ttl: float, description: str, *, direct: bool = True
+    client: Client,
+    bucket: str,
+    ttl: float,
+    description: str,
+    *,
+    direct: bool = True,
+    fast_ingest: bool = False,
 ) -> Any:
-    """The bucket, created (with Direct Get allowed unless `direct=False`) if missing.
+    """The bucket, created if missing: Direct Get allowed unless `direct=False`, fast
+    ingest (`allow_batched`, nats-server 2.14+) allowed if `fast_ingest`.
 
-    An existing bucket is used as it is: its configuration is not changed.
+    An existing bucket is used as it is: its configuration is not changed. The stream
+    is declared here, by the KV conventions (ADR-8) nats-py's `create_key_value` also
+    follows, because that call cannot allow fast ingest.
     """
     js = client.js
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
         pass
-    config = api.KeyValueConfig(
-        bucket=bucket,
+    config = api.StreamConfig(
+        name=f"KV_{bucket}",
         description=description,
-        ttl=ttl,
-        history=1,
-        replicas=default_replicas(),
+        subjects=[f"$KV.{bucket}.>"],
+        allow_direct=direct,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=min(120.0, ttl),
+        max_age=ttl,
+        max_msgs_per_subject=1,  # history 1: the latest value only
+        num_replicas=default_replicas(),
         storage=api.StorageType.FILE,
-        direct=direct,
+        allow_batched=fast_ingest or None,
     )
     try:
-        return await js.create_key_value(config)
-    except Exception:
-        return await js.key_value(bucket)  # a replica created it first
-
-
-class _Unsupported(Exception):
-    """The server refused a batched (`multi_last`) direct get: older than 2.11."""
+        await js.add_stream(config)
+    except APIError:
+        pass  # a replica created it first; if not, key_value says what is wrong
+    return await js.key_value(bucket)
 
 
 class _PubAck(msgspec.Struct):
@@ -112,245 +116,10 @@ class _PubAck(msgspec.Struct):
 _decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
 
 
-class _FastBatch:
-    """Collects the frames of one fast-ingest batch; resolves on the terminal one."""
-
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-
-class _Mux:
-    """Requests over one wildcard inbox subscription (`<inbox>.>`) of a connection.
-
-    Each request gets a counter token (the first token after the prefix; a fast-ingest
-    batch adds tokens of its own after it); the subscription's callback resolves the
-    request's future. Entries are removed when the request returns, fails or times out,
-    so nothing grows while the server does not answer.
-    """
-
-    def __init__(self, nc: NATS) -> None:
-        self._nc = nc
-        self._prefix = nc.new_inbox() + "."
-        self._cut = len(self._prefix)
-        self._sub: Any = None
-        self._lock = asyncio.Lock()
-        self._count = 0
-        # token -> (future, replies collected so far; None for a single reply; or the
-        # fast-ingest batch whose terminal frame is awaited)
-        self._pending: dict[str, tuple[asyncio.Future[Any], list[Msg] | _FastBatch | None]] = {}
-        self.requests = 0  # messages sent, for tests and diagnostics
-        self.replies = 0  # messages received, likewise
-
-    async def ready(self) -> None:
-        if self._sub is None:
-            async with self._lock:
-                if self._sub is None:
-                    self._sub = await self._nc.subscribe(self._prefix + ">", cb=self._on_reply)
-
-    def _register(
-        self, many: bool, batch: _FastBatch | None = None
-    ) -> tuple[str, asyncio.Future[Any]]:
-        self._count += 1
-        token = format(self._count, "x")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[token] = (future, batch if batch is not None else [] if many else None)
-        return token, future
-
-    async def _publish(self, subject: str, data: bytes, token: str) -> None:
-        self.requests += 1
-        await self._nc.publish(subject, data, reply=self._prefix + token)
-
-    async def request(self, subject: str, data: bytes, timeout: float) -> Msg:
-        """One request, one reply."""
-        token, future = self._register(False)
-        try:
-            await self._publish(subject, data, token)
-            async with asyncio.timeout(timeout):
-                reply: Msg = await future
-                return reply
-        except TimeoutError:
-            raise NatsTimeoutError from None
-        finally:
-            del self._pending[token]
-
-    async def request_each(
-        self, requests: Sequence[tuple[str, bytes]], timeout: float
-    ) -> list[Msg]:
-        """Several requests sent at once, one reply each, in the order of `requests`."""
-        tokens: list[str] = []
-        futures: list[asyncio.Future[Any]] = []
-        try:
-            for subject, data in requests:
-                token, future = self._register(False)
-                tokens.append(token)
-                futures.append(future)
-                await self._publish(subject, data, token)
-            async with asyncio.timeout(timeout):
-                return [await future for future in futures]
-        except TimeoutError:
-            raise NatsTimeoutError from None
-        finally:
-            for token in tokens:
-                del self._pending[token]
-            for future in futures:
-                future.cancel()  # a no-op on those resolved; retrieves nothing
-
-    async def request_many(self, subject: str, data: bytes, timeout: float) -> list[Msg]:
-        """A direct get answered by several messages, up to a status (`204 EOB`, an
-        error) or a message without `Nats-Num-Pending` (a server that does not batch)."""
-        token, future = self._register(True)
-        try:
-            await self._publish(subject, data, token)
-            async with asyncio.timeout(timeout):
-                replies: list[Msg] = await future
-                return replies
-        except TimeoutError:
-            raise NatsTimeoutError from None
-        finally:
-            del self._pending[token]
-
-    async def fast_batch(self, subjects: Sequence[str], data: bytes, timeout: float) -> None:
-        """Store one message on each subject as one fast-ingest batch (nats-server 2.14+,
-        `allow_batched` on the stream): the server answers the batch's first message and
-        its commit, not every message. Returns once all of them are stored; raises
-        `_Unsupported` when the server or stream does not do fast ingest, `APIError` when
-        a message was refused or the batch was cut short.
-        """
-        batch = _FastBatch(len(subjects))
-        token, future = self._register(False, batch)
-        prefix = f"{self._prefix}{token}.{_FAST_FLOW}.fail."
-        last = len(subjects)
-        try:
-            for seq, subject in enumerate(subjects, 1):
-                op = _FI_COMMIT if seq == last else _FI_START if seq == 1 else _FI_ADD
-                self.requests += 1
-                await self._nc.publish(subject, data, reply=f"{prefix}{seq}.{op}.$FI")
-            async with asyncio.timeout(timeout):
-                await future
-        except TimeoutError:
-            raise NatsTimeoutError from None
-        finally:
-            del self._pending[token]
-
-    async def _on_reply(self, msg: Msg) -> None:
-        self.replies += 1
-        rest = msg.subject[self._cut :]
-        dot = rest.find(".")
-        waiter = self._pending.get(rest if dot < 0 else rest[:dot])
-        if waiter is None:
-            return  # late (timed out) or unknown
-        future, replies = waiter
-        if future.done():
-            return
-        if replies is None:
-            future.set_result(msg)
-            return
-        if isinstance(replies, _FastBatch):
-            _settle_fast_batch(future, replies, msg)
-            return
-        replies.append(msg)
-        headers = msg.headers
-        if not headers or _STATUS in headers or _NUM_PENDING not in headers:
-            future.set_result(replies)
-
-
-class _BatchFrame(msgspec.Struct):
-    """A frame on a fast-ingest batch's inbox: a flow ack, gap or error (`type`), or
-    the terminal batch ack (`stream`, `batch`, `count`) or failure (`error`)."""
-
-    type: str = ""
-    stream: str = ""
-    batch: str = ""
-    count: int = 0
-    error: dict[str, Any] | None = None
-
-
-_decode_batch_frame = msgspec.json.Decoder(_BatchFrame).decode
-
-
-def _settle_fast_batch(future: asyncio.Future[Any], batch: _FastBatch, msg: Msg) -> None:
-    if not msg.data:
-        future.set_exception(_status_error(msg))  # 503: the stream is gone
-        return
-    try:
-        frame = _decode_batch_frame(msg.data)
-    except msgspec.MsgspecError:
-        future.set_exception(APIError(description=f"invalid batch ack: {msg.data[:200]!r}"))
-        return
-    if frame.type == "ack":
-        return  # flow control: the commit's ack is what counts
-    if frame.error is not None:
-        err = frame.error
-        if err.get("err_code") in _FAST_UNSUPPORTED:
-            future.set_exception(_Unsupported(err.get("description", "fast batch refused")))
-            return
-        future.set_exception(
-            APIError(
-                code=err.get("code"),
-                description=err.get("description"),
-                err_code=err.get("err_code"),
-            )
-        )
-        return
-    if frame.type:  # "gap" or "err" without details: the batch is not whole
-        future.set_exception(APIError(description=f"fast batch {frame.type}: {msg.data!r}"))
-        return
-    if not frame.batch:  # a plain PubAck: the server does not know fast ingest
-        future.set_exception(_Unsupported("the server answered a fast batch message alone"))
-        return
-    if frame.count != batch.size:
-        future.set_exception(
-            APIError(description=f"fast batch stored {frame.count} of {batch.size} messages")
-        )
-        return
-    future.set_result(None)
-
-
-# One multiplexer per client: one inbox subscription however many buckets are open.
-_muxes: weakref.WeakKeyDictionary[Client, _Mux] = weakref.WeakKeyDictionary()
-
-
-async def _mux_of(client: Client) -> _Mux:
-    mux = _muxes.get(client)
-    if mux is None:
-        mux = _muxes[client] = _Mux(client.nc)
-    await mux.ready()
-    return mux
-
-
-async def _allow_fast_ingest(client: Client, stream: str) -> bool:
-    """Fast ingest (`allow_batched`, nats-server 2.14+) on one of our own buckets'
-    streams, switched on if it is off. False where the server does not know it."""
-    nc = client.nc
-    try:
-        reply = await nc.request(f"{_JS_API}.STREAM.INFO.{stream}", b"", timeout=REQUEST_TIMEOUT)
-        config = msgspec.json.decode(reply.data).get("config") or {}
-        if config.get("allow_batched"):
-            return True
-        config["allow_batched"] = True
-        body = msgspec.json.encode(config)
-        reply = await nc.request(f"{_JS_API}.STREAM.UPDATE.{stream}", body, timeout=REQUEST_TIMEOUT)
-        updated = msgspec.json.decode(reply.data)
-    except Exception:
-        return False
-    return bool((updated.get("config") or {}).get("allow_batched"))
-
-
-def _status_error(msg: Msg) -> Exception:
-    headers = msg.headers or {}
-    status = headers.get(_STATUS, "")
-    if status == "503":
-        return NoRespondersError()
-    code = int(status) if status.isdigit() else None
-    return APIError(code=code, description=headers.get(_DESCRIPTION) or None)
-
-
 def _ack_error(reply: Msg) -> Exception | None:
     """What is wrong with a JetStream publish's reply, None for a PubAck."""
     if not reply.data:
-        return _status_error(reply)  # 503: no stream listens (the bucket was deleted)
+        return status_error(reply)  # 503: no stream listens (the bucket was deleted)
     try:
         ack = _decode_pub_ack(reply.data)
     except msgspec.MsgspecError:
@@ -416,7 +185,7 @@ class ProcessedIds(_Bucket):
     timeout = REQUEST_TIMEOUT
 
     def __init__(
-        self, kv: Any, bucket: str | None = None, mux: _Mux | None = None, direct: bool = False
+        self, kv: Any, bucket: str | None = None, mux: Mux | None = None, direct: bool = False
     ) -> None:
         super().__init__(kv)
         self._mux = mux
@@ -424,7 +193,7 @@ class ProcessedIds(_Bucket):
         self._direct_get = f"{_JS_API}.DIRECT.GET.KV_{bucket}"
         self.direct = direct and mux is not None and bucket is not None
         self.batched = True  # multi_last until the server refuses it
-        self.fast = False  # marks stored as fast-ingest batches (see `_allow_fast_ingest`)
+        self.fast = False  # marks stored as fast-ingest batches (set by `open`)
         self._queue: list[tuple[str, asyncio.Future[bool]]] = []
         self._scheduled = False
         self._marks: list[tuple[str, asyncio.Future[None]]] = []
@@ -436,11 +205,13 @@ class ProcessedIds(_Bucket):
         cls, client: Client, service: str, handler: str, ttl: float = DEFAULT_TTL
     ) -> ProcessedIds:
         bucket = f"processed_{service}_{handler}"
-        kv = await open_bucket(client, bucket, ttl, f"event ids handled by {service}.{handler}")
+        kv = await open_bucket(
+            client, bucket, ttl, f"event ids handled by {service}.{handler}", fast_ingest=True
+        )
         status = await kv.status()
         direct = bool(status.stream_info.config.allow_direct)
-        processed = cls(kv, bucket, await _mux_of(client), direct)
-        processed.fast = await _allow_fast_ingest(client, f"KV_{bucket}")
+        processed = cls(kv, bucket, await client.mux(), direct)
+        processed.fast = bool(status.stream_info.config.allow_batched)
         return processed
 
     async def seen(self, event_id: str) -> bool:
@@ -500,7 +271,7 @@ class ProcessedIds(_Bucket):
         assert self._mux is not None
         try:
             await self._mux.fast_batch([s for s, _ in marks], b"1", self.timeout)
-        except _Unsupported:
+        except Unsupported:
             self.fast = False  # for good: this server or stream does not do fast ingest
             return False
         except Exception:
@@ -556,7 +327,7 @@ class ProcessedIds(_Bucket):
         if self.batched:
             try:
                 return await self._found_batched(subjects)
-            except _Unsupported:
+            except Unsupported:
                 self.batched = False  # for good: the server will not learn it
         return await self._found_each(subjects)
 
@@ -573,11 +344,11 @@ class ProcessedIds(_Bucket):
             for msg in replies:
                 headers = msg.headers
                 if not headers:
-                    raise _Unsupported(f"reply without headers: {msg.data[:200]!r}")
+                    raise Unsupported(f"reply without headers: {msg.data[:200]!r}")
                 status = headers.get(_STATUS)
                 if status is None:
                     if _NUM_PENDING not in headers:
-                        raise _Unsupported("a single reply to a batched request")
+                        raise Unsupported("a single reply to a batched request")
                     subject = headers.get(_SUBJECT, "")
                     if subject in wanted:
                         returned.add(subject)
@@ -597,8 +368,8 @@ class ProcessedIds(_Bucket):
                         request["up_to_seq"] = int(up_to)
                     break
                 if status.startswith("4"):  # 408 Empty Request: `multi_last` unknown
-                    raise _Unsupported(f"{status} {headers.get(_DESCRIPTION, '')}")
-                raise _status_error(msg)  # 503 no responders and the like: an error
+                    raise Unsupported(f"{status} {headers.get(_DESCRIPTION, '')}")
+                raise status_error(msg)  # 503 no responders and the like: an error
             else:
                 raise APIError(description="direct get batch ended without EOB")
 
@@ -613,7 +384,7 @@ class ProcessedIds(_Bucket):
             if status == "404":
                 continue
             if status is not None:
-                raise _status_error(msg)
+                raise status_error(msg)
             if headers.get(_SUBJECT) == subject and _live(headers):
                 found.add(subject)
         return found

@@ -337,3 +337,17 @@ async def test_a_fast_batch_the_stream_refuses_in_part_reports_each_mark(client)
     assert all(await asyncio.gather(*(processed.seen(i) for i in stored)))
     assert processed.fast  # a refused message is not a server without fast ingest
     assert _in_flight(processed) == 0
+
+
+async def test_a_bucket_created_without_fast_ingest_is_used_as_it_is(client):
+    await client.js.create_key_value(
+        api.KeyValueConfig(bucket="processed_svc_older", history=1, direct=True)
+    )
+    processed = await _open(client, "older")
+    assert not processed.fast
+    assert not (await _stream_config(client, "KV_processed_svc_older")).get("allow_batched")
+
+    before = _replies(processed)
+    await asyncio.gather(*(processed.mark(f"evt-{i}") for i in range(4)))
+    assert _replies(processed) - before == 4  # one PubAck each
+    assert all(await asyncio.gather(*(processed.seen(f"evt-{i}") for i in range(4))))
