@@ -344,7 +344,8 @@ class Client:
         """
         service = _service_of(subject)
         try:
-            reply = await self._nc.request(f"$SRV.INFO.{service}", b"", timeout=0.25)
+            mux = await self.mux()
+            reply = await mux.request(f"$SRV.INFO.{service}", b"", 0.25)
             endpoints = [e.get("subject") for e in msgspec.json.decode(reply.data)["endpoints"]]
         except Exception:
             return NoResponders(f"no responders: nothing serves {subject}", service=service), False

@@ -445,3 +445,35 @@ async def test_handlers_own_timeout_is_a_500_not_the_callers_deadline(serve, cli
     await serve(svc)
     with pytest.raises(RemoteError):  # 500: the caller's deadline (5 s) has not passed
         await client.call("waits.upstream", returns=str, timeout=5)
+
+
+async def test_calls_share_one_inbox_subscription_and_leave_nothing_behind(serve, client):
+    svc = Service("slowpoke")
+
+    @svc.rpc("wait")
+    async def wait(seconds: float) -> str:
+        await anyio.sleep(seconds)
+        return "done"
+
+    await serve(svc)
+    mux = await client.mux()
+    subscriptions = len(client.nc._subs)
+    sent = mux.requests
+    results = []
+
+    async def call(seconds: float) -> None:
+        try:
+            results.append(await client.call("slowpoke.wait", seconds, timeout=0.3))
+        except DeadlineExceeded:
+            results.append("timed out")
+
+    async with anyio.create_task_group() as tg:
+        for seconds in (0.0, 0.01, 1.0, 1.0):
+            tg.start_soon(call, seconds)
+    assert sorted(results) == ["done", "done", "timed out", "timed out"]
+    with pytest.raises(NoResponders):
+        await client.call("nobody.home", None, timeout=1)
+    assert mux.requests - sent == 5 + 1  # the calls and the no-responders INFO lookup
+    assert len(client.nc._subs) == subscriptions  # no subscription per call
+    assert not mux._pending  # answered, timed out or refused: all forgotten
+    assert not client.nc._resp_map  # nats-py's own request map was never used
