@@ -42,7 +42,7 @@ class WorkerPool:
         self._waiting: deque[Any] = deque()  # at most `size` messages
         self._idle: deque[asyncio.Future[None]] = deque()  # one per idle worker
         self._waking = 0  # workers woken that have not run yet
-        self._room: asyncio.Future[None] | None = None  # a submit waiting for room
+        self._room: deque[asyncio.Future[None]] = deque()  # submits waiting for room
         self._closed = False
         self._scope = anyio.CancelScope()
         self._done = anyio.Event()
@@ -62,8 +62,13 @@ class WorkerPool:
 
     async def _enqueue(self, message: Any) -> None:
         while len(self._waiting) >= self._size:
-            self._room = asyncio.get_running_loop().create_future()
-            await self._room
+            room = asyncio.get_running_loop().create_future()
+            self._room.append(room)
+            try:
+                await room
+            finally:
+                if not room.done() and room in self._room:
+                    self._room.remove(room)  # cancelled while waiting
         self._waiting.append(message)
         self._wake_one()
 
@@ -104,9 +109,11 @@ class WorkerPool:
                         self._waking = 0
                 continue
             message = waiting.popleft()
-            room = self._room
-            if room is not None and not room.done():
-                room.set_result(None)
+            while self._room:  # one submit waiting for room may go on
+                room = self._room.popleft()
+                if not room.done():
+                    room.set_result(None)
+                    break
             if waiting:
                 self._wake_one()
             if message is _STOP:

@@ -247,39 +247,67 @@ class ProcessedIds(_Bucket):
             self._spawn(self._store(marks[start : start + BATCH_KEYS]))
 
     async def _store(self, marks: list[tuple[str, asyncio.Future[None]]]) -> None:
-        assert self._mux is not None
-        if self.fast and await self._stored_fast(marks):
-            return
         try:
-            replies = await self._mux.request_each([(s, b"1") for s, _ in marks], self.timeout)
+            errors = await self._store_subjects([s for s, _ in marks])
         except BaseException as exc:
             _fail([f for _, f in marks], exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), reply in zip(marks, replies, strict=True):
+        for (_, future), error in zip(marks, errors, strict=True):
             if not future.done():
-                error = _ack_error(reply)
                 if error is None:
                     future.set_result(None)
                 else:
                     future.set_exception(error)
 
-    async def _stored_fast(self, marks: list[tuple[str, asyncio.Future[None]]]) -> bool:
-        """One fast-ingest batch for the marks; False when it failed and they must be
-        stored one by one (each then gets its own PubAck, so its own error)."""
+    async def _store_subjects(self, subjects: list[str]) -> list[Exception | None]:
+        """A marker on each subject: None where it is stored, else why not. Raises
+        when the server did not answer at all."""
         assert self._mux is not None
-        try:
-            await self._mux.fast_batch([s for s, _ in marks], b"1", self.timeout)
-        except Unsupported:
-            self.fast = False  # for good: this server or stream does not do fast ingest
-            return False
-        except Exception:
-            return False
-        for _, future in marks:
-            if not future.done():
-                future.set_result(None)
-        return True
+        if self.fast:
+            try:
+                await self._mux.fast_batch(subjects, b"1", self.timeout)
+                return [None] * len(subjects)
+            except Unsupported:
+                self.fast = False  # for good: this server or stream does not do fast ingest
+            except Exception:
+                pass  # stored one by one below: each gets its own PubAck, so its own error
+        replies = await self._mux.request_each([(s, b"1") for s in subjects], self.timeout)
+        return [_ack_error(reply) for reply in replies]
+
+    # For a whole pulled batch at once (no future per id) -------------------------
+
+    async def seen_among(self, event_ids: Sequence[str]) -> set[str]:
+        """The ids of `event_ids` already marked. Raises when the server cannot say."""
+        if not self.direct:
+            return {i for i in event_ids if await self._get(i) is not None}
+        by_subject = {self._pre + kv_key(i): i for i in event_ids}
+        subjects = list(by_subject)
+        found: set[str] = set()
+        for start in range(0, len(subjects), BATCH_KEYS):
+            found |= await self._found(subjects[start : start + BATCH_KEYS])
+        return {by_subject[s] for s in found}
+
+    async def mark_all(self, event_ids: Sequence[str]) -> list[Exception | None]:
+        """Mark each id: None where the marker is stored, else why it is not."""
+        results: list[Exception | None] = []
+        if self._mux is None:
+            for event_id in event_ids:
+                try:
+                    await self._put(event_id, b"1")
+                    results.append(None)
+                except Exception as exc:
+                    results.append(exc)
+            return results
+        subjects = [self._pre + kv_key(i) for i in event_ids]
+        for start in range(0, len(subjects), BATCH_KEYS):
+            chunk = subjects[start : start + BATCH_KEYS]
+            try:
+                results += await self._store_subjects(chunk)
+            except Exception as exc:
+                results += [exc] * len(chunk)
+        return results
 
     # Batched lookups -------------------------------------------------------------
 

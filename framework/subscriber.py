@@ -40,8 +40,10 @@ from .errors import (
 )
 from .idempotency import DEFAULT_TTL, ProcessedIds
 from .names import event_subject
+from .settle import Settlement
 from .signature import NO_PAYLOAD, Handler, HandlerSignature
 from .streams import differences
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .client import Client
@@ -72,6 +74,25 @@ class _KeyLocks:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+
+class _Screened:
+    """A delivery read on arrival, with whether its event id was already handled
+    (None: not known, the worker asks)."""
+
+    __slots__ = ("fields", "info", "msg", "seen")
+
+    def __init__(
+        self,
+        msg: Any,
+        fields: tuple[str, int, int, int],
+        info: EventHeaders | None,
+        seen: bool | None = None,
+    ) -> None:
+        self.msg = msg
+        self.fields = fields
+        self.info = info
+        self.seen = seen
 
 
 class EventHeaders(msgspec.Struct):
@@ -161,6 +182,7 @@ class Subscriber:
         self._decoder = decoder_for(signature.payload_type)
         self._client: Client | None = None
         self._pool: WorkerPool | None = None
+        self._watchdog: Watchdog | None = None  # max_processing_time, one timer for all
         self._processed: ProcessedIds | None = None
         self._locks = _KeyLocks()
         self._sub: Any = None
@@ -172,6 +194,11 @@ class Subscriber:
         self._last_activity = 0.0
         self._reconnects = -1
         self._active: dict[int, tuple[Any, float]] = {}
+        self._arrived: list[Any] = []  # deliveries of this loop iteration, to screen
+        self._screened = anyio.Event()
+        self._settlement: Settlement | None = None  # idempotent: mark, then ack
+        self._deferred: set[int] = set()  # handled, in the settlement's hands
+        self._task_group: TaskGroup | None = None
         self._scope: anyio.CancelScope | None = None
         self._pending_check: Callable[[], Awaitable[None]] | None = None
         self._stopping = False
@@ -277,6 +304,21 @@ class Subscriber:
         self._taken = self._outstanding = 0
         self._pool = WorkerPool(self._handle, self.max_concurrency)
         self._pool.start(task_group)
+        self._task_group = task_group
+        self._arrived, self._deferred = [], set()
+        self._screened = anyio.Event()  # the last batch screened was handed over
+        self._screened.set()
+        if self._processed is not None:
+            self._settlement = Settlement(
+                self._processed,
+                task_group,
+                self._settled,
+                consumer=self.durable,
+                give_up_after=self.max_processing_time or 60.0,
+                nak_delay=self.backoff[0],
+            )
+        if self.max_processing_time is not None:
+            self._watchdog = Watchdog(self.max_processing_time)
         self._inbox = client.nc.new_inbox()
         self._sub = await client.nc.subscribe(self._inbox, cb=self._on_delivery)
         task_group.start_soon(self._run_loops)
@@ -302,7 +344,14 @@ class Subscriber:
                 await self._sub.drain()
         if self._pool is None:
             return True
-        return await self._pool.close(grace)
+        started = time.monotonic()
+        finished = await self._pool.close(grace)
+        if self._settlement is not None:
+            left = max(0.0, grace - (time.monotonic() - started))
+            finished = await self._settlement.wait(left) and finished
+        if self._watchdog is not None:
+            self._watchdog.close()
+        return finished
 
     # -- pulling ---------------------------------------------------------------------
 
@@ -366,8 +415,60 @@ class Subscriber:
                 await msg.nak()
             return
         self._taken += 1
+        if self._processed is not None:  # looked up together, then handed to the workers
+            self._arrived.append(msg)
+            if len(self._arrived) == 1:
+                asyncio.get_running_loop().call_soon(self._screen)
+            return
         assert self._pool is not None
         await self._pool.submit(msg)
+
+    def _screen(self) -> None:
+        arrived, self._arrived = self._arrived, []
+        if arrived and self._task_group is not None:
+            previous, self._screened = self._screened, anyio.Event()
+            self._task_group.start_soon(self._screen_batch, arrived, previous, self._screened)
+
+    async def _screen_batch(
+        self, arrived: list[Any], previous: anyio.Event, done: anyio.Event
+    ) -> None:
+        """One lookup of the event ids a pull delivered, instead of a wait per event.
+
+        Lookups of successive batches overlap; their events reach the workers in the
+        order they arrived (`previous` is set once the batch before is handed over).
+        """
+        assert self._processed is not None and self._pool is not None
+        try:
+            screened = [self._read(msg) for msg in arrived]
+            ids = [s.info.event_id for s in screened if s.info is not None]
+            try:
+                seen: set[str] | None = await self._processed.seen_among(ids) if ids else set()
+            except Exception as exc:  # the workers ask again, each for its own event
+                _log.warning("idempotency lookup failed", consumer=self.durable, error=str(exc))
+                seen = None
+            await previous.wait()
+            await self._hand_over(screened, seen)
+        finally:
+            done.set()
+
+    async def _hand_over(self, screened: list[_Screened], seen: set[str] | None) -> None:
+        assert self._pool is not None
+        for item in screened:
+            if self._stopping:  # handed back for another replica, as on arrival
+                with contextlib.suppress(Exception):
+                    await item.msg.nak()
+                continue
+            if seen is not None and item.info is not None:
+                item.seen = item.info.event_id in seen
+            await self._pool.submit(item)
+
+    def _read(self, msg: Any) -> _Screened:
+        fields = _fields(msg)
+        try:
+            info: EventHeaders | None = read_event_headers(msg.headers, f"{fields[0]}-{fields[2]}")
+        except BadRequest:
+            info = None  # the worker reads them again and dead-letters the event
+        return _Screened(msg, fields, info)
 
     def _on_status(self, msg: Any) -> None:
         headers = msg.headers or {}
@@ -407,12 +508,13 @@ class Subscriber:
 
     # -- handling --------------------------------------------------------------------
 
-    async def _handle(self, msg: Any) -> None:
+    async def _handle(self, item: Any) -> None:
+        msg = item.msg if type(item) is _Screened else item
         key = id(msg)
         self._active[key] = (msg, time.monotonic())
         self.stats.in_flight += 1
         try:
-            await self._process(msg)
+            await self._process(msg, item if type(item) is _Screened else None)
         except Exception as exc:  # never lose the worker; hand the event back for a retry
             if isinstance(exc, NatsError | TimeoutError | OSError):
                 _log.warning(
@@ -426,26 +528,38 @@ class Subscriber:
                 await msg.nak(delay=self.backoff[0])
         finally:
             self.stats.in_flight -= 1
-            del self._active[key]
-            self._taken -= 1
-            self._wake_puller()
+            if key not in self._deferred:
+                self._release(key)
 
-    async def _process(self, msg: Any) -> None:
-        fields = ack_fields(msg.reply)
-        if fields is None:
-            meta = msg.metadata
-            fields = (meta.stream, meta.num_delivered, meta.sequence.stream, meta.num_pending)
+    def _release(self, key: int) -> None:
+        del self._active[key]
+        self._taken -= 1
+        self._wake_puller()
+
+    def _settled(self, msg: Any, elapsed_ns: int | None) -> None:
+        """The settlement acked (`elapsed_ns` is the handler's time) or nak'd the event."""
+        if elapsed_ns is not None:
+            self.stats.record(elapsed_ns)
+        key = id(msg)
+        self._deferred.discard(key)
+        self._release(key)
+
+    async def _process(self, msg: Any, screened: _Screened | None) -> None:
+        fields = screened.fields if screened is not None else _fields(msg)
         stream, attempt, sequence, pending = fields
         if sequence > self._lag_sequence:  # lag as of the newest delivery
             self._lag_sequence, self.pending = sequence, pending
         if attempt > 1:
             self.stats.redelivered += 1
-        try:
-            info = read_event_headers(msg.headers, f"{stream}-{sequence}")
-        except BadRequest as exc:
-            return await self._dead_letter(
-                msg, "invalid_headers", exc.message, attempt, sequence, "-"
-            )
+        info = screened.info if screened is not None else None
+        if info is None:
+            try:
+                info = read_event_headers(msg.headers, f"{stream}-{sequence}")
+            except BadRequest as exc:
+                return await self._dead_letter(
+                    msg, "invalid_headers", exc.message, attempt, sequence, "-"
+                )
+        seen = screened.seen if screened is not None else None
         if attempt > self.max_deliver:
             return await self._dead_letter(
                 msg,
@@ -463,7 +577,7 @@ class Subscriber:
                 msg, "undecodable", str(exc), attempt, sequence, info.event_id
             )
         if self.ordered_by is None:
-            return await self._run(msg, event, info, attempt, sequence)
+            return await self._run(msg, event, info, attempt, sequence, seen)
         try:
             key = self.ordered_by(event)
             hash(key)
@@ -474,15 +588,24 @@ class Subscriber:
                 msg, "invalid_key", error, attempt, sequence, info.event_id
             )
         async with self._locks.hold(key):
-            return await self._run(msg, event, info, attempt, sequence)
+            return await self._run(msg, event, info, attempt, sequence, seen)
 
     async def _run(
-        self, msg: Any, event: Any, info: EventHeaders, attempt: int, sequence: int
+        self,
+        msg: Any,
+        event: Any,
+        info: EventHeaders,
+        attempt: int,
+        sequence: int,
+        seen: bool | None,
     ) -> None:
-        if self._processed is not None and await self._processed.seen(info.event_id):
-            self.duplicates += 1
-            await msg.ack()
-            return
+        if self._processed is not None:
+            if seen is None:
+                seen = await self._processed.seen(info.event_id)
+            if seen:
+                self.duplicates += 1
+                await msg.ack()
+                return
         started = time.perf_counter_ns()
         span = self._span(msg, info, attempt, sequence)
         ctx = Context(
@@ -510,46 +633,31 @@ class Subscriber:
             self.stats.record(time.perf_counter_ns() - started, error)
             await self._failed(msg, exc, error, ctx, attempt, sequence)
         else:
-            if self._processed is not None:
-                await self._mark_processed(info.event_id)
-            await msg.ack()
-            self.stats.record(time.perf_counter_ns() - started)
+            elapsed = time.perf_counter_ns() - started
+            if self._settlement is not None:  # acked once the marker is stored
+                self._deferred.add(id(msg))
+                self._settlement.add(msg, info.event_id, elapsed)
+            else:
+                await msg.ack()
+                self.stats.record(elapsed)
         finally:
             telemetry.deactivate(token)
             span.end()
 
-    async def _mark_processed(self, event_id: str) -> None:
-        """The handler succeeded: record it, retrying while the server is away.
-
-        Acking without the marker would let a redelivery run the handler again, so the
-        marker is retried (the message kept alive by in-progress acks) for as long as a
-        handler may take; only then does the error reach `_handle`, which naks.
-        """
-        assert self._processed is not None
-        delay, give_up = 0.1, time.monotonic() + (self.max_processing_time or 60.0)
-        while True:
-            try:
-                await self._processed.mark(event_id)
-                return
-            except Exception:
-                if time.monotonic() + delay > give_up:
-                    raise
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
     async def _invoke(self, event: Any, ctx: Context) -> None:
-        if self.max_processing_time is None:
+        watchdog = self._watchdog
+        if watchdog is None:
             await self.signature.invoke(self.fn, event, ctx)
             return
-        # asyncio.timeout: half the cost of an anyio scope per event (measured)
-        timeout = asyncio.timeout(self.max_processing_time)
+        key, task = watchdog.start()
         try:
-            async with timeout:
-                await self.signature.invoke(self.fn, event, ctx)
-        except TimeoutError:
-            if not timeout.expired():
-                raise  # the handler's own timeout, reported as what it is
-            raise ProcessingTimeExceeded("processing time exceeded") from None
+            await self.signature.invoke(self.fn, event, ctx)
+        except asyncio.CancelledError:
+            if watchdog.fired(key, task):
+                raise ProcessingTimeExceeded("processing time exceeded") from None
+            raise
+        finally:
+            watchdog.stop(key, task)
 
     def _span(self, msg: Any, info: EventHeaders, attempt: int, sequence: int) -> Any:
         """Child of the producer's span and linked to it: each attempt is its own span."""
@@ -618,6 +726,14 @@ class Subscriber:
             stream_sequence=sequence,
         )
         await msg.term()
+
+
+def _fields(msg: Any) -> tuple[str, int, int, int]:
+    fields = ack_fields(msg.reply)
+    if fields is None:
+        meta = msg.metadata
+        fields = (meta.stream, meta.num_delivered, meta.sequence.stream, meta.num_pending)
+    return fields
 
 
 def ack_fields(reply: str) -> tuple[str, int, int, int] | None:

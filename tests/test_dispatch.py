@@ -137,3 +137,30 @@ async def test_close_finishes_queued_messages_then_cancels_after_grace():
         with anyio.fail_after(5):
             assert await pool.close(0.2) is False  # 99 was still running: cancelled
     assert handled == [0, 1, 2]
+
+
+async def test_several_submitters_waiting_for_room_all_get_through():
+    release = anyio.Event()
+    handled: list[int] = []
+
+    async def handle(message: int) -> None:
+        await release.wait()
+        handled.append(message)
+
+    pool = WorkerPool(handle, 2)
+    async with anyio.create_task_group() as tg:
+        pool.start(tg)
+        for start in (0, 100, 200):  # three producers, each blocked on a full pool
+
+            async def feed(first: int) -> None:
+                for i in range(first, first + 5):
+                    await pool.submit(i)
+
+            tg.start_soon(feed, start)
+        await anyio.sleep(0.05)
+        release.set()
+        with anyio.fail_after(2):
+            while len(handled) < 15:
+                await anyio.sleep(0.001)
+        assert await pool.close(1.0)
+    assert sorted(handled) == [*range(5), *range(100, 105), *range(200, 205)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 
@@ -480,3 +481,40 @@ async def test_dead_letter_that_cannot_be_stored_keeps_the_event(serve, client):
 
     await wait_until(stored)
     assert letters[0].reason == "undecodable" and letters[0].attempts >= 2
+
+
+async def test_an_idempotent_subscriber_looks_up_and_marks_whole_pulls(serve, client):
+    handled: Counter[str] = Counter()
+    svc = Service("batcher")
+
+    workers: set[object] = set()
+
+    @svc.subscribe("order.created.v1", max_concurrency=32)
+    async def on_created(event: OrderCreated) -> None:
+        handled[event.order_id] += 1
+        workers.add(asyncio.current_task())
+
+    await ensure_stream(client, Stream("EVENTS_ORDER", ["events.order.>"]))
+    async with BatchPublisher(client) as batch:  # a backlog: every pull comes back full
+        for n in range(300):
+            await batch.publish("order.created.v1", OrderCreated(str(n), n), event_id=f"e-{n}")
+    await serve(svc)
+    processed = svc.subscribers[0]._processed
+    assert processed is not None and processed._mux is not None
+    await wait_until(lambda: len(handled) == 300)
+    sub = svc.subscribers[0]
+
+    async def all_acked() -> bool:
+        info = await client.js.consumer_info(sub.stream, sub.durable)
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await wait_until(all_acked)
+    assert set(handled.values()) == {1}
+    # per pull (at most 64 events): one lookup reply and a marker batch's two, where a
+    # wait per event would have cost at least one reply per event for each
+    # no worker waits for a lookup or a marker: handlers that do not block run back to
+    # back in the workers a pull woke, instead of every worker parked on an event
+    assert len(workers) < 16, len(workers)
+    assert processed._mux.replies < 100
+    assert all(await asyncio.gather(*(processed.seen(f"e-{n}") for n in range(300))))
+    assert sub._taken == 0 and not sub._active and not sub._deferred
