@@ -17,7 +17,7 @@ import anyio
 import msgspec
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import APIError, NoStreamResponseError
 
 from . import headers as h
 from . import telemetry
@@ -125,14 +125,16 @@ async def publish_event(
                 f"{client.nc.max_payload}; not stored"
             )
         try:
-            ack = await client.refusable(
-                subject, client.js.publish(subject, data, timeout=timeout, headers=out)
-            )
+            mux = await client.mux()  # nats-py's js.publish: a request and json.loads
+            reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
+            ack = _decode_pub_ack(reply.data)
+            if ack.error is not None:
+                raise APIError.from_error(ack.error)
         except Exception as exc:
             error = publish_error(subject, exc)
             telemetry.record_error(span, error)
             raise error from None
-        return PublishAck(ack.stream, ack.seq, event_id, bool(ack.duplicate))
+        return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
     finally:
         span.end()
 
