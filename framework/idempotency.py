@@ -10,11 +10,12 @@ close it with a business key of their own (e.g. charge once per order id).
 `ProcessedIds` talks to the bucket's stream directly, by the documented KV
 conventions (ADR-8: stream `KV_<bucket>`, subject `$KV.<bucket>.<key>`, a delete or
 purge is a message with a `KV-Operation` header) and the Direct Get API (ADR-31), over
-one wildcard inbox subscription per connection. `seen` calls made in one event-loop
-iteration (a pulled batch handed to the workers) are answered by one batched
-`multi_last` direct get; `mark` is a JetStream publish whose own PubAck is awaited, so
-the marker is stored before the caller acks (the marks of one iteration are published
-together and share one timeout).
+one wildcard inbox subscription per connection (`framework.mux`). A subscriber asks
+about a pulled batch with `seen_among` (one batched `multi_last` direct get; `seen`
+calls of one event-loop iteration are batched the same way) and marks its successes
+with `mark_all`: one fast-ingest batch where the bucket allows it, else one JetStream
+publish per marker, each with its own PubAck. Either way `mark_all` returns once the
+markers are stored (or says which were not), so the caller acks only what is stored.
 """
 
 from __future__ import annotations
@@ -196,8 +197,6 @@ class ProcessedIds(_Bucket):
         self.fast = False  # marks stored as fast-ingest batches (set by `open`)
         self._queue: list[tuple[str, asyncio.Future[bool]]] = []
         self._scheduled = False
-        self._marks: list[tuple[str, asyncio.Future[None]]] = []
-        self._marks_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -226,40 +225,10 @@ class ProcessedIds(_Bucket):
         return await future
 
     async def mark(self, event_id: str) -> None:
-        if self._mux is None:
-            await self._put(event_id, b"1")
-            return
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._marks.append((self._pre + kv_key(event_id), future))
-        if not self._marks_scheduled:
-            self._marks_scheduled = True
-            loop.call_soon(self._flush_marks)
-        await future
-
-    # Batched stores ----------------------------------------------------------------
-
-    def _flush_marks(self) -> None:
-        """Publish what `mark` queued in this loop iteration; one waiter for the acks."""
-        self._marks_scheduled = False
-        marks, self._marks = [m for m in self._marks if not m[1].done()], []
-        for start in range(0, len(marks), BATCH_KEYS):
-            self._spawn(self._store(marks[start : start + BATCH_KEYS]))
-
-    async def _store(self, marks: list[tuple[str, asyncio.Future[None]]]) -> None:
-        try:
-            errors = await self._store_subjects([s for s, _ in marks])
-        except BaseException as exc:
-            _fail([f for _, f in marks], exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future), error in zip(marks, errors, strict=True):
-            if not future.done():
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
+        """Mark one id (a subscriber marks a whole batch with `mark_all`)."""
+        error = (await self.mark_all([event_id]))[0]
+        if error is not None:
+            raise error
 
     async def _store_subjects(self, subjects: list[str]) -> list[Exception | None]:
         """A marker on each subject: None where it is stored, else why not. Raises

@@ -279,14 +279,14 @@ async def _update_stream(client, config: dict) -> None:
     assert "error" not in json.loads(reply.data), reply.data
 
 
-async def test_marks_of_one_iteration_are_one_fast_ingest_batch(client):
+async def test_mark_all_stores_the_markers_as_one_fast_ingest_batch(client):
     processed = await _open(client)
     assert processed.fast
     assert (await _stream_config(client, "KV_processed_svc_handle"))["allow_batched"] is True
     ids = [f"evt-{i}" for i in range(100)]
 
     before = _replies(processed)
-    await asyncio.gather(*(processed.mark(i) for i in ids))
+    assert await processed.mark_all(ids) == [None] * 100
     # the batch's first message and its commit are answered, not the 98 between them
     assert _replies(processed) - before == 2
     assert all(await asyncio.gather(*(processed.seen(i) for i in ids)))
@@ -309,27 +309,27 @@ async def test_marks_fall_back_to_one_pub_ack_each_where_fast_ingest_is_off(clie
         pytest.skip("this nats-server does not switch fast ingest off again")
 
     before = _replies(processed)
-    await asyncio.gather(*(processed.mark(f"evt-{i}") for i in range(10)))
+    assert await processed.mark_all([f"evt-{i}" for i in range(10)]) == [None] * 10
     assert not processed.fast  # refused once, then never tried again
     # the refusal (the server answers each message of the batch), then one PubAck each
     assert _replies(processed) - before >= 1 + 10
     assert all(await asyncio.gather(*(processed.seen(f"evt-{i}") for i in range(10))))
     before = _replies(processed)
-    await asyncio.gather(*(processed.mark(f"evt-b{i}") for i in range(5)))
+    assert await processed.mark_all([f"evt-b{i}" for i in range(5)]) == [None] * 5
     assert _replies(processed) - before == 5
     assert _in_flight(processed) == 0
 
 
 async def test_a_fast_batch_the_stream_refuses_in_part_reports_each_mark(client):
     processed = await _open(client)
-    await asyncio.gather(*(processed.mark(f"old-{i}") for i in range(3)))
+    await processed.mark_all([f"old-{i}" for i in range(3)])
     config = await _stream_config(client, "KV_processed_svc_handle")
     config["max_msgs"] = 5  # two more fit; discard "new" refuses the rest
     config["discard"] = "new"
     await _update_stream(client, config)
 
     ids = [f"evt-{i}" for i in range(6)]
-    results = await asyncio.gather(*(processed.mark(i) for i in ids), return_exceptions=True)
+    results = await processed.mark_all(ids)
     stored = [i for i, r in zip(ids, results, strict=True) if r is None]
     refused = [r for r in results if r is not None]
     assert len(stored) == 2 and len(refused) == 4
@@ -348,6 +348,6 @@ async def test_a_bucket_created_without_fast_ingest_is_used_as_it_is(client):
     assert not (await _stream_config(client, "KV_processed_svc_older")).get("allow_batched")
 
     before = _replies(processed)
-    await asyncio.gather(*(processed.mark(f"evt-{i}") for i in range(4)))
+    assert await processed.mark_all([f"evt-{i}" for i in range(4)]) == [None] * 4
     assert _replies(processed) - before == 4  # one PubAck each
     assert all(await asyncio.gather(*(processed.seen(f"evt-{i}") for i in range(4))))
