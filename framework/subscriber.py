@@ -345,7 +345,9 @@ class Subscriber:
         if self._pool is None:
             return True
         started = time.monotonic()
-        finished = await self._pool.close(grace)
+        with anyio.move_on_after(min(grace, 5.0)):
+            await self._screened.wait()  # batches being looked up are nak'd, not dropped
+        finished = await self._pool.close(max(0.0, grace - (time.monotonic() - started)))
         if self._settlement is not None:
             left = max(0.0, grace - (time.monotonic() - started))
             finished = await self._settlement.wait(left) and finished

@@ -11,10 +11,16 @@ import time
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from framework import DeadlineExceeded, NoResponders, Service, connect
 from framework.devserver import NatsServer
+from framework.events import BatchPublisher
+
+
+class Job(msgspec.Struct):
+    n: int
 
 
 async def test_in_flight_request_completes_during_graceful_shutdown(nats_url):
@@ -134,3 +140,40 @@ async def test_run_stops_gracefully_on_signal(tmp_path: Path, nats_url, signum):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("idempotent", [True, False])
+async def test_a_replica_stopping_mid_stream_leaves_nothing_stuck(nats_url, idempotent):
+    """What a stopping replica pulled is finished (or handed back), the next replica
+    takes the rest at once (nothing waits out ack_wait), and no event runs twice."""
+    handled: list[tuple[str, int]] = []
+    started = anyio.Event()
+
+    def replica(name: str, delay: float) -> Service:
+        svc = Service("jobs")
+
+        @svc.subscribe("work.job.queued.v1", max_concurrency=2, idempotent=idempotent)
+        async def run_job(job: Job) -> None:
+            started.set()
+            await anyio.sleep(delay)
+            handled.append((name, job.n))
+
+        return svc
+
+    first = replica("first", 0.5)
+    async with connect(nats_url) as client:
+        async with first.serve(nats_url, grace=5):
+            async with BatchPublisher(client) as batch:
+                for n in range(6):
+                    await batch.publish("work.job.queued.v1", Job(n))
+            with anyio.fail_after(5):
+                await started.wait()
+        # `first` stopped: what it had pulled finished within the grace period
+        began = time.monotonic()
+        async with replica("second", 0.0).serve(nats_url):
+            with anyio.fail_after(10):  # ack_wait is 30 s: well before it
+                while len(handled) < 6:
+                    await anyio.sleep(0.02)
+        assert time.monotonic() - began < 10
+    assert sorted(n for _, n in handled) == list(range(6))  # each exactly once
+    assert any(name == "first" for name, _ in handled)
