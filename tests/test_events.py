@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 
@@ -518,3 +519,42 @@ async def test_an_idempotent_subscriber_looks_up_and_marks_whole_pulls(serve, cl
     assert processed._mux.replies < 100
     assert all(await asyncio.gather(*(processed.seen(f"e-{n}") for n in range(300))))
     assert sub._taken == 0 and not sub._active and not sub._deferred
+
+
+async def test_an_event_whose_marker_cannot_be_stored_is_never_acked(serve, client):
+    handled: Counter[str] = Counter()
+    svc = Service("marks")
+
+    @svc.subscribe("order.created.v1", max_processing_time=0.5, backoff=[0.1], max_deliver=50)
+    async def on_created(event: OrderCreated) -> None:
+        handled[event.order_id] += 1
+
+    await serve(svc)
+    sub = svc.subscribers[0]
+
+    async def settled() -> bool:
+        info = await client.js.consumer_info(sub.stream, sub.durable)
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await client.publish("order.created.v1", OrderCreated("a", 1), event_id="evt-a")
+    await wait_until(settled)
+    # the bucket is full: lookups still work, new markers are refused
+    bucket = "KV_processed_marks_on_created"
+    config = json.loads((await client.nc.request(f"$JS.API.STREAM.INFO.{bucket}", b"")).data)
+    config = config["config"]
+    config["max_msgs"], config["discard"] = 1, "new"
+    await client.nc.request(f"$JS.API.STREAM.UPDATE.{bucket}", json.dumps(config).encode())
+
+    await client.publish("order.created.v1", OrderCreated("b", 2), event_id="evt-b")
+    # handled, marker refused until the settlement gives up (0.5 s), nak'd, run again
+    await wait_until(lambda: handled["b"] >= 2, timeout=10)
+    assert not await settled()  # never acked while its marker is not stored
+
+    config["max_msgs"] = -1
+    await client.nc.request(f"$JS.API.STREAM.UPDATE.{bucket}", json.dumps(config).encode())
+    await wait_until(settled, timeout=10)
+    runs = handled["b"]
+    await anyio.sleep(0.5)
+    assert handled == Counter({"a": 1, "b": runs})  # stored and acked: no more runs
+    assert await sub._processed.seen("evt-b")
+    assert sub.stats.dead_lettered == 0
