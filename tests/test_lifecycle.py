@@ -177,3 +177,53 @@ async def test_a_replica_stopping_mid_stream_leaves_nothing_stuck(nats_url, idem
         assert time.monotonic() - began < 10
     assert sorted(n for _, n in handled) == list(range(6))  # each exactly once
     assert any(name == "first" for name, _ in handled)
+
+
+async def test_events_still_being_looked_up_at_stop_are_handed_back(nats_url):
+    """A replica stops while a pulled batch waits for its idempotency lookup: the batch
+    is nak'd for the next replica, not left to wait out ack_wait."""
+    handled: list[tuple[str, int]] = []
+
+    def replica(name: str) -> Service:
+        svc = Service("lookups")
+
+        @svc.subscribe("work.job.queued.v1", max_concurrency=4)
+        async def run_job(job: Job) -> None:
+            handled.append((name, job.n))
+
+        return svc
+
+    first = replica("first")
+    lookup_started, release = anyio.Event(), anyio.Event()
+    stop_began = 0.0
+
+    async def answer_late() -> None:
+        await anyio.sleep(0.3)  # the stop has begun by now
+        assert stop_began, "the lookup was answered before the stop"
+        release.set()
+
+    async with connect(nats_url) as client, anyio.create_task_group() as tg:
+        async with first.serve(nats_url, grace=2):
+            processed = first.subscribers[0]._processed
+            assert processed is not None
+            real_seen_among = processed.seen_among
+
+            async def slow_seen_among(ids):  # the server is slow to answer this one
+                lookup_started.set()
+                await release.wait()
+                return await real_seen_among(ids)
+
+            processed.seen_among = slow_seen_among  # type: ignore[method-assign]
+            async with BatchPublisher(client) as batch:
+                for n in range(4):
+                    await batch.publish("work.job.queued.v1", Job(n))
+            with anyio.fail_after(5):
+                await lookup_started.wait()
+            tg.start_soon(answer_late)
+            stop_began = time.monotonic()  # leaving `serve` stops `first` now
+        assert handled == []  # stopped with the batch unhandled
+        async with replica("second").serve(nats_url):
+            with anyio.fail_after(10):  # ack_wait is 30 s: handed back, not waited out
+                while len(handled) < 4:
+                    await anyio.sleep(0.02)
+    assert sorted(handled) == [("second", n) for n in range(4)]
