@@ -8,9 +8,9 @@ in flight with a bounded number unacknowledged.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -39,8 +39,26 @@ class PublishAck(msgspec.Struct, frozen=True):
     duplicate: bool = False
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
+def rfc3339_millis(now: float) -> str:
+    """`2026-11-22T10:37:05.123Z` for an epoch time; the date and time part is formatted
+    once a second (a `datetime` round trip per event cost 2 us)."""
+    global _second
+    fraction, integral = math.modf(now)  # rounded as datetime.fromtimestamp rounds
+    whole, micros = int(integral), round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    second, text = _second
+    if whole != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{micros // 1000:03d}Z"
+
+
 def _now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return rfc3339_millis(time.time())
 
 
 def build_event(
@@ -70,6 +88,32 @@ def build_event(
     else:
         out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id or event_id)
     return event_subject(event_type), encode_payload(event), out, event_id
+
+
+def _producer_span(subject: str, out: dict[str, str], event_id: str, parent: Context | None) -> Any:
+    """The PRODUCER span of one event, its context injected into the event's headers."""
+    name, attributes = telemetry.send_target("publish", subject, out.get(h.PRODUCER))
+    span = telemetry.start_send_span(
+        name,
+        telemetry.SpanKind.PRODUCER,
+        attributes,
+        parent.span if parent is not None else None,
+    )
+    if span.is_recording():
+        span.set_attribute(telemetry.MESSAGE_ID, event_id)
+        span.set_attribute(telemetry.CONVERSATION_ID, out[h.CORRELATION_ID])
+    telemetry.inject_context(out, span)
+    return span
+
+
+def _check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
+    """nats-py checks only the payload; headers past max_payload close the connection."""
+    size = h.wire_size(data, out)
+    if size > client.nc.max_payload:
+        raise PublishError(
+            f"event of {size} bytes (with headers) exceeds the server's max_payload of "
+            f"{client.nc.max_payload}; not stored"
+        )
 
 
 def publish_error(subject: str, exc: BaseException) -> PublishError:
@@ -106,24 +150,9 @@ async def publish_event(
         correlation_id=correlation_id,
         parent=parent,
     )
-    name, attributes = telemetry.send_target("publish", subject, out.get(h.PRODUCER))
-    span = telemetry.start_send_span(
-        name,
-        telemetry.SpanKind.PRODUCER,
-        attributes,
-        parent.span if parent is not None else None,
-    )
+    span = _producer_span(subject, out, event_id, parent)
     try:
-        if span.is_recording():
-            span.set_attribute(telemetry.MESSAGE_ID, event_id)
-            span.set_attribute(telemetry.CONVERSATION_ID, out[h.CORRELATION_ID])
-        telemetry.inject_context(out, span)
-        size = h.wire_size(data, out)
-        if size > client.nc.max_payload:
-            raise PublishError(
-                f"event of {size} bytes (with headers) exceeds the server's max_payload of "
-                f"{client.nc.max_payload}; not stored"
-            )
+        _check_size(client, data, out)
         try:
             mux = await client.mux()  # nats-py's js.publish: a request and json.loads
             reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
@@ -137,6 +166,11 @@ async def publish_event(
         return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
     finally:
         span.end()
+
+
+def _end(span: Any, error: BaseException) -> None:
+    telemetry.record_error(span, error)
+    span.end()
 
 
 class _PubAck(msgspec.Struct):
@@ -166,7 +200,7 @@ class BatchPublisher:
         self._client = client
         self._slots = anyio.Semaphore(max_outstanding)
         self._timeout = timeout
-        self._pending: dict[str, tuple[str, str, float]] = {}  # token: id, subject, sent
+        self._pending: dict[str, tuple[str, str, float, Any]] = {}  # token: id, subject, sent, span
         self._count = 0
         self._prefix = ""
         self._sub: Any = None
@@ -198,20 +232,32 @@ class BatchPublisher:
             correlation_id=correlation_id,
             parent=None,
         )
+        span = _producer_span(subject, out, event_id, None)  # ends when the ack comes
+        try:
+            _check_size(self._client, data, out)
+        except PublishError as exc:
+            _end(span, exc)
+            raise
         if self._sub is None:
             nc = self._client.nc
             self._prefix = nc.new_inbox() + "."
             self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
-        await self._take_slot(event_id)
+        try:
+            await self._take_slot(event_id)
+        except PublishError as exc:
+            _end(span, exc)
+            raise
         self._count += 1
         token = format(self._count, "x")
-        self._pending[token] = (event_id, subject, time.monotonic())
+        self._pending[token] = (event_id, subject, time.monotonic(), span)
         try:
             await self._client.nc.publish(subject, data, reply=self._prefix + token, headers=out)
         except Exception as exc:
             del self._pending[token]
             self._slots.release()
-            raise publish_error(subject, exc) from None
+            error = publish_error(subject, exc)
+            _end(span, error)
+            raise error from None
         return event_id
 
     async def _take_slot(self, event_id: str) -> None:
@@ -232,31 +278,39 @@ class BatchPublisher:
 
     def _expire(self, sent_before: float) -> int:
         """Acks that did not come in time (lost with a connection) are failures."""
-        late = [token for token, (_, _, sent) in self._pending.items() if sent <= sent_before]
+        late = [token for token, entry in self._pending.items() if entry[2] <= sent_before]
         for token in late:
-            event_id, _, _ = self._pending.pop(token)
-            self.failures.append((event_id, f"no acknowledgement within {self._timeout:g}s"))
+            event_id, _, _, span = self._pending.pop(token)
+            self._failed(
+                event_id, span, PublishError(f"no acknowledgement within {self._timeout:g}s")
+            )
             self._slots.release()
         return len(late)
+
+    def _failed(self, event_id: str, span: Any, error: PublishError) -> None:
+        self.failures.append((event_id, str(error)))
+        _end(span, error)
 
     async def _on_ack(self, msg: Any) -> None:
         entry = self._pending.pop(msg.subject[len(self._prefix) :], None)
         if entry is None:
             return  # expired already
         self._slots.release()
-        event_id, subject, _ = entry
+        event_id, subject, _, span = entry
         if not msg.data:  # a status instead of an ack: 503, no stream captures it
-            self.failures.append((event_id, str(publish_error(subject, NoRespondersError()))))
+            self._failed(event_id, span, publish_error(subject, NoRespondersError()))
         else:
             try:
                 ack = _decode_pub_ack(msg.data)
             except msgspec.MsgspecError as exc:
-                self.failures.append((event_id, f"unreadable ack: {exc}"))
+                self._failed(event_id, span, PublishError(f"unreadable ack: {exc}"))
             else:
                 if ack.error:
-                    self.failures.append((event_id, f"publish to {subject} failed: {ack.error}"))
+                    error = PublishError(f"publish to {subject} failed: {ack.error}")
+                    self._failed(event_id, span, error)
                 else:
                     self.acks.append(PublishAck(ack.stream, ack.seq, event_id, ack.duplicate))
+                    span.end()
         if not self._pending:
             self._settled.set()
 

@@ -161,9 +161,20 @@ def start_handler_span(
     return _tracer.start_span(name, context=parent, kind=kind, attributes=attributes, links=links)
 
 
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+
+
 def _no_sdk() -> bool:
-    """No tracer provider installed: every span would be a no-op."""
-    return isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    """No tracer provider installed: every span would be a no-op.
+
+    While none is installed, `trace.get_tracer_provider()` looks the environment up on
+    every call (1 us, paid on every message); the API's global is read directly instead,
+    unless a provider is named in the environment (then the API loads it on first use).
+    """
+    if _PROVIDER_FROM_ENV or not hasattr(trace, "_TRACER_PROVIDER"):
+        return isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    provider = trace._TRACER_PROVIDER
+    return provider is None or isinstance(provider, trace.ProxyTracerProvider)
 
 
 def start_send_span(

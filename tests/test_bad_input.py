@@ -566,6 +566,21 @@ async def test_event_pushed_over_max_payload_by_its_headers_keeps_the_connection
         await assert_valid_traffic_works(client, shop, "headers-over")
 
 
+async def test_batched_event_pushed_over_max_payload_by_its_headers_keeps_the_connection(
+    tmp_path: Path,
+) -> None:
+    async with small_server_shop(tmp_path) as (shop, client):
+        body = {"order_id": "o-1", "amount_cents": 1, "pad": "p" * 3950}  # fits alone
+        async with client.batch(timeout=2.0) as batch:
+            await batch.publish(EVENT, {"order_id": "o-0", "amount_cents": 1})
+            with pytest.raises(PublishError, match=r"(?i)payload"):
+                await batch.publish(EVENT, body)
+            await batch.publish(EVENT, {"order_id": "o-2", "amount_cents": 1})
+        assert len(batch.acks) == 2 and not batch.failures  # the others were stored
+        assert not client.nc.is_closed
+        await assert_valid_traffic_works(client, shop, "batch-headers-over")
+
+
 async def test_undecodable_event_near_max_payload_is_dead_lettered(tmp_path: Path) -> None:
     async with small_server_shop(tmp_path) as (shop, client):
         body = b'{"order_id": 5, "pad": "' + b"p" * 3950 + b'"}'

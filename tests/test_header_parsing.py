@@ -59,3 +59,16 @@ async def test_framework_connections_use_the_faster_parser(client):
             break
         await asyncio.sleep(0.01)
     assert received == [{"Name": "caf\u00e9", "X-Id": "1"}]
+
+
+def test_event_time_is_what_datetime_formats():
+    from datetime import UTC, datetime
+
+    from framework.events import rfc3339_millis
+
+    rng = random.Random(7)
+    stamps = [0.0, 1.0, 1763807825.123, 1763807825.9995, 1763807825.999999, 2**31 + 0.5]
+    stamps += [rng.uniform(0, 4e9) for _ in range(20_000)]
+    for stamp in stamps:
+        expected = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
+        assert rfc3339_millis(stamp) == expected.replace("+00:00", "Z"), stamp

@@ -265,6 +265,38 @@ async def test_user_spans_and_plain_client_calls_nest_under_the_handler(serve, c
     ]
 
 
+async def test_batched_publishes_are_producer_spans_the_consumers_continue(serve, client, sdk):
+    svc = Service(unique("batchtrace"))
+    tracer = trace.get_tracer("test")
+
+    @svc.subscribe("order.created.v1", backoff=[0.05])
+    async def on_created(event: OrderCreated) -> None:
+        pass
+
+    await serve(svc)
+    with tracer.start_as_current_span("import"):
+        async with client.batch() as batch:
+            for n in range(3):
+                await batch.publish("order.created.v1", OrderCreated(f"o-{n}"))
+
+    def finished() -> list[ReadableSpan] | None:
+        spans = sdk.spans()
+        return spans if len(by_name(spans, "process events.order.created.v1")) == 3 else None
+
+    spans = await wait_for(finished)
+    (root,) = by_name(spans, "import")
+    producers = by_name(spans, "publish events.order.created.v1")
+    assert len(producers) == 3
+    for producer in producers:
+        assert producer.kind is SpanKind.PRODUCER
+        assert producer.parent is not None and producer.parent.span_id == root.context.span_id
+        assert producer.status.status_code is not StatusCode.ERROR
+    producer_ids = {p.context.span_id for p in producers}
+    for consumer in by_name(spans, "process events.order.created.v1"):
+        assert consumer.parent is not None and consumer.parent.span_id in producer_ids
+        assert consumer.context.trace_id == root.context.trace_id
+
+
 async def test_correlation_id_is_carried_through_calls_and_events_from_handlers(serve, client):
     svc = Service(unique("relay"))
     seen: list[tuple[str, str, str | None]] = []
@@ -622,3 +654,25 @@ def test_json_off_a_terminal_console_on_one_and_stdlib_goes_through(restore_logg
     assert "to a terminal" in text
     with pytest.raises(ValueError):
         json.loads(text.splitlines()[0])
+
+
+def test_no_sdk_is_seen_at_once_when_a_provider_is_installed():
+    """The cheap check reads the API's global: a provider set later counts at once."""
+    code = textwrap.dedent(
+        """
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from framework import telemetry
+        assert telemetry._no_sdk()
+        trace.set_tracer_provider(TracerProvider())
+        assert not telemetry._no_sdk()
+        span = telemetry.start_send_span("publish x", trace.SpanKind.PRODUCER, {})
+        assert span.is_recording()
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "ok", done.stderr
