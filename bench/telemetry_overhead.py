@@ -115,8 +115,7 @@ def instrumentation_us(iterations: int = 20000) -> float:
     client_kind, server_kind = telemetry.SpanKind.CLIENT, telemetry.SpanKind.SERVER
 
     def one() -> None:
-        name, send_attributes = telemetry.send_target("request", "bench.echo", "client")
-        span = telemetry.start_send_span(name, client_kind, send_attributes, None)
+        span = telemetry.start_send_span("request", "bench.echo", "client", client_kind, None)
         out: dict[str, str] = {}
         if span.get_span_context().is_valid:
             telemetry.inject_context(out, span)

@@ -255,13 +255,11 @@ class Client:
         if send_deadline:
             out = out or {}
             out[h.DEADLINE] = str(int((time.time() + wait) * 1000))
-        name, attributes = telemetry.send_target(
-            "request", subject, parent.service if parent is not None else self.name
-        )
         span = telemetry.start_send_span(
-            name,
+            "request",
+            subject,
+            parent.service if parent is not None else self.name,
             telemetry.SpanKind.CLIENT,
-            attributes,
             parent.span if parent is not None else None,
         )
         try:

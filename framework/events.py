@@ -85,18 +85,20 @@ def build_event(
         out[h.CORRELATION_ID] = parent.correlation_id
         if parent.message_id:
             out[h.CAUSATION_ID] = parent.message_id
+    elif correlation_id:
+        out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id)
     else:
-        out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id or event_id)
+        out[h.CORRELATION_ID] = event_id  # checked above, or made here
     return event_subject(event_type), encode_payload(event), out, event_id
 
 
 def _producer_span(subject: str, out: dict[str, str], event_id: str, parent: Context | None) -> Any:
     """The PRODUCER span of one event, its context injected into the event's headers."""
-    name, attributes = telemetry.send_target("publish", subject, out.get(h.PRODUCER))
     span = telemetry.start_send_span(
-        name,
+        "publish",
+        subject,
+        out.get(h.PRODUCER),
         telemetry.SpanKind.PRODUCER,
-        attributes,
         parent.span if parent is not None else None,
     )
     if span.is_recording():

@@ -71,7 +71,9 @@ def wire_size(data: bytes, headers: Mapping[str, str] | None) -> int:
     if not headers:
         return len(data)
     # b"NATS/1.0\r\n" + b"Name: value\r\n" per header + b"\r\n"
-    return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    text = "".join(headers) + "".join(headers.values())
+    size = len(text) if text.isascii() else len(text.encode())
+    return len(data) + 12 + size + 4 * len(headers)
 
 
 _ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips

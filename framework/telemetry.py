@@ -178,25 +178,30 @@ def _no_sdk() -> bool:
 
 
 def start_send_span(
-    name: str, kind: SpanKind, attributes: Mapping[str, Any], parent_span: Span | None = None
+    operation: str,
+    subject: str,
+    service: str | None,
+    kind: SpanKind,
+    parent_span: Span | None = None,
 ) -> Span:
-    """A CLIENT or PRODUCER span: child of the current span.
+    """A CLIENT or PRODUCER span of a `request` or `publish` to `subject`: child of the
+    current span.
 
     `parent_span` (a handler's span, from `ctx.call`/`ctx.publish`) is the parent only
     when no span is current, e.g. when the context is used from a task started elsewhere.
+    Without a trace to continue and without an SDK nothing is built: the span name and
+    attributes are looked up only for a span that will exist.
     """
     if not ENABLED:
         return INVALID_SPAN
     current_valid = trace.get_current_span().get_span_context().is_valid
-    if (
-        not current_valid
-        and (parent_span is None or not parent_span.get_span_context().is_valid)
-        and _no_sdk()
-    ):
+    parent_valid = parent_span is not None and parent_span.get_span_context().is_valid
+    if not current_valid and not parent_valid and _no_sdk():
         return INVALID_SPAN  # no trace to continue and nothing to record
     context = None
-    if parent_span is not None and parent_span.get_span_context().is_valid and not current_valid:
-        context = trace.set_span_in_context(parent_span)
+    if parent_valid and not current_valid:
+        context = trace.set_span_in_context(parent_span)  # type: ignore[arg-type]
+    name, attributes = send_target(operation, subject, service)
     return _tracer.start_span(name, context=context, kind=kind, attributes=attributes)
 
 

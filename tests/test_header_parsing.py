@@ -72,3 +72,21 @@ def test_event_time_is_what_datetime_formats():
     for stamp in stamps:
         expected = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
         assert rfc3339_millis(stamp) == expected.replace("+00:00", "Z"), stamp
+
+
+def test_wire_size_counts_the_header_block_in_bytes():
+    from framework.headers import wire_size
+
+    rng = random.Random(11)
+    alphabet = ["a", "Z", "-", "0", "\u00e9", "\u4e2d", "\U0001f600", " "]
+    for _ in range(2_000):
+        headers = {
+            "".join(rng.choice("abcXYZ-") for _ in range(rng.randint(1, 12))): "".join(
+                rng.choice(alphabet) for _ in range(rng.randint(0, 20))
+            )
+            for _ in range(rng.randint(1, 6))
+        }
+        block = b"NATS/1.0\r\n"
+        block += b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
+        assert wire_size(b"xyz", headers) == 3 + len(block)
+    assert wire_size(b"xyz", None) == wire_size(b"xyz", {}) == 3

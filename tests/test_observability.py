@@ -666,7 +666,7 @@ def test_no_sdk_is_seen_at_once_when_a_provider_is_installed():
         assert telemetry._no_sdk()
         trace.set_tracer_provider(TracerProvider())
         assert not telemetry._no_sdk()
-        span = telemetry.start_send_span("publish x", trace.SpanKind.PRODUCER, {})
+        span = telemetry.start_send_span("publish", "x", None, trace.SpanKind.PRODUCER)
         assert span.is_recording()
         print("ok")
         """
