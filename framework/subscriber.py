@@ -198,6 +198,8 @@ class Subscriber:
         self._screened = anyio.Event()
         self._settlement: Settlement | None = None  # idempotent: mark, then ack
         self._deferred: set[int] = set()  # handled, in the settlement's hands
+        self._admitted = 0  # screened events handed to the workers, not yet settled
+        self._admissions: anyio.Event | None = None  # set when one of those settles
         self._task_group: TaskGroup | None = None
         self._scope: anyio.CancelScope | None = None
         self._pending_check: Callable[[], Awaitable[None]] | None = None
@@ -306,6 +308,7 @@ class Subscriber:
         self._pool.start(task_group)
         self._task_group = task_group
         self._arrived, self._deferred = [], set()
+        self._admitted, self._admissions = 0, None
         self._screened = anyio.Event()  # the last batch screened was handed over
         self._screened.set()
         if self._processed is not None:
@@ -462,6 +465,7 @@ class Subscriber:
                 continue
             if seen is not None and item.info is not None:
                 item.seen = item.info.event_id in seen
+            await self._admit()
             await self._pool.submit(item)
 
     def _read(self, msg: Any) -> _Screened:
@@ -532,6 +536,8 @@ class Subscriber:
             self.stats.in_flight -= 1
             if key not in self._deferred:
                 self._release(key)
+                if type(item) is _Screened:
+                    self._readmit()
 
     def _release(self, key: int) -> None:
         del self._active[key]
@@ -545,6 +551,23 @@ class Subscriber:
         key = id(msg)
         self._deferred.discard(key)
         self._release(key)
+        self._readmit()
+
+    async def _admit(self) -> None:
+        """At most `max_concurrency` screened events between hand-over and settlement,
+        so what a crash can run twice (handled, marker not yet stored) stays bounded by
+        it; the rest wait here, looked up and in order, not in parked workers."""
+        while self._admitted >= self.max_concurrency:
+            if self._admissions is None:
+                self._admissions = anyio.Event()
+            await self._admissions.wait()
+        self._admitted += 1
+
+    def _readmit(self) -> None:
+        self._admitted -= 1
+        if self._admissions is not None:
+            self._admissions.set()
+            self._admissions = None
 
     async def _process(self, msg: Any, screened: _Screened | None) -> None:
         fields = screened.fields if screened is not None else _fields(msg)

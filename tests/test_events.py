@@ -558,3 +558,42 @@ async def test_an_event_whose_marker_cannot_be_stored_is_never_acked(serve, clie
     assert handled == Counter({"a": 1, "b": runs})  # stored and acked: no more runs
     assert await sub._processed.seen("evt-b")
     assert sub.stats.dead_lettered == 0
+
+
+async def test_no_more_than_max_concurrency_events_wait_for_their_markers(serve, client):
+    """What a crash could run twice (handled, marker not yet stored) stays within
+    max_concurrency even while markers cannot be stored."""
+    handled: Counter[str] = Counter()
+    svc = Service("bounded")
+
+    @svc.subscribe("order.created.v1", max_concurrency=4, max_processing_time=30)
+    async def on_created(event: OrderCreated) -> None:
+        handled[event.order_id] += 1
+
+    await serve(svc)
+    sub = svc.subscribers[0]
+    bucket = "KV_processed_bounded_on_created"
+    reply = await client.nc.request(f"$JS.API.STREAM.INFO.{bucket}", b"")
+    config = json.loads(reply.data)["config"]
+    config["max_msgs"], config["discard"] = 1, "new"  # after the first, markers refused
+    await client.publish("order.created.v1", OrderCreated("first", 0), event_id="evt-first")
+    await wait_until(lambda: handled["first"] == 1)
+    await client.nc.request(f"$JS.API.STREAM.UPDATE.{bucket}", json.dumps(config).encode())
+
+    async with BatchPublisher(client) as batch:
+        for n in range(20):
+            await batch.publish("order.created.v1", OrderCreated(str(n), n), event_id=f"e-{n}")
+    await wait_until(lambda: sum(handled.values()) >= 1 + 4)
+    await anyio.sleep(1.0)  # the settlement keeps retrying; nothing more may start
+    assert sum(handled.values()) == 1 + 4, handled
+
+    config["max_msgs"] = -1
+    await client.nc.request(f"$JS.API.STREAM.UPDATE.{bucket}", json.dumps(config).encode())
+    await wait_until(lambda: len(handled) == 21, timeout=15)
+
+    async def settled() -> bool:
+        info = await client.js.consumer_info(sub.stream, sub.durable)
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await wait_until(settled, timeout=15)
+    assert set(handled.values()) == {1}  # the four that waited were stored, not rerun
