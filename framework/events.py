@@ -194,6 +194,8 @@ class BatchPublisher:
     An ack that does not come within `timeout` (lost with a connection) counts as a
     failure and frees its slot. `flush()` (also on leaving `async with`) waits for every
     ack and raises `PublishError` naming how many events were not stored (`failures`).
+    `acks` and `failures` describe one batch: the first publish after a flush starts
+    new ones, so a publisher kept for a long stream holds no more than a batch.
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class BatchPublisher:
         self._settled = anyio.Event()
         self.acks: list[PublishAck] = []
         self.failures: list[tuple[str, str]] = []  # (event id, error)
+        self._flushed = False  # the next publish starts a new batch
 
     async def __aenter__(self) -> BatchPublisher:
         return self
@@ -234,6 +237,9 @@ class BatchPublisher:
             correlation_id=correlation_id,
             parent=None,
         )
+        if self._flushed:
+            self._flushed = False
+            self.acks, self.failures = [], []
         span = _producer_span(subject, out, event_id, None)  # ends when the ack comes
         try:
             _check_size(self._client, data, out)
@@ -323,6 +329,7 @@ class BatchPublisher:
                 self._settled = anyio.Event()
                 await self._settled.wait()
         self._expire(float("inf"))
+        self._flushed = True
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

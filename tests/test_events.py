@@ -597,3 +597,15 @@ async def test_no_more_than_max_concurrency_events_wait_for_their_markers(serve,
 
     await wait_until(settled, timeout=15)
     assert set(handled.values()) == {1}  # the four that waited were stored, not rerun
+
+
+async def test_a_batch_publisher_kept_for_many_batches_holds_one_batch(serve, client):
+    await serve(Service("orders", publishes=["order.created.v1"]))
+    publisher = BatchPublisher(client, max_outstanding=16)
+    for round_ in range(3):
+        for n in range(50):
+            await publisher.publish("order.created.v1", OrderCreated(f"{round_}-{n}", n))
+        acks = await publisher.flush()
+        assert len(acks) == len(publisher.acks) == 50  # this batch's, not all so far
+        assert {a.event_id for a in acks} == {a.event_id for a in publisher.acks}
+    assert (await client.js.stream_info("EVENTS_ORDER")).state.messages == 150
