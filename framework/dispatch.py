@@ -40,7 +40,7 @@ class WorkerPool:
         self._handle = handle
         self._size = size
         self._waiting: deque[Any] = deque()  # at most `size` messages
-        self._idle: deque[asyncio.Future[None]] = deque()  # one per idle worker
+        self._idle: deque[asyncio.Future[None]] = deque()  # one per idle worker, a stack
         self._waking = 0  # workers woken that have not run yet
         self._room: deque[asyncio.Future[None]] = deque()  # submits waiting for room
         self._closed = False
@@ -81,7 +81,7 @@ class WorkerPool:
         task step, as a plain callback would: no task switch per message.
         """
         while self._waking == 0 and self._idle:
-            worker = self._idle.popleft()
+            worker = self._idle.pop()  # the last to go idle: a warm worker, few in use
             if not worker.done():  # a worker cancelled while idle is skipped
                 worker.set_result(None)
                 self._waking = 1
