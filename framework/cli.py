@@ -348,7 +348,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return with_client(args, body)
 
 
-def _check_name(name: str | None) -> None:
+def check_service_name_arg(name: str | None) -> None:
+    """A service name given on the command line: a usage error if it is not a token."""
     from .names import check_token
 
     if name is not None:
@@ -373,7 +374,7 @@ def _discovery(
     render: Callable[[Sequence[Any]], str],
 ) -> int:
     """`info` and `stats`: ask every instance (of NAME), print JSON or a rendering."""
-    _check_name(args.name)
+    check_service_name_arg(args.name)
     timeout = discovery_timeout(args)
 
     async def body(client: Client) -> int:

@@ -42,6 +42,7 @@ from .cli import (
     _read_payload,
     _table,
     add_connection_options,
+    check_service_name_arg,
     print_json,
     with_client,
 )
@@ -129,16 +130,6 @@ def _check_id(option: str, value: str | None) -> str | None:
             f"invalid {option} {value!r}: use 1-{h.MAX_ID} letters, digits or ._:@/+=-",
             ExitCode.USAGE,
         ) from None
-
-
-def _check_service(name: str | None) -> None:
-    from .names import check_token
-
-    if name is not None:
-        try:
-            check_token(name, "service name")
-        except InvalidName as error:
-            raise CliError(str(error), ExitCode.USAGE) from None
 
 
 def _timeout(args: argparse.Namespace, default: float) -> float:
@@ -244,7 +235,7 @@ def cmd_dlq_ls(args: argparse.Namespace) -> int:
     """The dead letters, oldest first."""
     from .deadletter import list_dead_letters
 
-    _check_service(args.service)
+    check_service_name_arg(args.service)
     timeout = _timeout(args, DLQ_TIMEOUT)
 
     async def body(client: Client) -> int:
@@ -353,7 +344,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         raise CliError("give dead letter IDs or --all (not both)", ExitCode.USAGE)
     if args.service is not None and not args.all:
         raise CliError("--service goes with --all", ExitCode.USAGE)
-    _check_service(args.service)
+    check_service_name_arg(args.service)
     timeout = _timeout(args, DLQ_TIMEOUT)
 
     async def replay_one(client: Client, letter_id: int, known: Any) -> _Replayed:

@@ -89,9 +89,11 @@ class Mux:
         self._pending[token] = (future, batch if batch is not None else [] if many else None)
         return token, future
 
-    async def _publish(self, subject: str, data: bytes, token: str) -> None:
+    async def _publish(
+        self, subject: str, data: bytes, token: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.requests += 1
-        await self._nc.publish(subject, data, reply=self._prefix + token)
+        await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
 
     async def request(
         self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None
@@ -99,8 +101,7 @@ class Mux:
         """One request, one reply: what nats-py's `request` does, for less."""
         token, future = self._register(False)
         try:
-            self.requests += 1
-            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+            await self._publish(subject, data, token, headers)
             async with asyncio.timeout(timeout):
                 reply: Msg = await future
         except TimeoutError:

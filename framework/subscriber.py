@@ -416,8 +416,7 @@ class Subscriber:
             return
         self._outstanding = max(0, self._outstanding - 1)
         if self._stopping:
-            with contextlib.suppress(Exception):
-                await msg.nak()
+            await _hand_back(msg)
             return
         self._taken += 1
         if self._processed is not None:  # looked up together, then handed to the workers
@@ -459,9 +458,8 @@ class Subscriber:
     async def _hand_over(self, screened: list[_Screened], seen: set[str] | None) -> None:
         assert self._pool is not None
         for item in screened:
-            if self._stopping:  # handed back for another replica, as on arrival
-                with contextlib.suppress(Exception):
-                    await item.msg.nak()
+            if self._stopping:  # as on arrival
+                await _hand_back(item.msg)
                 continue
             if seen is not None and item.info is not None:
                 item.seen = item.info.event_id in seen
@@ -515,12 +513,13 @@ class Subscriber:
     # -- handling --------------------------------------------------------------------
 
     async def _handle(self, item: Any) -> None:
-        msg = item.msg if type(item) is _Screened else item
+        screened = item if type(item) is _Screened else None
+        msg = item if screened is None else screened.msg
         key = id(msg)
         self._active[key] = (msg, time.monotonic())
         self.stats.in_flight += 1
         try:
-            await self._process(msg, item if type(item) is _Screened else None)
+            await self._process(msg, screened)
         except Exception as exc:  # never lose the worker; hand the event back for a retry
             if isinstance(exc, NatsError | TimeoutError | OSError):
                 _log.warning(
@@ -536,7 +535,7 @@ class Subscriber:
             self.stats.in_flight -= 1
             if key not in self._deferred:
                 self._release(key)
-                if type(item) is _Screened:
+                if screened is not None:
                     self._readmit()
 
     def _release(self, key: int) -> None:
@@ -751,6 +750,13 @@ class Subscriber:
             stream_sequence=sequence,
         )
         await msg.term()
+
+
+async def _hand_back(msg: Any) -> None:
+    """A stopping replica naks what it will not handle: another one takes it now,
+    instead of after ack_wait."""
+    with contextlib.suppress(Exception):
+        await msg.nak()
 
 
 def _fields(msg: Any) -> tuple[str, int, int, int]:

@@ -609,3 +609,39 @@ async def test_a_batch_publisher_kept_for_many_batches_holds_one_batch(serve, cl
         assert len(acks) == len(publisher.acks) == 50  # this batch's, not all so far
         assert {a.event_id for a in acks} == {a.event_id for a in publisher.acks}
     assert (await client.js.stream_info("EVENTS_ORDER")).state.messages == 150
+
+
+async def test_a_failed_batch_lookup_falls_back_to_each_worker_asking(serve, client):
+    handled: Counter[str] = Counter()
+    svc = Service("lookupfail")
+
+    @svc.subscribe("order.created.v1", max_concurrency=4)
+    async def on_created(event: OrderCreated) -> None:
+        handled[event.order_id] += 1
+
+    await serve(svc)
+    sub = svc.subscribers[0]
+    processed = sub._processed
+    assert processed is not None
+    assert await processed.mark_all(["evt-done"]) == [None]  # handled before
+    failures = 0
+
+    async def unavailable(ids):  # the batched lookup fails; asking one by one works
+        nonlocal failures
+        failures += 1
+        raise TimeoutError("no answer")
+
+    processed.seen_among = unavailable  # type: ignore[method-assign]
+    await client.publish("order.created.v1", OrderCreated("done", 1), event_id="evt-done")
+    await client.publish("order.created.v1", OrderCreated("new", 2), event_id="evt-new")
+
+    async def settled() -> bool:
+        info = await client.js.consumer_info(sub.stream, sub.durable)
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await wait_until(lambda: handled["new"] == 1)
+    await wait_until(settled)
+    assert failures >= 1
+    assert handled == Counter({"new": 1})  # the one already handled was skipped
+    assert sub.duplicates == 1
+    assert await processed.seen("evt-new")
