@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
-from framework.devserver import NatsServer, find_nats_server
+from framework.dev.devserver import NatsServer, find_nats_server
 
 __all__ = [
     "RESULTS_FILE",

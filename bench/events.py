@@ -64,7 +64,7 @@ from bench.common import (
     run_standalone,
 )
 from framework import Service, configure_logging, connect
-from framework.events import BatchPublisher
+from framework.events.publish import BatchPublisher
 
 KEY = "events"
 STREAM = "EVENTS_BENCH"

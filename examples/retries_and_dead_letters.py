@@ -16,7 +16,7 @@ import uuid
 import msgspec
 
 from framework import Client, Context, Reject, Service, configure_logging, connect
-from framework.deadletter import DeadLetter, list_dead_letters, replay_dead_letter
+from framework.events.deadletter import DeadLetter, list_dead_letters, replay_dead_letter
 
 
 class Invoice(msgspec.Struct):

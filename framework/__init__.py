@@ -15,10 +15,10 @@ from .errors import (
     RemoteError,
     ServiceError,
 )
-from .logging import configure_logging
+from .observability.logging import configure_logging
+from .observability.tracing import configure_telemetry
 from .service import Service
 from .streams import Stream
-from .telemetry import configure_telemetry
 
 __all__ = [
     "BadRequest",

@@ -20,10 +20,6 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from . import headers as h
-from . import telemetry
-from .codec import decode, encode_payload
-from .discovery import InfoResponse, PingResponse, StatsResponse, gather
 from .errors import (
     DeadlineExceeded,
     NoResponders,
@@ -32,11 +28,15 @@ from .errors import (
     ServiceError,
     error_from_code,
 )
-from .events import BatchPublisher, publish_event
-from .headers import wire_size
-from .mux import Mux
-from .names import check_subject
-from .settings import ConnectSettings
+from .events.publish import BatchPublisher, publish_event
+from .observability import tracing as telemetry
+from .rpc.discovery import InfoResponse, PingResponse, StatsResponse, gather
+from .transport import headers as h
+from .transport.codec import decode, encode_payload
+from .transport.headers import wire_size
+from .transport.mux import Mux
+from .transport.names import check_subject
+from .transport.settings import ConnectSettings
 
 if TYPE_CHECKING:
     from .context import Context

@@ -96,8 +96,8 @@ def _backend_options() -> dict[str, Any]:
 def run_services(
     services: Sequence[Service], url: str | Sequence[str] | None = None, *, grace: float = 10.0
 ) -> None:
-    from .logging import configure_logging
-    from .telemetry import configure_telemetry
+    from .observability.logging import configure_logging
+    from .observability.tracing import configure_telemetry
 
     configure_logging()
     configure_telemetry("+".join(service.name for service in services))

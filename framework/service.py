@@ -11,13 +11,13 @@ import structlog
 
 from .client import Client
 from .context import Context
-from .discovery import Responder
-from .headers import new_id
-from .idempotency import DEFAULT_TTL
-from .names import check_endpoint_name, check_event_type, check_service_name
-from .rpc import RpcEndpoint
-from .signature import Handler, read_signature
-from .subscriber import DEFAULT_BACKOFF, Subscriber
+from .events.idempotency import DEFAULT_TTL
+from .events.subscriber import DEFAULT_BACKOFF, Subscriber
+from .rpc.discovery import Responder
+from .rpc.endpoint import RpcEndpoint
+from .transport.headers import new_id
+from .transport.names import check_endpoint_name, check_event_type, check_service_name
+from .transport.signature import Handler, read_signature
 
 if TYPE_CHECKING:
     from .streams import Stream

@@ -16,7 +16,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from .errors import ConfigConflict
-from .names import EVENT_PREFIX, check_token, event_domain
+from .transport.names import EVENT_PREFIX, check_token, event_domain
 
 if TYPE_CHECKING:
     from .client import Client

@@ -2,7 +2,7 @@
 
 Registered through the ``pytest11`` entry point, so any project that installs the
 framework gets ``nats_server``, ``nats_url``, ``nats_cluster``, ``client`` and
-``serve``. Only :mod:`framework.devserver` is imported eagerly; the client and
+``serve``. Only :mod:`framework.dev.devserver` is imported eagerly; the client and
 service modules are imported inside the fixtures, so the plugin (and with it every
 test run) still loads while one of them is broken.
 """
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import pytest
 import pytest_asyncio
 
-from framework.devserver import NatsCluster, NatsServer
+from framework.dev.devserver import NatsCluster, NatsServer
 
 __all__ = ["Serve", "client", "eventually", "nats_cluster", "nats_server", "nats_url", "serve"]
 
@@ -65,7 +65,7 @@ class Serve(Protocol):
 
 def pytest_configure(config: pytest.Config) -> None:
     """Readable log lines on stderr, where pytest shows them next to a failure."""
-    from framework.logging import configure_logging
+    from framework.observability.logging import configure_logging
 
     configure_logging(json=False)
 

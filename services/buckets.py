@@ -14,7 +14,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError
 
 from framework import Client, NotFound
-from framework.idempotency import open_bucket
+from framework.events.idempotency import open_bucket
 
 T = TypeVar("T")
 

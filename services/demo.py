@@ -84,7 +84,7 @@ def _tracing() -> tuple[Any, Any]:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-        from framework.trace_file import SpanFileExporter
+        from framework.observability.trace_file import SpanFileExporter
     except ImportError:  # no SDK: orders still flow, the trace is just not shown
         return None, trace.get_tracer("demo")
     from opentelemetry.sdk.resources import Resource
@@ -96,8 +96,8 @@ def _tracing() -> tuple[Any, Any]:
 
 
 def _show_trace(provider: Any, order: Order) -> None:
-    from framework.console_traces import render_trace
-    from framework.trace_file import read_trace
+    from framework.observability.console_traces import render_trace
+    from framework.observability.trace_file import read_trace
 
     provider.force_flush()
     time.sleep(1.0)  # the services write their spans every 200 ms

@@ -20,11 +20,11 @@ import nats
 import pytest
 
 from framework import Context, InvalidName, PublishError, Service, ServiceError
-from framework.deadletter import list_dead_letters
-from framework.devserver import NatsServer
-from framework.names import check_endpoint_name, check_service_name, check_token
+from framework.dev.devserver import NatsServer
+from framework.events.deadletter import list_dead_letters
 from framework.streams import stream_name_for_domain
 from framework.testing import eventually as wait_until
+from framework.transport.names import check_endpoint_name, check_service_name, check_token
 
 EVENT = "order.created.v1"
 EVENT_SUBJECT = "events.order.created.v1"

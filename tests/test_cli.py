@@ -2,7 +2,7 @@
 
 Most tests call `main(argv)` in-process (in a worker thread when a service runs in the
 test's event loop, since `main` starts a loop of its own); the `mesh run` test and a few
-others run the real console script or `python -m framework.cli` as a subprocess.
+others run the real console script or `python -m framework.cli.main` as a subprocess.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import msgspec
 import pytest
 
 from framework import BadRequest, Service, ServiceError, cli
-from framework.cli import ExitCode, build_parser, main
-from framework.devserver import free_port
+from framework.cli.main import ExitCode, build_parser, main
+from framework.dev.devserver import free_port
 
 
 class Hello(msgspec.Struct):
@@ -70,7 +70,7 @@ def mesh_command() -> list[str]:
     if script.is_file():
         return [str(script)]
     found = shutil.which("mesh")
-    return [found] if found else [sys.executable, "-m", "framework.cli"]
+    return [found] if found else [sys.executable, "-m", "framework.cli.main"]
 
 
 # --- help and parser -------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_extension_module_registers_commands(monkeypatch, capsys):
-    """`framework.cli_events.register(subparsers)` plugs commands in (publish, dlq ...)."""
+    """`framework.cli.events.register(subparsers)` plugs commands in (publish, dlq ...)."""
 
     def register(subparsers):
         publish = subparsers.add_parser("publish", help="publish an event")
@@ -114,9 +114,9 @@ def test_extension_module_registers_commands(monkeypatch, capsys):
         dlq_commands.add_parser("ls").set_defaults(handler=lambda args: 42)
         return {"publish": lambda args: print(f"published {args.event_type} to {args.url}") or 0}
 
-    fake = types.ModuleType("framework.cli_events")
+    fake = types.ModuleType("framework.cli.events")
     fake.register = register  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "framework.cli_events", fake)
+    monkeypatch.setitem(sys.modules, "framework.cli.events", fake)
 
     _, handlers = build_parser()
     assert {"run", "call", "ls", "info", "stats", "publish"} <= set(handlers)
@@ -266,7 +266,7 @@ async def test_json_output_is_the_raw_responses(serve, nats_url, capsys):
 
 def test_subscriber_columns_appear_when_reported(monkeypatch, capsys):
     """A subscriber's `data` (pending, redelivered, dead_lettered) gets its own columns."""
-    from framework.discovery import EndpointStats, StatsResponse
+    from framework.rpc.discovery import EndpointStats, StatsResponse
 
     response = StatsResponse(
         name="notifier",
@@ -404,7 +404,7 @@ def test_mesh_run_serves_until_sigterm(tmp_path, nats_url, capsys):
 
         # the module form, with the payload on stdin
         done = subprocess.run(
-            [sys.executable, "-m", "framework.cli", "call", "clisample.hello", "-"],
+            [sys.executable, "-m", "framework.cli.main", "call", "clisample.hello", "-"],
             input='{"name": "bo"}',
             env=env,
             capture_output=True,

@@ -20,9 +20,9 @@ import msgspec
 import pytest
 
 from framework import Context, Service
-from framework.cli import ExitCode, main
-from framework.deadletter import DeadLetter, list_dead_letters, send_to_dead_letter
-from framework.devserver import free_port
+from framework.cli.main import ExitCode, main
+from framework.dev.devserver import free_port
+from framework.events.deadletter import DeadLetter, list_dead_letters, send_to_dead_letter
 from framework.testing import eventually as wait_until
 
 
@@ -42,7 +42,7 @@ def mesh_command() -> list[str]:
     if script.is_file():
         return [str(script)]
     found = shutil.which("mesh")
-    return [found] if found else [sys.executable, "-m", "framework.cli"]
+    return [found] if found else [sys.executable, "-m", "framework.cli.main"]
 
 
 async def wait_for_dead_letters(client: Any, count: int, timeout: float = 10.0) -> list[DeadLetter]:

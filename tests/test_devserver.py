@@ -15,7 +15,7 @@ import nats
 import pytest
 from nats.js.api import StorageType
 
-from framework.devserver import (
+from framework.dev.devserver import (
     NatsCluster,
     NatsServer,
     find_nats_server,

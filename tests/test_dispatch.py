@@ -6,7 +6,7 @@ import asyncio
 
 import anyio
 
-from framework.dispatch import WorkerPool
+from framework.transport.dispatch import WorkerPool
 
 
 async def _burst(pool: WorkerPool, count: int) -> None:

@@ -21,8 +21,8 @@ from framework import (
     Reject,
     Service,
 )
-from framework.deadletter import get_dead_letter, list_dead_letters, replay_dead_letter
-from framework.events import BatchPublisher
+from framework.events.deadletter import get_dead_letter, list_dead_letters, replay_dead_letter
+from framework.events.publish import BatchPublisher
 from framework.streams import Stream, deadletter_stream, ensure_stream
 from framework.testing import eventually as wait_until
 

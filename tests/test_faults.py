@@ -25,9 +25,9 @@ import msgspec
 import pytest
 
 from framework import Client, Context, PublishError, Service, ServiceError, connect
-from framework.deadletter import list_dead_letters
-from framework.devserver import NatsServer, free_port, wait_jetstream_ready
-from framework.events import BatchPublisher
+from framework.dev.devserver import NatsServer, free_port, wait_jetstream_ready
+from framework.events.deadletter import list_dead_letters
+from framework.events.publish import BatchPublisher
 from framework.streams import ensure_streams
 from framework.testing import eventually as wait_until
 
@@ -693,7 +693,7 @@ CLUSTER_DIR = ROOT / "nats-cluster"
 
 
 def test_cluster_configs_are_valid() -> None:
-    from framework.devserver import find_nats_server
+    from framework.dev.devserver import find_nats_server
 
     confs = sorted(CLUSTER_DIR.glob("n*.conf"))
     assert [c.name for c in confs] == ["n1.conf", "n2.conf", "n3.conf"]

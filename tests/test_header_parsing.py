@@ -8,7 +8,7 @@ import random
 import pytest
 from nats.aio.client import Client as NATS
 
-from framework.headers import parse_header_block
+from framework.transport.headers import parse_header_block
 
 nats_py_parse = getattr(NATS, "_parse_header_lines", None)
 needs_nats_py_parser = pytest.mark.skipif(
@@ -64,7 +64,7 @@ async def test_framework_connections_use_the_faster_parser(client):
 def test_event_time_is_what_datetime_formats():
     from datetime import UTC, datetime
 
-    from framework.events import rfc3339_millis
+    from framework.events.publish import rfc3339_millis
 
     rng = random.Random(7)
     stamps = [0.0, 1.0, 1763807825.123, 1763807825.9995, 1763807825.999999, 2**31 + 0.5]
@@ -75,7 +75,7 @@ def test_event_time_is_what_datetime_formats():
 
 
 def test_wire_size_counts_the_header_block_in_bytes():
-    from framework.headers import wire_size
+    from framework.transport.headers import wire_size
 
     rng = random.Random(11)
     alphabet = ["a", "Z", "-", "0", "\u00e9", "\u4e2d", "\U0001f600", " "]

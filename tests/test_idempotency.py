@@ -10,7 +10,7 @@ import pytest
 from nats.errors import NoRespondersError
 from nats.js import api
 
-from framework.idempotency import BATCH_KEYS, ProcessedIds, ResponseCache, kv_key
+from framework.events.idempotency import BATCH_KEYS, ProcessedIds, ResponseCache, kv_key
 from framework.testing import eventually
 
 

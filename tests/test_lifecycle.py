@@ -15,8 +15,8 @@ import msgspec
 import pytest
 
 from framework import DeadlineExceeded, NoResponders, Service, connect
-from framework.devserver import NatsServer
-from framework.events import BatchPublisher
+from framework.dev.devserver import NatsServer
+from framework.events.publish import BatchPublisher
 
 
 class Job(msgspec.Struct):

@@ -21,7 +21,7 @@ from framework import (
     Service,
     ServiceError,
 )
-from framework.headers import CORRELATION_ID, DEADLINE, ERROR, ERROR_CODE
+from framework.transport.headers import CORRELATION_ID, DEADLINE, ERROR, ERROR_CODE
 
 
 class Charge(msgspec.Struct):

@@ -28,11 +28,11 @@ import msgspec
 import pytest
 
 from framework import Client, Context, NoResponders, PublishError, Reject, Service, ServiceError
-from framework.deadletter import list_dead_letters
-from framework.devserver import NatsServer
-from framework.settings import ConnectSettings
+from framework.dev.devserver import NatsServer
+from framework.events.deadletter import list_dead_letters
 from framework.streams import ensure_streams
 from framework.testing import eventually as wait_until
+from framework.transport.settings import ConnectSettings
 
 ROOT = Path(__file__).parent.parent
 SECURE_CONF = ROOT / "nats-secure.conf"
@@ -99,7 +99,7 @@ def test_credentials_inside_the_url_are_not_in_repr() -> None:
 PROBE = r"""
 import os, sys, anyio
 from framework import Service, connect, configure_logging
-from framework.settings import ConnectSettings
+from framework.transport.settings import ConnectSettings
 
 configure_logging(json=True, level="debug")
 vault = Service("vault")
@@ -410,7 +410,7 @@ async def as_user(server: Any, user: str) -> AsyncIterator[Client]:
 
 
 def test_secure_conf_is_valid_and_binds_loopback() -> None:
-    from framework.devserver import find_nats_server
+    from framework.dev.devserver import find_nats_server
 
     env = {
         **os.environ,

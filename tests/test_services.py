@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from framework import BadRequest, NotFound, ServiceError
-from framework.deadletter import list_dead_letters, replay_dead_letter
+from framework.events.deadletter import list_dead_letters, replay_dead_letter
 from framework.runner import load_service
 from framework.testing import eventually
 from services import notifications, orders, payments

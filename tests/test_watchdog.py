@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from framework.watchdog import Watchdog
+from framework.events.watchdog import Watchdog
 
 
 class TooSlow(Exception):

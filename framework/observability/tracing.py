@@ -34,7 +34,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Status, StatusCode
 
-from .headers import TRACEPARENT
+from ..transport.headers import TRACEPARENT
 
 __all__ = [
     "CONVERSATION_ID",
@@ -55,7 +55,7 @@ __all__ = [
     "start_send_span",
 ]
 
-_log = structlog.get_logger("framework.telemetry")
+_log = structlog.get_logger("framework.observability.tracing")
 
 
 def _flag(name: str, default: bool) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidName
+from ..errors import InvalidName
 
 __all__ = [
     "EVENT_PREFIX",

@@ -19,15 +19,15 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
 
-from . import headers as h
-from . import telemetry
-from .codec import encode_payload
-from .context import Context
-from .errors import NoStream, PermissionDenied, PublishError
-from .names import check_event_type, event_subject
+from ..context import Context
+from ..errors import NoStream, PermissionDenied, PublishError
+from ..observability import tracing as telemetry
+from ..transport import headers as h
+from ..transport.codec import encode_payload
+from ..transport.names import check_event_type, event_subject
 
 if TYPE_CHECKING:
-    from .client import Client
+    from ..client import Client
 
 __all__ = ["BatchPublisher", "PublishAck", "build_event", "publish_error", "publish_event"]
 

@@ -12,21 +12,22 @@ import msgspec
 import structlog
 from anyio.abc import TaskGroup
 
-from . import headers as h
-from . import metrics, telemetry
-from .codec import DECODE_ERRORS, decoder_for, encode, schema_json
-from .context import Context
-from .dispatch import WorkerPool
-from .errors import BadRequest, DeadlineExceeded, ServiceError
-from .signature import NO_PAYLOAD, Handler, HandlerSignature
+from ..context import Context
+from ..errors import BadRequest, DeadlineExceeded, ServiceError
+from ..observability import metrics
+from ..observability import tracing as telemetry
+from ..transport import headers as h
+from ..transport.codec import DECODE_ERRORS, decoder_for, encode, schema_json
+from ..transport.dispatch import WorkerPool
+from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .idempotency import ResponseCache
+    from ..client import Client
+    from ..events.idempotency import ResponseCache
 
 __all__ = ["RpcEndpoint", "read_request_headers"]
 
-_log = structlog.get_logger("framework.rpc")
+_log = structlog.get_logger("framework.rpc.endpoint")
 
 
 class RequestHeaders(msgspec.Struct):
@@ -124,7 +125,7 @@ class RpcEndpoint:
         self._client = client
         self.stats.reset()  # a service served again starts its counts afresh
         if self.idempotent:
-            from .idempotency import ResponseCache
+            from ..events.idempotency import ResponseCache
 
             self._cache = await ResponseCache.open(client, self.service, self.name)
 

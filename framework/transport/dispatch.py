@@ -28,7 +28,7 @@ from anyio.abc import TaskGroup
 
 __all__ = ["WorkerPool"]
 
-_log = structlog.get_logger("framework.dispatch")
+_log = structlog.get_logger("framework.transport.dispatch")
 
 _STOP: Any = object()
 

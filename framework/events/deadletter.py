@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from nats.js.errors import NotFoundError
 
-from . import headers as h
-from .errors import NotFound, PublishError
-from .streams import DEADLETTER_STREAM
+from ..errors import NotFound, PublishError
+from ..streams import DEADLETTER_STREAM
+from ..transport import headers as h
 
 if TYPE_CHECKING:
-    from .client import Client
+    from ..client import Client
 
 __all__ = [
     "DeadLetter",
@@ -174,7 +174,7 @@ async def replay_dead_letter(client: Client, dead_letter_id: int) -> Any:
             letter.subject, letter.data.encode(), headers=out, timeout=5.0
         )
     except Exception as exc:
-        from .events import publish_error
+        from .publish import publish_error
 
         reason = publish_error(letter.subject, exc)
         raise type(reason)(f"replay of dead letter {dead_letter_id} failed: {reason}") from exc

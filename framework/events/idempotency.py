@@ -10,7 +10,7 @@ close it with a business key of their own (e.g. charge once per order id).
 `ProcessedIds` talks to the bucket's stream directly, by the documented KV
 conventions (ADR-8: stream `KV_<bucket>`, subject `$KV.<bucket>.<key>`, a delete or
 purge is a message with a `KV-Operation` header) and the Direct Get API (ADR-31), over
-one wildcard inbox subscription per connection (`framework.mux`). A subscriber asks
+one wildcard inbox subscription per connection (`framework.transport.mux`). A subscriber asks
 about a pulled batch with `seen_among` (one batched `multi_last` direct get; `seen`
 calls of one event-loop iteration are batched the same way) and marks its successes
 with `mark_all`: one fast-ingest batch where the bucket allows it, else one JetStream
@@ -31,13 +31,13 @@ import msgspec
 from nats.js import api
 from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError
 
-from .mux import Mux, Unsupported, status_error
-from .streams import default_replicas
+from ..streams import default_replicas
+from ..transport.mux import Mux, Unsupported, status_error
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
-    from .client import Client
+    from ..client import Client
 
 __all__ = ["DEFAULT_TTL", "ProcessedIds", "ResponseCache", "kv_key", "open_bucket"]
 

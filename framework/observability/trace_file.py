@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from .telemetry import DELIVERY_ATTEMPT, SERVICE
+from .tracing import DELIVERY_ATTEMPT, SERVICE
 
 __all__ = ["SpanFileExporter", "read_trace"]
 

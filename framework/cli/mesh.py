@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .supervisor import DEFAULT_SERVICES, MeshSpec, down, up, up_detached
+from ..dev.supervisor import DEFAULT_SERVICES, MeshSpec, down, up, up_detached
 
 if TYPE_CHECKING:
-    from .cli import Handler, Subparsers
+    from .main import Handler, Subparsers
 
 __all__ = ["register"]
 
@@ -46,7 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Subparsers) -> Mapping[str, Handler]:
-    from .cli import _subparser
+    from .main import _subparser
 
     up_parser = _subparser(
         subparsers, "up", "start nats-server (nats.conf) and the sample services"

@@ -73,7 +73,7 @@ async def _pump(stream: Any, prefix: str, out: IO[str]) -> None:
 
 
 async def _wait_ready(url: str, names: set[str], timeout: float) -> bool:
-    from .client import connect
+    from ..client import connect
 
     with anyio.move_on_after(timeout):
         async with connect(url, name="mesh-up") as client:
@@ -100,7 +100,7 @@ class _Child:
     async def keep_running(self) -> None:
         while not self.stopping:
             self.process = await anyio.open_process(
-                [sys.executable, "-m", "framework.cli", "run", self.spec],
+                [sys.executable, "-m", "framework.cli.main", "run", self.spec],
                 env=self.env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -174,7 +174,7 @@ async def _run(spec: MeshSpec, server: NatsServer, out: IO[str]) -> int:
 
 
 def up(spec: MeshSpec, out: IO[str] = sys.stdout) -> int:
-    from .logging import configure_logging
+    from ..observability.logging import configure_logging
 
     configure_logging(level="WARNING")
     MESH_DIR.mkdir(exist_ok=True)
@@ -188,7 +188,7 @@ def up(spec: MeshSpec, out: IO[str] = sys.stdout) -> int:
 
 def up_detached(spec: MeshSpec, args: Sequence[str], out: IO[str] = sys.stdout) -> int:
     """Start `mesh up` in the background (output in .mesh/mesh.log) and wait for readiness."""
-    from .logging import configure_logging
+    from ..observability.logging import configure_logging
 
     configure_logging(level="ERROR")  # connection attempts while NATS starts are expected
     MESH_DIR.mkdir(exist_ok=True)
@@ -197,7 +197,7 @@ def up_detached(spec: MeshSpec, args: Sequence[str], out: IO[str] = sys.stdout) 
         return 1
     with LOG_FILE.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "framework.cli", "up", *args],
+            [sys.executable, "-m", "framework.cli.main", "up", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

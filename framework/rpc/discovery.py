@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 from nats.aio.client import Client as NATS
 
-from .stats import HandlerStats
+from ..observability.stats import HandlerStats
 
 __all__ = [
     "EndpointInfo",

@@ -25,32 +25,33 @@ from nats.errors import Error as NatsError
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from . import headers as h
-from . import metrics, telemetry
-from .codec import DECODE_ERRORS, decoder_for, schema_json
-from .context import Context
-from .deadletter import REPLAY_OF, send_to_dead_letter
-from .dispatch import WorkerPool
-from .errors import (
+from ..context import Context
+from ..errors import (
     BadRequest,
     ConfigConflict,
     NoStream,
     PublishError,
     Reject,
 )
+from ..observability import metrics
+from ..observability import tracing as telemetry
+from ..streams import differences
+from ..transport import headers as h
+from ..transport.codec import DECODE_ERRORS, decoder_for, schema_json
+from ..transport.dispatch import WorkerPool
+from ..transport.names import event_subject
+from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
+from .deadletter import REPLAY_OF, send_to_dead_letter
 from .idempotency import DEFAULT_TTL, ProcessedIds
-from .names import event_subject
 from .settle import Settlement
-from .signature import NO_PAYLOAD, Handler, HandlerSignature
-from .streams import differences
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from .client import Client
+    from ..client import Client
 
 __all__ = ["DEFAULT_BACKOFF", "Subscriber", "ack_fields", "read_event_headers"]
 
-_log = structlog.get_logger("framework.subscriber")
+_log = structlog.get_logger("framework.events.subscriber")
 
 
 class _KeyLocks:

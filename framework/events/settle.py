@@ -26,7 +26,7 @@ from .idempotency import ProcessedIds
 
 __all__ = ["Settlement"]
 
-_log = structlog.get_logger("framework.subscriber")
+_log = structlog.get_logger("framework.events.subscriber")
 
 # what `done` is told: the handler's duration when acked, None when nak'd
 Done = Callable[[Any, int | None], None]

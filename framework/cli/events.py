@@ -5,7 +5,7 @@
     mesh dlq show ID [--json]
     mesh dlq replay ID [ID ...] | --all [--service NAME] [--json]
 
-Plugged into `mesh` by `framework.cli`, which imports this module and calls
+Plugged into `mesh` by `framework.cli.main`, which imports this module and calls
 `register(subparsers)`. Exit codes are the `mesh` table:
 
     publish      0 stored, or a duplicate of an event already stored (same event id);
@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 
-from .cli import (
+from ..errors import BadRequest, InvalidName, NoStream, NotFound, PublishError
+from .main import (
     CliError,
     ExitCode,
     Handler,
@@ -46,11 +47,10 @@ from .cli import (
     print_json,
     with_client,
 )
-from .errors import BadRequest, InvalidName, NoStream, NotFound, PublishError
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .deadletter import DeadLetter
+    from ..client import Client
+    from ..events.deadletter import DeadLetter
 
 __all__ = ["cmd_dlq_ls", "cmd_dlq_replay", "cmd_dlq_show", "cmd_publish", "register"]
 
@@ -119,7 +119,7 @@ def _dead_letter_id(text: str) -> int:
 
 
 def _check_id(option: str, value: str | None) -> str | None:
-    from . import headers as h
+    from ..transport import headers as h
 
     if value is None:
         return None
@@ -185,7 +185,7 @@ def _publish_headers(items: Sequence[str] | None) -> dict[str, str]:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     """Publish one event and wait for JetStream to store it."""
-    from .names import check_event_type
+    from ..transport.names import check_event_type
 
     try:
         check_event_type(args.event_type)
@@ -233,7 +233,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_dlq_ls(args: argparse.Namespace) -> int:
     """The dead letters, oldest first."""
-    from .deadletter import list_dead_letters
+    from ..events.deadletter import list_dead_letters
 
     check_service_name_arg(args.service)
     timeout = _timeout(args, DLQ_TIMEOUT)
@@ -308,7 +308,7 @@ def _describe(letter: DeadLetter) -> str:
 
 def cmd_dlq_show(args: argparse.Namespace) -> int:
     """One dead letter: why, where from, the original headers and payload."""
-    from .deadletter import get_dead_letter
+    from ..events.deadletter import get_dead_letter
 
     timeout = _timeout(args, DLQ_TIMEOUT)
 
@@ -338,7 +338,7 @@ class _Replayed(msgspec.Struct, omit_defaults=True):
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
     """Re-publish dead letters to their original subjects; each is removed once stored."""
-    from .deadletter import get_dead_letter, list_dead_letters, replay_dead_letter
+    from ..events.deadletter import get_dead_letter, list_dead_letters, replay_dead_letter
 
     if args.all == bool(args.ids):
         raise CliError("give dead letter IDs or --all (not both)", ExitCode.USAGE)

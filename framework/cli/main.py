@@ -27,7 +27,7 @@ A `ServiceError` prints `error <code>: <message>` on stderr; every other failure
 `mesh: <message>`; results go to stdout only.
 
 Extending: `build_parser()` returns the parser and a dict of handlers by command name.
-A module `framework.cli_events` (optional, imported when present) may define
+A module `framework.cli.events` (optional, imported when present) may define
 `register(subparsers) -> Mapping[str, Handler] | None`; it adds its subparsers there and
 either returns handlers for its top-level commands or sets them per (sub)parser with
 `set_defaults(handler=...)`, which wins. A handler takes the parsed `argparse.Namespace`
@@ -51,12 +51,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import anyio
 import msgspec
 
-from .errors import BadRequest, InvalidName, ServiceError
-from .settings import DEFAULT_URL, split_urls
+from ..errors import BadRequest, InvalidName, ServiceError
+from ..transport.settings import DEFAULT_URL, split_urls
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .service import Service
+    from ..client import Client
+    from ..service import Service
 
 __all__ = [
     "CliError",
@@ -167,7 +167,7 @@ def _parse_headers(items: Sequence[str] | None) -> dict[str, str]:
         if not sep or not _HEADER_NAME.match(name):
             raise CliError(f"invalid header {item!r}: expected NAME=VALUE", ExitCode.USAGE)
         try:
-            from .headers import check_header
+            from ..transport.headers import check_header
 
             headers[name] = check_header(name, value)
         except BadRequest as error:
@@ -230,7 +230,7 @@ def discovery_timeout(args: argparse.Namespace) -> float:
 @asynccontextmanager
 async def _open_client(url: str | None) -> AsyncIterator[Client]:
     """A client that fails fast: each server tried twice, nothing logged, then exit 7."""
-    from .client import Client
+    from ..client import Client
 
     errors: list[BaseException] = []
 
@@ -282,7 +282,7 @@ def with_client(args: argparse.Namespace, body: Callable[[Client], Awaitable[int
 
 
 def _load(spec: str) -> Service:
-    from .runner import load_service
+    from ..runner import load_service
 
     module_name, _, attr = spec.partition(":")
     if not module_name:
@@ -301,7 +301,7 @@ def _load(spec: str) -> Service:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import run_services
+    from ..runner import run_services
 
     if args.app_dir:
         sys.path.insert(0, os.path.abspath(args.app_dir))
@@ -314,7 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from .names import check_subject
+    from ..transport.names import check_subject
 
     try:
         check_subject(args.subject)
@@ -350,7 +350,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def check_service_name_arg(name: str | None) -> None:
     """A service name given on the command line: a usage error if it is not a token."""
-    from .names import check_token
+    from ..transport.names import check_token
 
     if name is not None:
         try:
@@ -636,11 +636,3 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"mesh: unexpected error: {type(error).__name__}: {error}", file=sys.stderr)
         return ExitCode.FAILURE
-
-
-if __name__ == "__main__":
-    # `python -m framework.cli`: run the canonical module, not this copy named __main__,
-    # so extensions that import framework.cli share its classes (CliError, ...).
-    from framework.cli import main as _main
-
-    raise SystemExit(_main())

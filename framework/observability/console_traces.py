@@ -35,7 +35,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import StatusCode
 
-from .telemetry import DELIVERY_ATTEMPT, SERVICE
+from .tracing import DELIVERY_ATTEMPT, SERVICE
 
 __all__ = ["TraceTreePrinter", "render_trace"]
 

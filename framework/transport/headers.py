@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Mapping
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 __all__ = [
     "CAUSATION_ID",
