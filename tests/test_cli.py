@@ -2,7 +2,7 @@
 
 Most tests call `main(argv)` in-process (in a worker thread when a service runs in the
 test's event loop, since `main` starts a loop of its own); the `mesh run` test and a few
-others run the real console script or `python -m framework.cli.main` as a subprocess.
+others run the real console script or `python -m framework.cli` as a subprocess.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import anyio
 import msgspec
 import pytest
 
-from framework import BadRequest, Service, ServiceError, cli
+import framework.cli.main as cli
+from framework import BadRequest, Service, ServiceError
 from framework.cli.main import ExitCode, build_parser, main
 from framework.dev.devserver import free_port
 
@@ -70,7 +71,7 @@ def mesh_command() -> list[str]:
     if script.is_file():
         return [str(script)]
     found = shutil.which("mesh")
-    return [found] if found else [sys.executable, "-m", "framework.cli.main"]
+    return [found] if found else [sys.executable, "-m", "framework.cli"]
 
 
 # --- help and parser -------------------------------------------------------------------
@@ -404,7 +405,7 @@ def test_mesh_run_serves_until_sigterm(tmp_path, nats_url, capsys):
 
         # the module form, with the payload on stdin
         done = subprocess.run(
-            [sys.executable, "-m", "framework.cli.main", "call", "clisample.hello", "-"],
+            [sys.executable, "-m", "framework.cli", "call", "clisample.hello", "-"],
             input='{"name": "bo"}',
             env=env,
             capture_output=True,

@@ -42,7 +42,7 @@ def mesh_command() -> list[str]:
     if script.is_file():
         return [str(script)]
     found = shutil.which("mesh")
-    return [found] if found else [sys.executable, "-m", "framework.cli.main"]
+    return [found] if found else [sys.executable, "-m", "framework.cli"]
 
 
 async def wait_for_dead_letters(client: Any, count: int, timeout: float = 10.0) -> list[DeadLetter]:

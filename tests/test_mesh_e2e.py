@@ -65,7 +65,7 @@ class MeshProcess:
             [
                 sys.executable,
                 "-m",
-                "framework.cli.main",
+                "framework.cli",
                 "up",
                 "--port",
                 str(port),
@@ -185,7 +185,7 @@ def test_detached_mesh_runs_in_the_background_until_down(tmp_path: Path):
 
     def mesh(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "framework.cli.main", *args],
+            [sys.executable, "-m", "framework.cli", *args],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -219,7 +219,7 @@ async def test_services_stop_when_the_supervisor_is_killed(tmp_path: Path):
     try:
         await _until(lambda: mesh.said("mesh: ready"), 60, "mesh ready")
         children = _children(mesh.proc.pid)
-        services = [pid for pid, cmd in children.items() if "framework.cli.main run" in cmd]
+        services = [pid for pid, cmd in children.items() if "framework.cli run" in cmd]
         servers = [pid for pid, cmd in children.items() if "nats-server" in cmd]
         assert len(services) == 3 and len(servers) == 1, children
     finally:

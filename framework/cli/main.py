@@ -490,11 +490,11 @@ def _subparser(subparsers: Subparsers, name: str, help_text: str) -> argparse.Ar
     )
 
 
-_EXTENSIONS = ("cli_events", "cli_mesh")
+_EXTENSIONS = ("events", "mesh")
 
 
 def _register_extensions(subparsers: Subparsers, handlers: dict[str, Handler]) -> None:
-    """Commands that live elsewhere: `publish`, `dlq ...` (cli_events), `up|down|demo` (cli_mesh)."""
+    """Commands that live elsewhere: `publish`, `dlq ...` (cli.events), `up|down|demo` (cli.mesh)."""
     for extension in _EXTENSIONS:
         module_name = f"{__package__}.{extension}"
         try:

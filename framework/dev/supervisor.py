@@ -100,7 +100,7 @@ class _Child:
     async def keep_running(self) -> None:
         while not self.stopping:
             self.process = await anyio.open_process(
-                [sys.executable, "-m", "framework.cli.main", "run", self.spec],
+                [sys.executable, "-m", "framework.cli", "run", self.spec],
                 env=self.env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -197,7 +197,7 @@ def up_detached(spec: MeshSpec, args: Sequence[str], out: IO[str] = sys.stdout) 
         return 1
     with LOG_FILE.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "framework.cli.main", "up", *args],
+            [sys.executable, "-m", "framework.cli", "up", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
