@@ -356,13 +356,15 @@ def ratio(a: float, b: float) -> float:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table with right-aligned numbers, left-aligned first column."""
+    """A plain-text table: numbers right-aligned, text (and the first column) left."""
     cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    text = [i == 0 or all(isinstance(row[i], str) for row in rows) for i in range(len(headers))]
 
     def line(row: Sequence[str]) -> str:
         return " | ".join(
-            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
+            cell.ljust(widths[i]) if text[i] else cell.rjust(widths[i])
+            for i, cell in enumerate(row)
         )
 
     rule = "-+-".join("-" * w for w in widths)

@@ -15,20 +15,21 @@ each round on a fresh connection; the tables show medians of the rounds.
 - publish batched: at most `MAX_OUTSTANDING` unacknowledged, then wait for every ack.
   Raw: `nc.jetstream(publish_async_max_pending=MAX_OUTSTANDING)`, `js.publish_async`
   per event, `js.publish_async_completed()`; framework:
-  `BatchPublisher(client, max_outstanding=MAX_OUTSTANDING)`.
+  `async with client.batch() as batch` (its default `max_outstanding`, 256).
 - consume with ack: the stream is purged and pre-filled once with N events by the
   framework's `BatchPublisher` (all framework headers; outside any timing), then each
   round drains all N through a fresh durable consumer (a new name per round, deleted
   afterwards). The consumer runs in this (the main) process; the server is the only
   other process. Raw: `js.pull_subscribe(subject, durable)` and a `fetch(batch=
-  FETCH_BATCH)` loop with `json.loads` and `await msg.ack()` per message; framework:
-  a `Service` with `@svc.subscribe(type, idempotent=False, max_concurrency=64)` and a
-  handler that does nothing, and the same with `idempotent=True` (a fresh processed-ids
-  bucket per round, deleted afterwards). Rate is events per second from the first
-  event handled to the last; after each round the consumer must show no pending and
-  no unacknowledged messages. The consumer process's CPU time per event
-  (`time.process_time`) is reported too: it varies less than throughput on a shared
-  machine.
+  FETCH_BATCH)` loop with `json.loads` and `await msg.ack()` per message. Framework, at
+  its defaults as the README shows it: a fresh `Service` per round with
+  `@svc.subscribe(type)` (idempotent, `max_concurrency=16`) and a handler that does
+  nothing; the same with `idempotent=False`; and, as extra tuned rows, both with
+  `max_concurrency=64`. Idempotent rounds delete their processed-ids bucket
+  afterwards. Rate is events per second from the first event handled to the last;
+  after each round the consumer must show no pending and no unacknowledged messages.
+  The consumer process's CPU time per event (`time.process_time`) is reported too: it
+  varies less than throughput on a shared machine.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ STREAM_SUBJECTS = ["events.bench.>"]
 EVENT_TYPE = "bench.item.created.v1"
 SUBJECT = f"events.{EVENT_TYPE}"
 MAX_OUTSTANDING = 256
-FETCH_BATCH = 128  # raw pull size: the framework asks for up to 2 x max_concurrency
-MAX_CONCURRENCY = 64
+FETCH_BATCH = 128  # raw pull size
+MAX_CONCURRENCY = 64  # the tuned rows
 SERVICE = "bench"
 DRAIN_TIMEOUT = 120.0
 
@@ -228,7 +229,7 @@ def publish_batched_framework(url: str, sizes: Sizes) -> Callable[[], Awaitable[
             async def batch(total: int) -> float:
                 gc.collect()
                 started = time.perf_counter()
-                async with BatchPublisher(client, max_outstanding=MAX_OUTSTANDING) as publisher:
+                async with client.batch() as publisher:  # max_outstanding=256 by default
                     for i in range(total):
                         await publisher.publish(EVENT_TYPE, make_item(i))
                 seconds = time.perf_counter() - started
@@ -360,15 +361,16 @@ class Consume:
 
         return run
 
-    def framework(self, *, idempotent: bool) -> Callable[[], Awaitable[RunStats]]:
-        async def run() -> RunStats:
-            name = self._name("idem" if idempotent else "plain")
-            tracker = Tracker(self.backlog)
-            svc = Service(SERVICE, description="events benchmark consumer")
+    def framework(self, **options: Any) -> Callable[[], Awaitable[RunStats]]:
+        """`@svc.subscribe(EVENT_TYPE, **options)` on a fresh service: no options is
+        what the README shows, and what nearly every user runs."""
 
-            @svc.subscribe(
-                EVENT_TYPE, name=name, idempotent=idempotent, max_concurrency=MAX_CONCURRENCY
-            )
+        async def run() -> RunStats:
+            service = f"{SERVICE}{self._name('fw')}".replace("_", "")
+            tracker = Tracker(self.backlog)
+            svc = Service(service, description="events benchmark consumer")
+
+            @svc.subscribe(EVENT_TYPE, **options)
             async def handle(event: Item) -> None:
                 tracker.hit()
 
@@ -380,26 +382,59 @@ class Consume:
                     raise RuntimeError(
                         f"framework consumer stalled at {tracker.count}/{self.backlog}"
                     ) from None
-                durable = f"{SERVICE}_{name}"
+                durable = f"{service}_handle"
                 await settle_consumer(self.js, durable)
             await self.js.delete_consumer(STREAM, durable)
-            if idempotent:
-                await self.js.delete_key_value(f"processed_{SERVICE}_{name}")
+            if options.get("idempotent", True):
+                await self.js.delete_key_value(f"processed_{service}_handle")
             return tracker.stats()
 
         return run
 
+    def framework_default(self) -> Callable[[], Awaitable[RunStats]]:
+        return self.framework()
+
 
 # --- the benchmark ------------------------------------------------------------------
+
+# variant name: (key, label, settings of the framework variant, round factory)
+CONSUME_VARIANTS: dict[str, tuple[str, str, str, Callable[[Consume], Any]]] = {
+    "raw": ("", "", "", lambda c: c.raw()),
+    "default": (
+        "consume_default",
+        "consume with ack, defaults (idempotent)",
+        "@svc.subscribe(type): idempotent, max_concurrency=16",
+        lambda c: c.framework(),
+    ),
+    "plain": (
+        "consume_plain",
+        "consume with ack, idempotent=False",
+        "@svc.subscribe(type, idempotent=False): max_concurrency=16",
+        lambda c: c.framework(idempotent=False),
+    ),
+    "tuned idem": (
+        "consume_tuned_idempotent",
+        f"consume, idempotent, max_concurrency={MAX_CONCURRENCY} (tuned)",
+        f"@svc.subscribe(type, max_concurrency={MAX_CONCURRENCY})",
+        lambda c: c.framework(max_concurrency=MAX_CONCURRENCY),
+    ),
+    "tuned plain": (
+        "consume_tuned_plain",
+        f"consume, idempotent=False, max_concurrency={MAX_CONCURRENCY} (tuned)",
+        f"@svc.subscribe(type, idempotent=False, max_concurrency={MAX_CONCURRENCY})",
+        lambda c: c.framework(idempotent=False, max_concurrency=MAX_CONCURRENCY),
+    ),
+}
 
 
 @dataclass(frozen=True)
 class Result:
-    name: str
+    key: str  # stable id, what `bench.__main__` attaches targets to
+    name: str  # what the tables show
+    settings: str  # what the framework variant used, for the README table
     unit: str
     raw: Summary
     framework: Summary
-    variant: str = "framework"  # the label of the framework variant
 
     @property
     def rate_ratio(self) -> float:
@@ -407,7 +442,9 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "key": self.key,
             "name": self.name,
+            "settings": self.settings,
             "unit": self.unit,
             "raw": self.raw.to_json(),
             "framework": self.framework.to_json(),
@@ -454,7 +491,16 @@ async def benchmark(url: str, args: CommonArgs, use_uvloop: bool = False) -> dic
         publish_rounds,
         on_run=_report,
     )
-    results.append(Result("publish 1-by-1", "events/s", summary["raw"], summary["framework"]))
+    results.append(
+        Result(
+            "publish_one",
+            "publish 1-by-1 (await each ack)",
+            "client.publish(type, event)",
+            "events/s",
+            summary["raw"],
+            summary["framework"],
+        )
+    )
 
     print(
         f"\npublish batched: {sizes.batched} events per round, "
@@ -469,7 +515,16 @@ async def benchmark(url: str, args: CommonArgs, use_uvloop: bool = False) -> dic
         publish_rounds,
         on_run=_report,
     )
-    results.append(Result("publish batched", "events/s", summary["raw"], summary["framework"]))
+    results.append(
+        Result(
+            "publish_batched",
+            "publish batched",
+            f"async with client.batch() (max_outstanding={MAX_OUTSTANDING})",
+            "events/s",
+            summary["raw"],
+            summary["framework"],
+        )
+    )
 
     consume = Consume(url, sizes.backlog)
     await consume.open()
@@ -478,32 +533,21 @@ async def benchmark(url: str, args: CommonArgs, use_uvloop: bool = False) -> dic
         print(
             f"\nconsume with ack: {sizes.backlog} events pre-filled in {fill_seconds:.1f} s "
             f"(untimed); each round drains them all through a fresh durable consumer in "
-            f"this process (raw fetch batch {FETCH_BATCH}, framework max_concurrency "
-            f"{MAX_CONCURRENCY})",
+            f"this process (raw fetch batch {FETCH_BATCH}; framework at its defaults, "
+            f"and tuned with max_concurrency={MAX_CONCURRENCY})",
             flush=True,
         )
         summary = await alternate(
-            {
-                "raw": consume.raw(),
-                "framework": consume.framework(idempotent=False),
-                "framework idem": consume.framework(idempotent=True),
-            },
+            {name: make(consume) for name, (_, _, _, make) in CONSUME_VARIANTS.items()},
             consume_rounds,
             on_run=_report,
         )
         await consume.js.purge_stream(STREAM)
     finally:
         await consume.close()
-    results.append(Result("consume+ack", "events/s", summary["raw"], summary["framework"]))
-    results.append(
-        Result(
-            "consume+ack idempotent",
-            "events/s",
-            summary["raw"],
-            summary["framework idem"],
-            variant="framework idempotent",
-        )
-    )
+    for name, (key, label, settings, _) in CONSUME_VARIANTS.items():
+        if name != "raw":
+            results.append(Result(key, label, settings, "events/s", summary["raw"], summary[name]))
 
     elapsed = time.perf_counter() - started
     print(
