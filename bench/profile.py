@@ -90,25 +90,43 @@ async def relay(url: str, seconds: float) -> None:
 
 
 def top(path: Path, rows: int = 25) -> str:
-    """Self and inclusive share of samples per function, from py-spy's raw output."""
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
+    """Self and inclusive share of samples per function, per process, from py-spy's
+    raw output (`--subprocesses` adds a `process N:"command"` frame)."""
+    own: dict[str, Counter[str]] = {}
+    inclusive: dict[str, Counter[str]] = {}
+    totals: Counter[str] = Counter()
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        total += count
-        frames = [_short(f) for f in stack.split(";")]
-        own[frames[-1]] += count
+        frames = stack.split(";")
+        processes = [f for f in frames if f.startswith("process ")]
+        process = _process(processes[-1]) if processes else "main"
+        frames = [_short(f) for f in frames if not f.startswith("process ")]
+        if not frames:
+            continue
+        totals[process] += count
+        own.setdefault(process, Counter())[frames[-1]] += count
         for frame in set(frames):
-            inclusive[frame] += count
-    out = [f"{total} samples", "", "  self%  function"]
-    out += [f"{100 * n / total:6.1f}  {name}" for name, n in own.most_common(rows)]
-    out += ["", "  incl%  function"]
-    out += [f"{100 * n / total:6.1f}  {name}" for name, n in inclusive.most_common(rows)]
+            inclusive.setdefault(process, Counter())[frame] += count
+    out: list[str] = []
+    for process, total in totals.most_common():
+        out += [f"== {process}: {total} samples", "", "  self%  function"]
+        out += [f"{100 * n / total:6.1f}  {name}" for name, n in own[process].most_common(rows)]
+        out += ["", "  incl%  function"]
+        out += [
+            f"{100 * n / total:6.1f}  {name}" for name, n in inclusive[process].most_common(rows)
+        ]
+        out.append("")
     return "\n".join(out)
+
+
+def _process(frame: str) -> str:
+    """`process 12:"python -m bench.rpc serve-framework URL"` -> `bench.rpc serve-framework`."""
+    command = frame.partition(":")[2].strip('"')
+    words = [w for w in command.split() if not w.startswith(("nats://", "/"))]
+    return " ".join(words[2:] if words[:1] == ["-m"] else words) or "main"
 
 
 def _short(frame: str) -> str:

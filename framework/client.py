@@ -33,10 +33,10 @@ from .observability import tracing as telemetry
 from .rpc.discovery import InfoResponse, PingResponse, StatsResponse, gather
 from .transport import headers as h
 from .transport.codec import decode, encode_payload
-from .transport.headers import wire_size
 from .transport.mux import Mux
 from .transport.names import check_subject
 from .transport.settings import ConnectSettings
+from .transport.wire import header_block
 
 if TYPE_CHECKING:
     from .context import Context
@@ -231,30 +231,21 @@ class Client:
         """
         check_subject(subject)
         wait = self.default_timeout if timeout is None else timeout
-        out: dict[str, str] | None = dict(headers) if headers else None
-        send_deadline = timeout is not None
         if parent is not None:
-            out = out or {}
-            out[h.CORRELATION_ID] = parent.correlation_id
-            if parent.message_id:
-                out[h.CAUSATION_ID] = parent.message_id
             remaining = parent.remaining()
             if remaining is not None:
                 if remaining <= 0:
                     raise DeadlineExceeded(
                         f"deadline passed before calling {subject}", service=_service_of(subject)
                     )
-                wait = min(wait, remaining)
-                send_deadline = True
-        elif correlation_id:
-            out = out or {}
-            out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id)
-        if idempotency_key:
-            out = out or {}
-            out[h.IDEMPOTENCY_KEY] = h.check_id(h.IDEMPOTENCY_KEY, idempotency_key)
-        if send_deadline:
-            out = out or {}
-            out[h.DEADLINE] = str(int((time.time() + wait) * 1000))
+                wait = timeout = min(wait, remaining)
+        out = h.outgoing(
+            headers,
+            parent=parent,
+            correlation_id=correlation_id,
+            deadline=None if timeout is None else time.time() + wait,
+            idempotency_key=idempotency_key,
+        )
         span = telemetry.start_send_span(
             "request",
             subject,
@@ -281,10 +272,12 @@ class Client:
     async def _request(
         self, subject: str, data: bytes, wait: float, out: dict[str, str] | None
     ) -> Any:
-        if wire_size(data, out) > self._nc.max_payload:
+        block = header_block(out) if out else None
+        size = len(data) + (len(block) if block is not None else 0)
+        if size > self._nc.max_payload:
             raise ServiceError(
                 413,
-                f"request of {wire_size(data, out)} bytes (with headers) exceeds the server's "
+                f"request of {size} bytes (with headers) exceeds the server's "
                 f"max_payload of {self._nc.max_payload}",
                 service=_service_of(subject),
             )
@@ -292,7 +285,7 @@ class Client:
         for attempt in (1, 2):
             try:
                 mux = self._mux if self._mux.ready_now else await self.mux()
-                return await self.refusable(subject, mux.request(subject, data, wait, out))
+                return await self.refusable(subject, mux.request(subject, data, wait, block))
             except PermissionDenied as exc:
                 raise ServiceError(403, str(exc), service=_service_of(subject)) from None
             except NoRespondersError:

@@ -476,4 +476,5 @@ async def test_calls_share_one_inbox_subscription_and_leave_nothing_behind(serve
     assert mux.requests - sent == 5 + 1  # the calls and the no-responders INFO lookup
     assert len(client.nc._subs) == subscriptions  # no subscription per call
     assert not mux._pending  # answered, timed out or refused: all forgotten
+    assert not len(mux._timeouts)  # and no deadline is watched any more
     assert not client.nc._resp_map  # nats-py's own request map was never used

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-from nats.errors import NoRespondersError
+from nats.errors import BadHeaderError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
 
@@ -23,8 +23,10 @@ from ..context import Context
 from ..errors import NoStream, PermissionDenied, PublishError
 from ..observability import tracing as telemetry
 from ..transport import headers as h
+from ..transport import wire
 from ..transport.codec import encode_payload
 from ..transport.names import check_event_type, event_subject
+from ..transport.wire import header_block
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -74,21 +76,10 @@ def build_event(
     """Subject, body, headers and event id of an event about to be published."""
     check_event_type(event_type)
     event_id = h.check_id(h.MSG_ID, event_id) if event_id else h.new_id()
-    out = dict(headers) if headers else {}
-    out[h.MSG_ID] = event_id
-    out[h.EVENT_TYPE] = event_type
-    out[h.EVENT_TIME] = _now_rfc3339()
     producer = parent.service if parent is not None else client.name
-    if producer:
-        out[h.PRODUCER] = producer
-    if parent is not None:
-        out[h.CORRELATION_ID] = parent.correlation_id
-        if parent.message_id:
-            out[h.CAUSATION_ID] = parent.message_id
-    elif correlation_id:
-        out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id)
-    else:
-        out[h.CORRELATION_ID] = event_id  # checked above, or made here
+    fields = h.EventFields(event_id, event_type, _now_rfc3339(), producer)
+    out = h.outgoing(headers, parent=parent, correlation_id=correlation_id, event=fields)
+    assert out is not None  # an event always has headers
     return event_subject(event_type), encode_payload(event), out, event_id
 
 
@@ -108,14 +99,22 @@ def _producer_span(subject: str, out: dict[str, str], event_id: str, parent: Con
     return span
 
 
-def _check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
+def _check_size(client: Client, data: bytes, block: bytes) -> None:
     """nats-py checks only the payload; headers past max_payload close the connection."""
-    size = h.wire_size(data, out)
+    size = len(data) + len(block)
     if size > client.nc.max_payload:
         raise PublishError(
             f"event of {size} bytes (with headers) exceeds the server's max_payload of "
             f"{client.nc.max_payload}; not stored"
         )
+
+
+def _encode(subject: str, out: dict[str, str]) -> bytes:
+    """The header block; a header name nats-py would refuse is a failed publish."""
+    try:
+        return header_block(out)
+    except BadHeaderError as exc:
+        raise publish_error(subject, exc) from None
 
 
 def publish_error(subject: str, exc: BaseException) -> PublishError:
@@ -154,10 +153,11 @@ async def publish_event(
     )
     span = _producer_span(subject, out, event_id, parent)
     try:
-        _check_size(client, data, out)
+        block = _encode(subject, out)
+        _check_size(client, data, block)
         try:
             mux = await client.mux()  # nats-py's js.publish: a request and json.loads
-            reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
+            reply = await client.refusable(subject, mux.request(subject, data, timeout, block))
             ack = _decode_pub_ack(reply.data)
             if ack.error is not None:
                 raise APIError.from_error(ack.error)
@@ -242,7 +242,8 @@ class BatchPublisher:
             self.acks, self.failures = [], []
         span = _producer_span(subject, out, event_id, None)  # ends when the ack comes
         try:
-            _check_size(self._client, data, out)
+            block = _encode(subject, out)
+            _check_size(self._client, data, block)
         except PublishError as exc:
             _end(span, exc)
             raise
@@ -259,7 +260,7 @@ class BatchPublisher:
         token = format(self._count, "x")
         self._pending[token] = (event_id, subject, time.monotonic(), span)
         try:
-            await self._client.nc.publish(subject, data, reply=self._prefix + token, headers=out)
+            await wire.publish(self._client.nc, subject, data, self._prefix + token, block)
         except Exception as exc:
             del self._pending[token]
             self._slots.release()

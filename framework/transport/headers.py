@@ -10,6 +10,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from typing import NamedTuple, Protocol
 
 from ..errors import BadRequest
 
@@ -26,10 +27,13 @@ __all__ = [
     "PRODUCER",
     "TRACEPARENT",
     "TRACESTATE",
+    "EventFields",
+    "Parent",
     "check_header",
     "check_headers",
     "check_id",
     "new_id",
+    "outgoing",
     "parse_deadline",
     "parse_header_block",
 ]
@@ -134,3 +138,72 @@ def parse_deadline(value: str) -> float:
     if millis >= ceiling * 1000:  # also keeps 400-digit values away from float()
         return ceiling
     return max(millis, 0) / 1000.0
+
+
+# -- what goes out -----------------------------------------------------------------------
+
+
+class Parent(Protocol):
+    """What a message being handled passes on to the calls and events it causes
+    (a `framework.Context`)."""
+
+    @property
+    def correlation_id(self) -> str: ...
+
+    @property
+    def message_id(self) -> str | None: ...
+
+
+class EventFields(NamedTuple):
+    """The headers only an event carries."""
+
+    event_id: str  # Nats-Msg-Id: JetStream stores one event per id
+    event_type: str
+    event_time: str  # RFC 3339 with milliseconds
+    producer: str | None
+
+
+def outgoing(
+    headers: Mapping[str, str] | None = None,
+    *,
+    parent: Parent | None = None,
+    correlation_id: str | None = None,
+    deadline: float | None = None,
+    idempotency_key: str | None = None,
+    event: EventFields | None = None,
+) -> dict[str, str] | None:
+    """The headers an outgoing call (`event` None) or event publish carries: the one
+    place that decides them. Trace context is added after, by the send span
+    (`observability.tracing.inject_context`).
+
+    - the caller's own `headers` first, so the framework's win on a clash;
+    - `Correlation-Id`: the parent's (a handler's `ctx.call`/`ctx.publish`), else
+      `correlation_id` (checked), else for an event its own id; a call without either
+      sends none (the handler that receives it starts the conversation);
+    - `Causation-Id`: the parent's message id (the event being handled), if any;
+    - `Deadline`: `deadline` (absolute, epoch seconds) as epoch milliseconds, when given;
+    - `Idempotency-Key` (checked), when given;
+    - for an event: `Nats-Msg-Id`, `Event-Type`, `Event-Time` and `Producer` (if known).
+
+    Only headers that carry information: None when there are none at all.
+    """
+    out = dict(headers) if headers else {}
+    if event is not None:
+        out[MSG_ID] = event.event_id
+        out[EVENT_TYPE] = event.event_type
+        out[EVENT_TIME] = event.event_time
+        if event.producer:
+            out[PRODUCER] = event.producer
+    if parent is not None:
+        out[CORRELATION_ID] = parent.correlation_id
+        if parent.message_id:
+            out[CAUSATION_ID] = parent.message_id
+    elif correlation_id:
+        out[CORRELATION_ID] = check_id(CORRELATION_ID, correlation_id)
+    elif event is not None:
+        out[CORRELATION_ID] = event.event_id
+    if idempotency_key:
+        out[IDEMPOTENCY_KEY] = check_id(IDEMPOTENCY_KEY, idempotency_key)
+    if deadline is not None:
+        out[DEADLINE] = str(int(deadline * 1000))
+    return out or None
