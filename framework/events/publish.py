@@ -250,7 +250,7 @@ class BatchPublisher:
         if self._sub is None:
             nc = self._client.nc
             self._prefix = nc.new_inbox() + "."
-            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
+            self._sub = await wire.subscribe_inline(nc, self._prefix + "*", self._on_ack)
         try:
             await self._take_slot(event_id)
         except PublishError as exc:
@@ -300,7 +300,7 @@ class BatchPublisher:
         self.failures.append((event_id, str(error)))
         _end(span, error)
 
-    async def _on_ack(self, msg: Any) -> None:
+    def _on_ack(self, msg: Any) -> None:
         entry = self._pending.pop(msg.subject[len(self._prefix) :], None)
         if entry is None:
             return  # expired already

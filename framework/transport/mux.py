@@ -84,7 +84,9 @@ class Mux:
         if self._sub is None:
             async with self._lock:
                 if self._sub is None:
-                    self._sub = await self._nc.subscribe(self._prefix + ">", cb=self._on_reply)
+                    self._sub = await wire.subscribe_inline(
+                        self._nc, self._prefix + ">", self._on_reply
+                    )
 
     def _register(
         self, many: bool, batch: _FastBatch | None = None
@@ -188,7 +190,7 @@ class Mux:
             self._timeouts.done(key)
             del self._pending[token]
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         self.replies += 1
         rest = msg.subject[self._cut :]
         dot = rest.find(".")

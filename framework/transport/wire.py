@@ -16,16 +16,22 @@ raises or buffers as nats-py does.
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
+import structlog
 from nats.errors import BadHeaderError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
 
-__all__ = ["HEADER_LINE", "fast_path", "header_block", "publish"]
+_log = structlog.get_logger("framework.transport.wire")
+
+__all__ = ["HEADER_LINE", "fast_path", "header_block", "publish", "subscribe_inline"]
 
 HEADER_LINE = "NATS/1.0\r\n"
 # nats-py's rules (`Client._send_publish`): keys are HTTP tokens, stripped; values are
@@ -121,3 +127,41 @@ def _parse_block(block: bytes) -> dict[str, str]:
         if sep:
             out[name] = value
     return out
+
+
+class _Inline:
+    """Stands where nats-py keeps a request's future on a subscription (`future=`):
+    nats-py then hands each message to `set_result` from its read loop, with no queue
+    and no task in between."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[Msg], None]) -> None:
+        self._callback = callback
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
+        try:
+            self._callback(msg)
+        except Exception as exc:  # never into nats-py's read loop: it would drop the link
+            _log.error("message callback failed", error=repr(exc), exc_info=exc)
+
+
+async def subscribe_inline(nc: NATS, subject: str, callback: Callable[[Msg], None]) -> Subscription:
+    """Subscribe with a callback that runs as each message is read: for callbacks
+    that only resolve futures or count (they must not block). A subscription
+    callback otherwise costs a queue put, a task wake-up and a loop iteration per
+    message. nats-py versions without `future=` get an ordinary callback."""
+    if "future" in inspect.signature(nc.subscribe).parameters:
+        inline = cast("Any", _Inline(callback))
+        return await nc.subscribe(subject, future=inline)
+
+    async def call(msg: Msg) -> None:
+        callback(msg)
+
+    return await nc.subscribe(subject, cb=cast("Callable[[Msg], Awaitable[None]]", call))
