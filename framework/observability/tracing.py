@@ -32,9 +32,18 @@ from typing import Any, Final
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+)
 
 from ..transport.headers import TRACEPARENT
+from . import w3c
 
 __all__ = [
     "CONVERSATION_ID",
@@ -148,8 +157,13 @@ def start_handler_span(
     per the messaging conventions: redeliveries are separate spans with the same link.
     """
     incoming = bool(headers) and TRACEPARENT in headers  # type: ignore[operator]
-    if not ENABLED or (not incoming and _no_sdk()):
-        return INVALID_SPAN  # nothing to record and nothing to pass on: skip the API
+    if not ENABLED:
+        return INVALID_SPAN
+    if _no_sdk():
+        if not incoming:
+            return INVALID_SPAN  # nothing to record and nothing to pass on: skip the API
+        if w3c.default_propagation():  # only passed on: the arriving context, read directly
+            return w3c.remote_span(headers)  # type: ignore[arg-type]
     parent = _ROOT
     links: tuple[Link, ...] | None = None
     if incoming:
@@ -194,10 +208,17 @@ def start_send_span(
     """
     if not ENABLED:
         return INVALID_SPAN
-    current_valid = trace.get_current_span().get_span_context().is_valid
+    current = trace.get_current_span()
+    current_valid = current.get_span_context().is_valid
     parent_valid = parent_span is not None and parent_span.get_span_context().is_valid
-    if not current_valid and not parent_valid and _no_sdk():
-        return INVALID_SPAN  # no trace to continue and nothing to record
+    if _no_sdk():  # what the no-op tracer would return: the trace to continue, if any
+        if not current_valid and not parent_valid:
+            return INVALID_SPAN  # no trace to continue and nothing to record
+        passed_on = current if current_valid else parent_span
+        assert passed_on is not None
+        if isinstance(passed_on, NonRecordingSpan):
+            return passed_on
+        return NonRecordingSpan(passed_on.get_span_context())
     context = None
     if parent_valid and not current_valid:
         context = trace.set_span_in_context(parent_span)  # type: ignore[arg-type]
@@ -227,7 +248,10 @@ def inject_context(headers: MutableMapping[str, str], span: Span) -> None:
     sampled flag tells the next service not to record either) or one that arrived.
     With no SDK and no incoming trace no bytes are spent.
     """
-    if span.get_span_context().is_valid:
+    span_context = span.get_span_context()
+    if span_context.is_valid:
+        if w3c.default_propagation() and w3c.inject(headers, span_context):
+            return
         propagate.inject(headers, context=trace.set_span_in_context(span))
 
 
