@@ -112,6 +112,8 @@ def check_header(name: str, value: str) -> str:
     """Reject oversized values and control characters (header injection, log forging)."""
     if len(value) > MAX_HEADER_VALUE:
         raise BadRequest(f"header {name} is longer than {MAX_HEADER_VALUE} characters")
+    if value.isascii() and value.isprintable():
+        return value  # ASCII without control characters: what nearly every value is
     if _CONTROL.search(value):
         raise BadRequest(f"header {name} contains control characters")
     return value
