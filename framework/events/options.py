@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ class SubscribeOptions:
 
     max_deliver: int = 5
     """Attempts before the event is dead-lettered (>= 1)."""
-    backoff: tuple[float, ...] = DEFAULT_BACKOFF
+    backoff: Sequence[float] = DEFAULT_BACKOFF
     """Seconds before attempt i + 2 (each >= 0; the last repeats; empty: no delay)."""
     ack_wait: float = 30.0
     """Seconds an unacknowledged delivery waits before redelivery (> 0)."""
@@ -52,7 +52,8 @@ class SubscribeOptions:
     `ack_pending_limit`)."""
 
     def __post_init__(self) -> None:
-        # a list is accepted for `backoff` (the README shows one); stored as a tuple
+        # a list is accepted for `backoff` (the README shows one); kept as a tuple, so
+        # the options stay immutable and hashable
         backoff = tuple(float(delay) for delay in self.backoff) or (0.0,)
         object.__setattr__(self, "backoff", backoff)
         if self.max_deliver < 1 or self.max_concurrency < 1:

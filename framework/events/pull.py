@@ -65,7 +65,7 @@ class Puller:
         self._last_activity = 0.0
         self._reconnects = -1
         self._consumer_check_due = False
-        self._scope = anyio.CancelScope()
+        self._scope: anyio.CancelScope | None = None  # built in `start`: it needs a loop
         self._stopping = False
 
     async def start(self, nc: NATS, submit: Submit, arrive: Arrive | None) -> None:
@@ -80,6 +80,7 @@ class Puller:
 
     async def run(self) -> None:
         """Pull and keep alive until `stop`."""
+        assert self._scope is not None, "started"
         with self._scope:
             async with anyio.create_task_group() as loops:
                 loops.start_soon(self._pull_loop)
@@ -88,7 +89,8 @@ class Puller:
     async def stop(self, timeout: float) -> None:
         """Stop pulling; what is already on its way is handed back, for another replica."""
         self._stopping = True
-        self._scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
         if self._sub is not None:
             # drain, not unsubscribe: what is already on its way is handed back (nak)
             # for another replica now, instead of waiting out ack_wait
