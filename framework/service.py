@@ -123,7 +123,7 @@ class Service:
         - `max_concurrency` (16, >= 1): handlers running at once in one replica.
         - `max_processing_time` (300 s, > 0; None: no limit): a handler running longer is
           cancelled and the attempt fails (`ProcessingTimeExceeded`).
-        - `deliver` ("all" or "new"): where a new consumer starts, the stream's oldest event
+        - `deliver` ("all", or "new"): where a new consumer starts, the stream's oldest event
           or the next one published; an existing consumer keeps its position.
         - `idempotent` (True): an event whose id this subscriber already handled is acked
           without running the handler (ids kept in a key-value bucket).
@@ -135,9 +135,9 @@ class Service:
         - `max_ack_pending` (None: max(1000, 4 * max_concurrency); >= 1): deliveries the
           consumer leaves unacked at once, all replicas together.
         """
+        check_event_type(event_type)
         # every keyword but `name` is a SubscribeOptions field, defaults read from it
         options = SubscribeOptions.pick(locals())
-        check_event_type(event_type)
         return lambda handler: self._add_subscriber(event_type, name, options, handler)
 
     def _add_subscriber(

@@ -44,6 +44,7 @@ class Consumer:
 
     @property
     def pull_subject(self) -> str:
+        """Where pull requests for this consumer go."""
         return f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
 
     def config(self) -> api.ConsumerConfig:

@@ -78,7 +78,7 @@ class SubscribeOptions:
 
     @property
     def ack_pending_limit(self) -> int:
-        """`max_ack_pending`, or room for four pulls of every replica's workers."""
+        """`max_ack_pending`, or by default max(1000, 4 * max_concurrency)."""
         return self.max_ack_pending or max(1000, 4 * self.max_concurrency)
 
     def retry_delay(self, attempt: int) -> float:

@@ -156,6 +156,7 @@ class Processor:
         return True if self._settlement is None else await self._settlement.wait(timeout)
 
     def close(self) -> None:
+        """Stop the watchdog's timer (the subscriber has stopped)."""
         if self._watchdog is not None:
             self._watchdog.close()
 

@@ -41,17 +41,13 @@ class Puller:
     holds those being handled, for their in-progress acks.
     """
 
-    def __init__(
-        self,
-        consumer: Consumer,
-        max_concurrency: int,
-        ack_wait: float,
-        check_consumer: Callable[[], Awaitable[None]],
-    ) -> None:
+    def __init__(self, consumer: Consumer, check_consumer: Callable[[], Awaitable[None]]) -> None:
+        """`check_consumer` recreates the consumer if a server lost it."""
+        max_concurrency = consumer.options.max_concurrency
         self._consumer = consumer
         self._min_pull = max(1, max_concurrency // 2)
         self._capacity = 2 * max_concurrency  # in flight plus one batch waiting
-        self._keep_alive_every = max(0.1, ack_wait / 3)
+        self._keep_alive_every = max(0.1, consumer.options.ack_wait / 3)
         self._check_consumer = check_consumer
         self.taken = 0  # delivered to us and not yet settled
         self._outstanding = 0  # asked for and not yet delivered or expired

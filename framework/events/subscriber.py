@@ -31,7 +31,7 @@ from ..transport.names import event_subject
 from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
 from .consumer import Consumer
 from .idempotency import ProcessedIds
-from .options import SubscribeOptions
+from .options import SUBSCRIBE_DEFAULTS, SubscribeOptions
 from .outcome import Outcomes
 from .processing import Processor
 from .pull import Puller
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Subscriber"]
 
-_DEFAULTS = SubscribeOptions()
 STOP_WAIT = 5.0  # longest wait for deliveries on their way to be handed back
 
 
@@ -61,7 +60,7 @@ class Subscriber:
         event_type: str,
         handler: Handler,
         signature: HandlerSignature,
-        options: SubscribeOptions = _DEFAULTS,
+        options: SubscribeOptions = SUBSCRIBE_DEFAULTS,
     ) -> None:
         if signature.payload_type is NO_PAYLOAD:
             raise TypeError(
@@ -79,9 +78,7 @@ class Subscriber:
         self.stats = metrics.stats_for(service, name, "subscriber")
         self._client: Client | None = None
         self._processed: ProcessedIds | None = None  # idempotent: handled event ids
-        self._puller = Puller(
-            self.consumer, options.max_concurrency, options.ack_wait, self.ensure_consumer
-        )
+        self._puller = Puller(self.consumer, self.ensure_consumer)
         self._screening: Screening | None = None
         self._processor: Processor | None = None
         self._pool: WorkerPool | None = None
@@ -118,6 +115,7 @@ class Subscriber:
         return self._processor.duplicates if self._processor is not None else 0
 
     def metadata(self) -> dict[str, str]:
+        """What `$SRV.INFO` shows of this subscriber (the CLI's `mesh info` reads it)."""
         return {
             "kind": "subscriber",
             "event_type": self.event_type,
@@ -130,6 +128,7 @@ class Subscriber:
         }
 
     def extra_stats(self) -> dict[str, Any]:
+        """The `data` of this subscriber's `$SRV.STATS` entry: lag and outcomes."""
         return {
             "pending": self.pending,
             "ack_pending": self.ack_pending,
