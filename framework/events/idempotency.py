@@ -24,7 +24,7 @@ import asyncio
 import copy
 import hashlib
 import re
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -245,6 +245,22 @@ class ProcessedIds(_Bucket):
                 pass  # stored one by one below: each gets its own PubAck, so its own error
         replies = await self._mux.request_each([(s, b"1") for s in subjects], self.timeout)
         return [_ack_error(reply) for reply in replies]
+
+    def mark_now(self, event_ids: Sequence[str], done: Callable[[Exception | None], None]) -> bool:
+        """Mark the ids as one fast-ingest batch sent now, without awaiting: `done` is
+        called once, with None when every marker is stored, else the error. False
+        (nothing sent, `done` never called) when that is not possible now: no fast
+        ingest, too many ids for one batch, or not sendable at once; use `mark_all`."""
+        if not self.fast or self._mux is None or len(event_ids) > BATCH_KEYS:
+            return False
+
+        def marked(error: Exception | None) -> None:
+            if isinstance(error, Unsupported):
+                self.fast = False  # for good: `mark_all` stores them one by one
+            done(error)
+
+        subjects = [self._pre + kv_key(i) for i in event_ids]
+        return self._mux.fast_batch_now(subjects, b"1", self.timeout, marked)
 
     # For a whole pulled batch at once (no future per id) -------------------------
 

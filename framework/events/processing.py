@@ -23,6 +23,7 @@ from ..context import Context
 from ..errors import BadRequest
 from ..observability import tracing as telemetry
 from ..observability.stats import HandlerStats
+from ..transport import wire
 from ..transport.codec import DECODE_ERRORS, decoder_for
 from ..transport.signature import Handler, HandlerSignature
 from .consumer import Consumer
@@ -151,6 +152,11 @@ class Processor:
         self._release(key)
         self._readmit()
 
+    def flush(self) -> None:
+        """Hand the successes so far to their marker batch now (a worker is parking)."""
+        if self._settlement is not None:
+            self._settlement.flush()
+
     async def wait_settled(self, timeout: float) -> bool:
         """Whether every success handed to the settlement was acked within `timeout`."""
         return True if self._settlement is None else await self._settlement.wait(timeout)
@@ -215,7 +221,7 @@ class Processor:
                 seen = await self._processed.seen(headers.event_id)
             if seen:
                 self.duplicates += 1
-                await msg.ack()
+                await wire.ack(msg)
                 return
         started = time.perf_counter_ns()
         span = self._span(msg, headers, ack)
@@ -245,7 +251,7 @@ class Processor:
                 self.deferred.add(id(msg))
                 self._settlement.add(msg, headers.event_id, elapsed)
             else:
-                await msg.ack()
+                await wire.ack(msg)
                 self._stats.record(elapsed)
         finally:
             telemetry.deactivate(token)

@@ -1,15 +1,25 @@
 """Pulling with flow control: ask the consumer for exactly the capacity that is free.
 
 nats-py's `fetch` spawns a task per message and asks for a fixed batch; here each pull
-request (to the subscriber's own inbox) asks for what the workers can take, so a slow
-handler never over-fetches into ack timeouts and redelivery storms. The puller also
-reads the server's status replies (a pull that expired, a deleted consumer, idle
+request (to the subscriber's own inbox) asks for what the subscriber can take, so a
+slow handler never over-fetches into ack timeouts and redelivery storms. The puller
+also reads the server's status replies (a pull that expired, a deleted consumer, idle
 heartbeats), notices pulls lost with a connection, and keeps long handlers' messages
 alive with in-progress acks.
+
+The window (what may be taken and not yet settled): twice `max_concurrency` (the
+handlers plus one batch waiting) for a plain subscriber. An idempotent subscriber's
+waiting events sit in screening, looked up but not admitted, so its window is not tied
+to `max_concurrency`: it follows the rate at which events settle, about
+`WINDOW_SECONDS` of them (between twice `max_concurrency` and `MAX_WINDOW`), so a fast
+subscriber looks up and pulls big batches while a slow one still takes only what it
+will start soon. Its deliveries are taken as nats-py reads them (no queue and task per
+message): screening only appends them to a list.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -21,14 +31,27 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from ..transport import wire
 from .consumer import Consumer
 
-__all__ = ["PULL_EXPIRES", "PULL_HEARTBEAT", "Puller", "hand_back"]
+__all__ = [
+    "MAX_WINDOW",
+    "PULL_EXPIRES",
+    "PULL_HEARTBEAT",
+    "WINDOW_SECONDS",
+    "Puller",
+    "hand_back",
+    "hand_back_now",
+]
 
 _log = structlog.get_logger("framework.events.subscriber")
+_NAK = b"-NAK"
 
 PULL_EXPIRES = 10.0  # seconds a pull request waits on the server for messages
 PULL_HEARTBEAT = 2.0  # seconds between the server's idle heartbeats to a waiting pull
+MAX_WINDOW = 256  # an idempotent subscriber's largest window: one batched lookup's worth
+WINDOW_SECONDS = 0.1  # an idempotent subscriber takes about this long's worth of events
+_RATE_EVERY = 0.2  # seconds between estimates of the settle rate
 
 Submit = Callable[[Msg], Awaitable[None]]  # to the worker pool, waits when it is full
 Arrive = Callable[[Msg], None]  # to screening, which looks a pull's events up together
@@ -45,8 +68,11 @@ class Puller:
         """`check_consumer` recreates the consumer if a server lost it."""
         max_concurrency = consumer.options.max_concurrency
         self._consumer = consumer
-        self._min_pull = max(1, max_concurrency // 2)
-        self._capacity = 2 * max_concurrency  # in flight plus one batch waiting
+        self._base = 2 * max_concurrency  # in flight plus one batch waiting
+        self._capacity = self._base
+        self._adaptive = False  # the window follows the settle rate (idempotent)
+        self._settled = 0  # releases so far, for the rate
+        self._rate_at = (0.0, 0)  # (monotonic time, releases) of the last estimate
         self._keep_alive_every = max(0.1, consumer.options.ack_wait / 3)
         self._check_consumer = check_consumer
         self.taken = 0  # delivered to us and not yet settled
@@ -65,14 +91,20 @@ class Puller:
         self._stopping = False
 
     async def start(self, nc: NATS, submit: Submit, arrive: Arrive | None) -> None:
-        """Subscribe to the inbox; deliveries go to `arrive` when given, else to `submit`."""
+        """Subscribe to the inbox; deliveries go to `arrive` when given (taken as they
+        are read, the window following the settle rate), else to `submit`."""
         self._nc, self._submit, self._arrive = nc, submit, arrive
         self._scope = anyio.CancelScope()
         self._stopping = False
         self._wake = anyio.Event()
         self.taken = self._outstanding = 0
+        self._capacity, self._adaptive = self._base, arrive is not None
+        self._settled, self._rate_at = 0, (time.monotonic(), 0)
         self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(self._inbox, cb=self._on_delivery)
+        if arrive is not None:
+            self._sub = await wire.subscribe_inline(nc, self._inbox, self._on_arrival)
+        else:
+            self._sub = await nc.subscribe(self._inbox, cb=self._on_delivery)
 
     async def run(self) -> None:
         """Pull and keep alive until `stop`."""
@@ -97,8 +129,23 @@ class Puller:
         """The delivery `key` (its `id`) is settled: room for another."""
         del self.active[key]
         self.taken -= 1
+        self._settled += 1
         if self._wake is not None:
             self._wake.set()
+
+    def _on_arrival(self, msg: Msg) -> None:
+        """A delivery or status, as nats-py reads it (screening only queues it)."""
+        self._last_activity = time.monotonic()
+        if not msg.reply:
+            self._on_status(msg)
+            return
+        self._outstanding = max(0, self._outstanding - 1)
+        if self._stopping:
+            hand_back_now(msg)
+            return
+        self.taken += 1
+        assert self._arrive is not None
+        self._arrive(msg)
 
     async def _on_delivery(self, msg: Msg) -> None:
         self._last_activity = time.monotonic()
@@ -129,8 +176,10 @@ class Puller:
         while True:
             self._wake = anyio.Event()
             self._check_stale(nc)
+            if self._adaptive:
+                self._resize()
             free = self._capacity - self.taken - self._outstanding
-            if free >= self._min_pull and nc.is_connected:
+            if free >= max(1, self._capacity // 4) and nc.is_connected:
                 request["batch"] = free
                 try:
                     await nc.publish(pull_subject, json.dumps(request).encode(), reply=self._inbox)
@@ -141,6 +190,16 @@ class Puller:
                     )
             with anyio.move_on_after(PULL_HEARTBEAT / 2):
                 await self._wake.wait()
+
+    def _resize(self) -> None:
+        """The window of an idempotent subscriber: `WINDOW_SECONDS` of its settle rate."""
+        now = time.monotonic()
+        since, settled = self._rate_at
+        if now - since < _RATE_EVERY:
+            return
+        rate = (self._settled - settled) / (now - since)
+        self._rate_at = (now, self._settled)
+        self._capacity = max(self._base, min(MAX_WINDOW, int(rate * WINDOW_SECONDS)))
 
     def _check_stale(self, nc: NATS) -> None:
         """Pull requests die with a connection or a server; forget them and ask again."""
@@ -206,3 +265,18 @@ async def hand_back(msg: Msg) -> None:
     instead of after ack_wait."""
     with contextlib.suppress(Exception):
         await msg.nak()
+
+
+_handing_back: set[asyncio.Task[None]] = set()
+
+
+def hand_back_now(msg: Msg) -> None:
+    """`hand_back` from code that cannot wait: queued at once, or in a task."""
+    try:
+        if wire.ack_now(msg, _NAK):
+            return
+    except Exception:
+        return  # acked already, or not a JetStream message: nothing to hand back
+    task = asyncio.get_running_loop().create_task(hand_back(msg))
+    _handing_back.add(task)
+    task.add_done_callback(_handing_back.discard)

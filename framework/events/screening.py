@@ -1,26 +1,31 @@
 """Screening and admission for an idempotent subscriber's deliveries.
 
-Screening: the events one pull delivered are looked up together (which were already
-handled?), one request instead of a wait per event, then handed to the workers in the
-order they arrived. Admission: at most `max_concurrency` screened events are between
-hand-over and settlement at once, so what a crash can run twice (handled, marker not
-yet stored) stays bounded; the rest wait here, looked up and in order, not in parked
+Screening: the events that arrived in one event-loop iteration (a pull's worth) are
+looked up together (which were already handled?), one request instead of a wait per
+event, and queue up, looked up and in arrival order. Admission: at most
+`max_concurrency` screened events are between hand-over to the workers and settlement
+(marker stored, then acked) at once, so what a crash can run twice (handled, marker
+not yet stored) stays within `max_concurrency`; the rest wait here, not in parked
 workers.
+
+Admission is a counter, not a wait: an event that settles hands the next one waiting
+to the worker pool in the same step (`readmit`), so the pipeline refills without a
+task switch or an event-loop iteration of its own. One lookup task works through the
+arrivals batch by batch, so no task is spawned per pull.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
+from collections import deque
 
 import anyio
 import structlog
-from anyio.abc import TaskGroup
 from nats.aio.msg import Msg
 
+from ..transport.dispatch import WorkerPool
 from .delivery import Delivery, read_delivery
 from .idempotency import ProcessedIds
-from .pull import hand_back
+from .pull import hand_back, hand_back_now
 
 __all__ = ["Screening"]
 
@@ -34,82 +39,82 @@ class Screening:
         self._processed = processed
         self._limit = max_concurrency
         self._consumer = consumer
-        self._arrived: list[Msg] = []  # deliveries of this loop iteration, to screen
-        self._handed_over = anyio.Event()  # the last batch screened reached the workers
-        self._handed_over.set()
+        self._arrived: list[Msg] = []  # deliveries not yet taken by the lookup task
+        self._ready: deque[Delivery] = deque()  # looked up, waiting for admission
         self._admitted = 0  # screened events handed to the workers, not yet settled
-        self._admissions: anyio.Event | None = None  # set when one of those settles
-        self._submit: Callable[[Delivery], Awaitable[None]] | None = None
-        self._task_group: TaskGroup | None = None
+        self._work = anyio.Event()  # set when there are arrivals for the lookup task
+        self._looking_up = False
+        self._idle = anyio.Event()  # nothing arrived is waiting for its lookup
+        self._idle.set()
+        self._pool: WorkerPool | None = None
         self._stopping = False
 
-    def start(self, submit: Callable[[Delivery], Awaitable[None]], task_group: TaskGroup) -> None:
-        """Screened deliveries go to `submit`; lookups run in `task_group`."""
-        self._submit, self._task_group = submit, task_group
+    def start(self, pool: WorkerPool) -> None:
+        """Screened deliveries go to `pool`; run `run` in a task until the subscriber stops."""
+        self._pool = pool
+
+    async def run(self) -> None:
+        """The lookup task: each batch of arrivals, looked up, joins the waiting line."""
+        while True:
+            if not self._arrived:
+                self._work = anyio.Event()
+                self._idle.set()
+                await self._work.wait()
+                continue
+            arrived, self._arrived = self._arrived, []
+            await self._screen(arrived)
 
     def stop(self) -> None:
-        """What is screened from now on is handed back, not to the workers."""
+        """What is screened from now on, and what waits for admission, is handed back."""
         self._stopping = True
+        waiting, self._ready = self._ready, deque()
+        for delivery in waiting:
+            hand_back_now(delivery.msg)
 
     async def wait_handed_over(self) -> None:
         """Until the batches being looked up reached the workers (or were handed back)."""
-        await self._handed_over.wait()
+        await self._idle.wait()
 
     def arrive(self, msg: Msg) -> None:
-        """Take a delivery; a loop iteration's arrivals are screened together."""
+        """Take a delivery; those of one loop iteration are looked up together."""
+        if self._stopping:
+            hand_back_now(msg)
+            return
         self._arrived.append(msg)
         if len(self._arrived) == 1:
-            asyncio.get_running_loop().call_soon(self._screen)
+            self._idle = anyio.Event()
+            self._work.set()
 
     def readmit(self) -> None:
-        """One admitted event settled: room for the next."""
+        """One admitted event settled: the next one waiting takes its place."""
         self._admitted -= 1
-        if self._admissions is not None:
-            self._admissions.set()
-            self._admissions = None
+        if self._ready:
+            self._fill()
 
-    def _screen(self) -> None:
-        arrived, self._arrived = self._arrived, []
-        if arrived and self._task_group is not None:
-            previous, self._handed_over = self._handed_over, anyio.Event()
-            self._task_group.start_soon(self._screen_batch, arrived, previous, self._handed_over)
-
-    async def _screen_batch(
-        self, arrived: list[Msg], previous: anyio.Event, done: anyio.Event
-    ) -> None:
-        """One lookup of the event ids a pull delivered, instead of a wait per event.
-
-        Lookups of successive batches overlap; their events reach the workers in the
-        order they arrived (`previous` is set once the batch before is handed over).
-        """
+    async def _screen(self, arrived: list[Msg]) -> None:
+        """One lookup of the event ids of a batch of arrivals."""
+        screened = [read_delivery(msg) for msg in arrived]
+        ids = [d.headers.event_id for d in screened if d.headers is not None]
         try:
-            screened = [read_delivery(msg) for msg in arrived]
-            ids = [d.headers.event_id for d in screened if d.headers is not None]
-            try:
-                seen: set[str] | None = await self._processed.seen_among(ids) if ids else set()
-            except Exception as exc:  # the workers ask again, each for its own event
-                _log.warning("idempotency lookup failed", consumer=self._consumer, error=str(exc))
-                seen = None
-            await previous.wait()
-            await self._hand_over(screened, seen)
-        finally:
-            done.set()
-
-    async def _hand_over(self, screened: list[Delivery], seen: set[str] | None) -> None:
-        assert self._submit is not None
+            seen: set[str] | None = await self._processed.seen_among(ids) if ids else set()
+        except Exception as exc:  # the workers ask again, each for its own event
+            _log.warning("idempotency lookup failed", consumer=self._consumer, error=str(exc))
+            seen = None
         for delivery in screened:
             if self._stopping:  # as on arrival
                 await hand_back(delivery.msg)
                 continue
             if seen is not None and delivery.headers is not None:
                 delivery.seen = delivery.headers.event_id in seen
-            await self._admit()
-            await self._submit(delivery)
+            self._ready.append(delivery)
+        self._fill()
 
-    async def _admit(self) -> None:
-        """Wait for room among the `max_concurrency` admitted events."""
-        while self._admitted >= self._limit:
-            if self._admissions is None:
-                self._admissions = anyio.Event()
-            await self._admissions.wait()
-        self._admitted += 1
+    def _fill(self) -> None:
+        """Hand waiting events to the workers while fewer than the limit are admitted."""
+        pool, ready = self._pool, self._ready
+        assert pool is not None
+        while ready and self._admitted < self._limit and not self._stopping:
+            if not pool.offer(ready[0]):
+                return  # the pool is closing (stop hands these back)
+            ready.popleft()
+            self._admitted += 1

@@ -5,7 +5,10 @@ the next event needed another worker: a task switch per event, the largest singl
 of an idempotent subscriber. Here a handler's success is handed over and the worker
 moves on; the successes of one event-loop iteration are marked together (one
 fast-ingest batch where the server allows it) and each event is acked once its marker
-is stored. The guarantee is unchanged: no event is acked before its marker is stored.
+is stored. The usual path has no task and no wait: the batch is queued on the
+connection at once and acked from its reply, as it is read (`ProcessedIds.mark_now`),
+so a settled event's place goes to the next one in the same step; a batch that cannot
+go that way, or fails, is settled by a task that retries. The guarantee is unchanged: no event is acked before its marker is stored.
 A marker that cannot be stored is retried, the event kept alive by the subscriber's
 in-progress acks, for as long as a handler may take; then the event is nak'd, and its
 redelivery runs the handler again (the documented at-least-once window).
@@ -22,6 +25,7 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import TaskGroup
 
+from ..transport.wire import ack, ack_all_now
 from .idempotency import ProcessedIds
 
 __all__ = ["Settlement"]
@@ -61,13 +65,61 @@ class Settlement:
         if len(self._queued) == 1:
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Mark what was handed over so far now (the workers call this before they
+        park); otherwise it happens in the next event-loop iteration."""
+        if self._queued:
+            self._flush()
+
     def _flush(self) -> None:
         batch, self._queued = self._queued, []
-        if batch:
-            if self._running == 0:
-                self._idle = anyio.Event()
-            self._running += 1
+        if not batch:
+            return
+        if self._running == 0:
+            self._idle = anyio.Event()
+        self._running += 1
+        ids = [event_id for _, event_id, _ in batch]
+        if not self._processed.mark_now(ids, lambda error: self._marked(batch, error)):
             self._task_group.start_soon(self._settle, batch)
+
+    def _marked(self, batch: list[_Entry], error: Exception | None) -> None:
+        """A batch sent by `mark_now` is stored (`error` None): ack each event, as the
+        reply is read. Otherwise the batch is settled the patient way (`_settle`).
+
+        The events are reported settled first, then acked, with no wait in between:
+        `done` wakes the workers for the events that take their places, and as they
+        are woken before the connection's flusher is, their markers go out in the
+        same socket write as these acks.
+        """
+        if error is not None:
+            self._task_group.start_soon(self._settle, batch)  # still counted as running
+            return
+        for msg, _, elapsed in batch:
+            self._done(msg, elapsed)
+        try:
+            sent = ack_all_now([msg for msg, _, _ in batch])
+        except Exception as exc:  # acked already (cannot be), or no reply subject
+            _log.warning("ack failed", consumer=self._consumer, error=str(exc))
+            sent = False
+        if sent:
+            self._finished()
+        else:  # reconnecting or a full buffer: acks that must wait for room
+            self._task_group.start_soon(self._ack_all, batch)
+
+    async def _ack_all(self, entries: list[_Entry]) -> None:
+        try:
+            for msg, _, _ in entries:
+                try:
+                    await ack(msg)
+                except Exception as exc:  # back after ack_wait; its marker skips it
+                    _log.warning("ack failed", consumer=self._consumer, error=str(exc))
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
 
     async def wait(self, timeout: float) -> bool:
         """Whether everything handed over was settled within `timeout` seconds."""
@@ -112,14 +164,12 @@ class Settlement:
         finally:
             for msg, _, _ in todo.values():  # cancelled: redelivered after ack_wait
                 self._done(msg, None)
-            self._running -= 1
-            if self._running == 0:
-                self._idle.set()
+            self._finished()
 
     async def _ack(self, entry: _Entry) -> None:
         msg, _, elapsed = entry
         try:
-            await msg.ack()
+            await ack(msg)
         except Exception as exc:  # the event comes back after ack_wait; its marker skips it
             _log.warning("ack failed", consumer=self._consumer, error=str(exc))
         finally:

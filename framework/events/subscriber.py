@@ -179,10 +179,15 @@ class Subscriber:
             processed=self._processed,
             task_group=task_group,
         )
-        pool = WorkerPool(processor.process, options.max_concurrency)
+        pool = WorkerPool(
+            processor.process,
+            options.max_concurrency,
+            on_idle=processor.flush if self._processed is not None else None,
+        )
         pool.start(task_group)
         if screening is not None:
-            screening.start(pool.submit, task_group)
+            screening.start(pool)
+            task_group.start_soon(screening.run)
         self._screening, self._processor, self._pool = screening, processor, pool
         arrive = screening.arrive if screening is not None else None
         await self._puller.start(client.nc, pool.submit, arrive)

@@ -34,10 +34,20 @@ _STOP: Any = object()
 
 
 class WorkerPool:
-    def __init__(self, handle: Callable[[Any], Awaitable[None]], size: int) -> None:
+    def __init__(
+        self,
+        handle: Callable[[Any], Awaitable[None]],
+        size: int,
+        *,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_idle` runs whenever a worker finds nothing waiting, before it parks: in
+        the same task step as the handlers it ran (a settlement flushes there what
+        they handed over, instead of one event-loop iteration later)."""
         if size < 1:
             raise ValueError("max_concurrency must be at least 1")
         self._handle = handle
+        self._on_idle = on_idle
         self._size = size
         self._waiting: deque[Any] = deque()  # at most `size` messages
         self._idle: deque[asyncio.Future[None]] = deque()  # one per idle worker, a stack
@@ -59,6 +69,15 @@ class WorkerPool:
         if self._closed:
             return  # stopping: the subscription is drained first, so this is a straggler
         await self._enqueue(message)
+
+    def offer(self, message: Any) -> bool:
+        """`submit` without waiting: False (nothing taken) when `size` messages wait or
+        the pool is closing. For callers that bound what they hand over themselves."""
+        if self._closed or len(self._waiting) >= self._size:
+            return False
+        self._waiting.append(message)
+        self._wake_one()
+        return True
 
     async def _enqueue(self, message: Any) -> None:
         while len(self._waiting) >= self._size:
@@ -98,8 +117,11 @@ class WorkerPool:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         waiting, handle = self._waiting, self._handle
+        on_idle = self._on_idle
         while True:
             if not waiting:
+                if on_idle is not None:
+                    on_idle()
                 idle = loop.create_future()
                 self._idle.append(idle)
                 try:

@@ -13,7 +13,7 @@ are answered, not each message).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -190,6 +190,41 @@ class Mux:
             self._timeouts.done(key)
             del self._pending[token]
 
+    def fast_batch_now(
+        self,
+        subjects: Sequence[str],
+        data: bytes,
+        timeout: float,
+        done: Callable[[Exception | None], None],
+    ) -> bool:
+        """`fast_batch` without awaiting: the messages are queued now and `done` is
+        called once with None (all stored) or the error `fast_batch` would raise, as
+        the commit's reply is read (or at the timeout). False when the messages cannot
+        be queued now (not subscribed yet, reconnecting, a full buffer): then nothing
+        was sent and `done` is never called."""
+        if self._sub is None or not subjects:
+            return False
+        self._count += 1
+        token = format(self._count, "x")
+        prefix = f"{self._prefix}{token}.{_FAST_FLOW}.fail."
+        last = len(subjects)
+        commands = [
+            wire.command(
+                subject,
+                data,
+                f"{prefix}{seq}.{_FI_COMMIT if seq == last else _FI_START if seq == 1 else _FI_ADD}"
+                ".$FI",
+            )
+            for seq, subject in enumerate(subjects, 1)
+        ]
+        if not wire.queue(self._nc, commands, len(data) * last):
+            return False
+        self.requests += last
+        callback = _Callback(self, token, done)
+        self._pending[token] = (callback, _FastBatch(last))  # type: ignore[assignment]
+        callback.key = self._timeouts.add(timeout, callback)
+        return True
+
     def _on_reply(self, msg: Msg) -> None:
         self.replies += 1
         rest = msg.subject[self._cut :]
@@ -220,6 +255,39 @@ def _expire(waiting: asyncio.Future[Any] | list[asyncio.Future[Any]]) -> None:
         if not future.done():
             future.set_exception(TimeoutError())
             return
+
+
+class _Callback:
+    """Where a future would be, for `fast_batch_now`: resolved once, it forgets the
+    request and calls back (the reply path and the timeout treat it as a future)."""
+
+    __slots__ = ("_done", "_mux", "_resolved", "_token", "key")
+
+    def __init__(self, mux: Mux, token: str, done: Callable[[Exception | None], None]) -> None:
+        self._mux = mux
+        self._token = token
+        self._done = done
+        self._resolved = False
+        self.key = 0
+
+    def done(self) -> bool:
+        return self._resolved
+
+    def set_result(self, _: object) -> None:
+        self._finish(None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._finish(exc if isinstance(exc, Exception) else Exception(repr(exc)))
+
+    def _finish(self, error: Exception | None) -> None:
+        if self._resolved:
+            return
+        self._resolved = True
+        self._mux._pending.pop(self._token, None)
+        self._mux._timeouts.done(self.key)
+        if isinstance(error, TimeoutError):
+            error = NatsTimeoutError()
+        self._done(error)
 
 
 class _BatchFrame(msgspec.Struct):

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
-from nats.errors import BadHeaderError
+from nats.errors import BadHeaderError, NotJSMessageError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -31,7 +31,20 @@ if TYPE_CHECKING:
 
 _log = structlog.get_logger("framework.transport.wire")
 
-__all__ = ["HEADER_LINE", "fast_path", "header_block", "publish", "subscribe_inline"]
+__all__ = [
+    "HEADER_LINE",
+    "PROGRESS",
+    "ack",
+    "ack_all_now",
+    "ack_now",
+    "command",
+    "fast_path",
+    "header_block",
+    "publish",
+    "publish_now",
+    "queue",
+    "subscribe_inline",
+]
 
 HEADER_LINE = "NATS/1.0\r\n"
 # nats-py's rules (`Client._send_publish`): keys are HTTP tokens, stripped; values are
@@ -74,6 +87,15 @@ def fast_path(nc: NATS) -> bool:
     return all(hasattr(nc, name) for name in _INTERNALS)
 
 
+def command(subject: str, data: bytes, reply: str = "", block: bytes | None = None) -> bytes:
+    """The `PUB` (or, with a header block, `HPUB`) command of one message."""
+    if block is None:
+        return b"".join([f"PUB {subject} {reply} {len(data)}\r\n".encode(), data, b"\r\n"])
+    size = len(block)
+    head = f"HPUB {subject} {reply} {size} {size + len(data)}\r\n".encode()
+    return b"".join([head, block, data, b"\r\n"])
+
+
 async def publish(
     nc: NATS, subject: str, data: bytes, reply: str = "", block: bytes | None = None
 ) -> None:
@@ -82,38 +104,82 @@ async def publish(
     `subject` and `reply` must be valid subjects (the framework's callers check theirs
     or got them from the server): unlike `nc.publish`, nothing is checked here.
     """
-    if block is None:
-        command = b"".join([f"PUB {subject} {reply} {len(data)}\r\n".encode(), data, b"\r\n"])
-    else:
-        size = len(block)
-        command = b"".join(
-            [f"HPUB {subject} {reply} {size} {size + len(data)}\r\n".encode(), block, data, b"\r\n"]
-        )
-    if not _queue(nc, command, len(data)):
+    if not queue(nc, [command(subject, data, reply, block)], len(data)):
         headers = None if block is None else _parse_block(block)
         await nc.publish(subject, data, reply=reply, headers=headers)
 
 
-def _queue(nc: Any, command: bytes, payload_size: int) -> bool:
-    """Append `command` to the pending buffer and wake the flusher, as nats-py's
-    `_send_command` and `_flush_pending` do; False when only `nc.publish` may send it."""
+def publish_now(
+    nc: NATS, subject: str, data: bytes, reply: str = "", block: bytes | None = None
+) -> bool:
+    """`publish` without awaiting: True once queued, False when only the awaited
+    `publish` may send it (then nothing was sent)."""
+    return queue(nc, [command(subject, data, reply, block)], len(data))
+
+
+async def ack(msg: Msg, payload: bytes = b"") -> None:
+    """nats-py's `msg.ack()` (or, with a `payload`: `-NAK`, `+TERM`, `+WPI`) for less."""
+    if not ack_now(msg, payload):
+        await msg._client.publish(msg.reply, payload)
+        if payload != PROGRESS:
+            msg._ackd = True
+
+
+def ack_now(msg: Msg, payload: bytes = b"") -> bool:
+    """`ack` without awaiting: True once queued (False: nothing sent). Raises as
+    nats-py does for a message without a reply subject, or one acked already (an
+    in-progress ack may be repeated)."""
+    if payload == PROGRESS:
+        if not msg.reply:
+            raise NotJSMessageError
+    else:
+        msg._check_reply()
+    if not queue(msg._client, [command(msg.reply, payload)], len(payload)):
+        return False
+    if payload != PROGRESS:
+        msg._ackd = True
+    return True
+
+
+def ack_all_now(msgs: list[Msg]) -> bool:
+    """`ack_now` for several messages of one connection, queued together: all of
+    them, or none (False)."""
+    if not msgs:
+        return True
+    for msg in msgs:
+        msg._check_reply()
+    if not queue(msgs[0]._client, [command(msg.reply, b"") for msg in msgs], 0):
+        return False
+    for msg in msgs:
+        msg._ackd = True
+    return True
+
+
+PROGRESS = b"+WPI"
+
+
+def queue(nc: Any, commands: list[bytes], payload_size: int) -> bool:
+    """Append `commands` to the pending buffer and wake the flusher, as nats-py's
+    `_send_command` and `_flush_pending` do: all of them, or none (False) when only
+    `nc.publish` may send them (reconnecting, draining, a full buffer, a payload over
+    `max_payload`, a nats-py without these internals)."""
     try:
         if not nc.is_connected or nc.is_draining_pubs or payload_size > nc.max_payload:
             return False
-        size = nc._pending_data_size + len(command)
+        size = nc._pending_data_size + sum(len(c) for c in commands)
         if 0 < nc._max_pending_size < size:
             return False  # nats-py flushes synchronously first
         flusher = nc._flusher_task
-        queue = nc._flush_queue
-        if flusher is None or flusher.done() or queue is None:
+        flush_queue = nc._flush_queue
+        if flusher is None or flusher.done() or flush_queue is None:
             return False
-        nc._pending.append(command)
+        nc._pending.extend(commands)
         nc._pending_data_size = size
         stats = nc.stats
-        stats["out_msgs"] += 1
+        stats["out_msgs"] += len(commands)
         stats["out_bytes"] += payload_size
-        if queue.empty():
-            queue.put_nowait(flusher.get_loop().create_future())
+        if flush_queue.empty():
+            flush_queue.put_nowait(flusher.get_loop().create_future())
         return True
     except AttributeError:  # a nats-py without these internals
         return False
