@@ -225,25 +225,16 @@ class Processor:
                 return
         started = time.perf_counter_ns()
         span = self._span(msg, headers, ack)
-        consumer = self._consumer
-        ctx = Context(
-            self._client,
-            service=consumer.service,
-            handler=consumer.name,
-            subject=consumer.subject,
-            correlation_id=headers.correlation_id,
-            causation_id=headers.causation_id,
-            event_id=headers.event_id,
-            attempt=ack.attempt,
-            headers=msg.headers,
-            span=span,
-        )
+        # built for handlers that take it, else only if the handler fails (its log)
+        ctx = self._context(msg, headers, ack, span) if self._signature.wants_context else None
         token = telemetry.activate(span)  # user code and ctx.call/publish nest under it
         try:
             await self._invoke(event, ctx)
         except Exception as exc:
             telemetry.record_error(span, exc)
             elapsed = time.perf_counter_ns() - started
+            if ctx is None:
+                ctx = self._context(msg, headers, ack, span)
             await self._outcomes.handler_failed(msg, exc, elapsed, ctx, ack.sequence)
         else:
             elapsed = time.perf_counter_ns() - started
@@ -257,7 +248,22 @@ class Processor:
             telemetry.deactivate(token)
             span.end()
 
-    async def _invoke(self, event: Any, ctx: Context) -> None:
+    def _context(self, msg: Msg, headers: EventHeaders, ack: AckInfo, span: Any) -> Context:
+        consumer = self._consumer
+        return Context(
+            self._client,
+            service=consumer.service,
+            handler=consumer.name,
+            subject=consumer.subject,
+            correlation_id=headers.correlation_id,
+            causation_id=headers.causation_id,
+            event_id=headers.event_id,
+            attempt=ack.attempt,
+            headers=msg.headers,
+            span=span,
+        )
+
+    async def _invoke(self, event: Any, ctx: Context | None) -> None:
         watchdog = self._watchdog
         if watchdog is None:
             await self._signature.invoke(self._handler, event, ctx)
