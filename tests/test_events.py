@@ -645,3 +645,51 @@ async def test_a_failed_batch_lookup_falls_back_to_each_worker_asking(serve, cli
     assert handled == Counter({"new": 1})  # the one already handled was skipped
     assert sub.duplicates == 1
     assert await processed.seen("evt-new")
+
+
+async def test_an_idempotent_subscribers_window_follows_its_rate_not_max_concurrency(serve, client):
+    """A fast idempotent subscriber looks up and pulls batches far larger than twice
+    max_concurrency (its waiting events are looked up, not admitted); a slow one still
+    takes only what it will start soon. Either way at most max_concurrency run."""
+    lookups: dict[str, list[int]] = {"fast": [], "slow": []}
+    running = {"fast": 0, "slow": 0}
+    most = {"fast": 0, "slow": 0}
+
+    def subscriber(name: str, pause: float) -> Service:
+        svc = Service(name)
+
+        @svc.subscribe("order.created.v1", max_concurrency=2)
+        async def on_created(event: OrderCreated) -> None:
+            running[name] += 1
+            most[name] = max(most[name], running[name])
+            await anyio.sleep(pause)
+            running[name] -= 1
+
+        return svc
+
+    await ensure_stream(client, Stream("EVENTS_ORDER", ["events.order.>"]))
+    async with BatchPublisher(client) as batch:
+        for n in range(3000):
+            await batch.publish("order.created.v1", OrderCreated(str(n), n), event_id=f"e-{n}")
+    fast, slow = subscriber("fast", 0), subscriber("slow", 0.05)
+    for name, svc in (("fast", fast), ("slow", slow)):
+        await serve(svc)
+        processed = svc.subscribers[0]._processed
+        assert processed is not None
+        look_up = processed.seen_among
+
+        async def counted(ids, look_up=look_up, name=name):  # type: ignore[no-untyped-def]
+            lookups[name].append(len(ids))
+            return await look_up(ids)
+
+        processed.seen_among = counted  # type: ignore[method-assign]
+
+    async def fast_done() -> bool:
+        sub = fast.subscribers[0]
+        info = await client.js.consumer_info(sub.stream, sub.durable)
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    await wait_until(fast_done, timeout=60)
+    assert max(lookups["fast"]) > 4 * 2, lookups["fast"]  # not tied to 2 x max_concurrency
+    assert max(lookups["slow"]) <= 2 * 2, lookups["slow"]  # what two workers start soon
+    assert most == {"fast": 2, "slow": 2}

@@ -262,6 +262,11 @@ class ProcessedIds(_Bucket):
         subjects = [self._pre + kv_key(i) for i in event_ids]
         return self._mux.fast_batch_now(subjects, b"1", self.timeout, marked)
 
+    def write_now(self) -> None:
+        """Write what `mark_now` queued without waiting for the connection's flusher."""
+        if self._mux is not None:
+            self._mux.write_now()
+
     # For a whole pulled batch at once (no future per id) -------------------------
 
     async def seen_among(self, event_ids: Sequence[str]) -> set[str]:

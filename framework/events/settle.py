@@ -66,10 +66,12 @@ class Settlement:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def flush(self) -> None:
-        """Mark what was handed over so far now (the workers call this before they
-        park); otherwise it happens in the next event-loop iteration."""
+        """Mark what was handed over so far now, and write it to the server at once
+        (the workers call this before they park); otherwise it happens in the next
+        event-loop iteration."""
         if self._queued:
             self._flush()
+            self._processed.write_now()
 
     def _flush(self) -> None:
         batch, self._queued = self._queued, []

@@ -225,6 +225,10 @@ class Mux:
         callback.key = self._timeouts.add(timeout, callback)
         return True
 
+    def write_now(self) -> None:
+        """Send what is queued on the connection now (`wire.write_now`)."""
+        wire.write_now(self._nc)
+
     def _on_reply(self, msg: Msg) -> None:
         self.replies += 1
         rest = msg.subject[self._cut :]
