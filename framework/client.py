@@ -79,6 +79,7 @@ class _Errors:
 
     def __init__(self) -> None:
         self.auth_failed: asyncio.Event | None = None
+        self.mux: Mux | None = None  # its requests fail at once when refused
         self.calls: dict[str, set[asyncio.Task[Any]]] = {}
         self._refusals: dict[asyncio.Task[Any], str] = {}
 
@@ -108,9 +109,12 @@ class _Errors:
         text = str(error)
         match = _DENIED.search(text)
         if match:
+            reason = f"not allowed to publish to {match.group(1)}: {text}"
+            if self.mux is not None:
+                self.mux.refuse(match.group(1), reason)
             for task in self.calls.get(match.group(1), ()):
                 if task not in self._refusals:
-                    self._refusals[task] = f"not allowed to publish to {match.group(1)}: {text}"
+                    self._refusals[task] = reason
                     task.cancel()
         elif self.auth_failed is not None and "authorization violation" in text.lower():
             self.auth_failed.set()
@@ -167,6 +171,7 @@ class Client:
         errors.auth_failed = None
         client = cls(nc, name=name)
         client._errors = errors
+        errors.mux = client._mux
         return client
 
     @property
@@ -285,7 +290,7 @@ class Client:
         for attempt in (1, 2):
             try:
                 mux = self._mux if self._mux.ready_now else await self.mux()
-                return await self.refusable(subject, mux.request(subject, data, wait, block))
+                return await mux.request(subject, data, wait, block)  # refused: at once
             except PermissionDenied as exc:
                 raise ServiceError(403, str(exc), service=_service_of(subject)) from None
             except NoRespondersError:

@@ -157,7 +157,7 @@ async def publish_event(
         _check_size(client, data, block)
         try:
             mux = await client.mux()  # nats-py's js.publish: a request and json.loads
-            reply = await client.refusable(subject, mux.request(subject, data, timeout, block))
+            reply = await mux.request(subject, data, timeout, block)  # refused: at once
             ack = _decode_pub_ack(reply.data)
             if ack.error is not None:
                 raise APIError.from_error(ack.error)

@@ -21,6 +21,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError
 
+from ..errors import PermissionDenied
 from . import wire
 from .timers import Deadlines
 
@@ -73,6 +74,7 @@ class Mux:
         # fast-ingest batch whose terminal frame is awaited)
         self._pending: dict[str, tuple[asyncio.Future[Any], list[Msg] | _FastBatch | None]] = {}
         self._timeouts = Deadlines(_expire)
+        self._subjects: dict[str, str] = {}  # token -> subject, of `request`s (see `refuse`)
         self.requests = 0  # messages sent, for tests and diagnostics
         self.replies = 0  # messages received, likewise
 
@@ -111,6 +113,7 @@ class Mux:
         `headers` is an encoded header block (`wire.header_block`), or None.
         """
         token, future = self._register(False)
+        self._subjects[token] = subject
         key = 0
         try:
             await self._publish(subject, data, token, headers)
@@ -121,6 +124,7 @@ class Mux:
         finally:
             self._timeouts.done(key)
             del self._pending[token]
+            del self._subjects[token]
         if reply.headers and reply.headers.get(_STATUS) == "503":
             raise NoRespondersError
         return reply
@@ -224,6 +228,16 @@ class Mux:
         self._pending[token] = (callback, _FastBatch(last))  # type: ignore[assignment]
         callback.key = self._timeouts.add(timeout, callback)
         return True
+
+    def refuse(self, subject: str, reason: str) -> None:
+        """The server refused a publish to `subject` (a permissions violation, which
+        nats-py reports only to the error callback): the `request`s to it fail now
+        with `PermissionDenied`, instead of waiting out their timeouts."""
+        for token, sent_to in list(self._subjects.items()):
+            if sent_to == subject:
+                future = self._pending[token][0]
+                if not future.done():
+                    future.set_exception(PermissionDenied(reason))
 
     def write_now(self) -> None:
         """Send what is queued on the connection now (`wire.write_now`)."""
