@@ -52,11 +52,32 @@ def default_propagation() -> bool:
     return default
 
 
+_spans: dict[tuple[str, str | None], Span] = {}  # recent arrivals, parsed
+_MAX_SPANS = 1024
+
+
 def remote_span(headers: Mapping[str, str]) -> Span:
     """The arriving trace as a non-recording span, as `propagate.extract` and a no-op
-    tracer make it (`INVALID_SPAN` for a missing or malformed `traceparent`)."""
+    tracer make it (`INVALID_SPAN` for a missing or malformed `traceparent`).
+
+    Without an SDK a trace's context is passed on unchanged, so every hop of one
+    conversation carries the same header: the last `_MAX_SPANS` are kept parsed (a
+    non-recording span holds nothing but its context, so one serves them all)."""
     header = headers.get(TRACEPARENT)
-    if not header or len(header) > _MAX_TRACEPARENT:
+    if not header:
+        return INVALID_SPAN
+    key = (header, headers.get(TRACESTATE))
+    span = _spans.get(key)
+    if span is None:
+        span = _parse(header, key[1])
+        if len(_spans) >= _MAX_SPANS:
+            _spans.clear()
+        _spans[key] = span
+    return span
+
+
+def _parse(header: str, state: str | None) -> Span:
+    if len(header) > _MAX_TRACEPARENT:
         return INVALID_SPAN
     match = _PATTERN.search(header)
     if not match:
@@ -66,7 +87,6 @@ def remote_span(headers: Mapping[str, str]) -> Span:
         return INVALID_SPAN
     if version == "00" and rest:
         return INVALID_SPAN
-    state = headers.get(TRACESTATE)
     trace_state = None
     if state is not None and len(state) <= _TRACECONTEXT_MAXIMUM_TRACESTATE_LENGTH:
         trace_state = TraceState.from_header([state])
