@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable
 
@@ -126,12 +125,32 @@ class Puller:
                 await self._sub.drain()  # type: ignore[no-untyped-call]
 
     def release(self, key: int) -> None:
-        """The delivery `key` (its `id`) is settled: room for another."""
+        """The delivery `key` (its `id`) is settled: room for another. An idempotent
+        subscriber asks for it at once when a pull's worth is free (queued with the
+        acks being sent); otherwise the pull loop asks, one step later, which leaves
+        the server time to count the acks first (a plain subscriber's server-side
+        ack-pending count stays within twice its window)."""
         del self.active[key]
         self.taken -= 1
         self._settled += 1
+        if self._adaptive:
+            self._resize()
+            free = self._capacity - self.taken - self._outstanding
+            nc = self._nc
+            if free >= max(1, self._capacity // 4) and nc is not None and not self._stopping:
+                request = self._pull_request(free)
+                if wire.publish_now(nc, self._consumer.pull_subject, request, self._inbox):
+                    self._outstanding += free
+                    return
         if self._wake is not None:
             self._wake.set()
+
+    def _pull_request(self, batch: int) -> bytes:
+        """A pull for `batch` messages, expiring after `PULL_EXPIRES`, with heartbeats."""
+        return (
+            f'{{"batch":{batch},"expires":{int(PULL_EXPIRES * 1e9)},'
+            f'"idle_heartbeat":{int(PULL_HEARTBEAT * 1e9)}}}'
+        ).encode()
 
     def _on_arrival(self, msg: Msg) -> None:
         """A delivery or status, as nats-py reads it (screening only queues it)."""
@@ -167,11 +186,6 @@ class Puller:
         nc = self._nc
         assert nc is not None
         pull_subject = self._consumer.pull_subject
-        request = {
-            "batch": 0,
-            "expires": int(PULL_EXPIRES * 1e9),
-            "idle_heartbeat": int(PULL_HEARTBEAT * 1e9),
-        }
         self._last_activity = time.monotonic()
         while True:
             self._wake = anyio.Event()
@@ -180,9 +194,8 @@ class Puller:
                 self._resize()
             free = self._capacity - self.taken - self._outstanding
             if free >= max(1, self._capacity // 4) and nc.is_connected:
-                request["batch"] = free
                 try:
-                    await nc.publish(pull_subject, json.dumps(request).encode(), reply=self._inbox)
+                    await nc.publish(pull_subject, self._pull_request(free), reply=self._inbox)
                     self._outstanding += free
                 except Exception as exc:
                     _log.warning(
