@@ -125,23 +125,13 @@ class Puller:
                 await self._sub.drain()  # type: ignore[no-untyped-call]
 
     def release(self, key: int) -> None:
-        """The delivery `key` (its `id`) is settled: room for another. An idempotent
-        subscriber asks for it at once when a pull's worth is free (queued with the
-        acks being sent); otherwise the pull loop asks, one step later, which leaves
-        the server time to count the acks first (a plain subscriber's server-side
-        ack-pending count stays within twice its window)."""
+        """The delivery `key` (its `id`) is settled: room for another (the pull loop
+        asks for it one step later, behind the acks and markers being sent)."""
         del self.active[key]
         self.taken -= 1
         self._settled += 1
         if self._adaptive:
             self._resize()
-            free = self._capacity - self.taken - self._outstanding
-            nc = self._nc
-            if free >= max(1, self._capacity // 4) and nc is not None and not self._stopping:
-                request = self._pull_request(free)
-                if wire.publish_now(nc, self._consumer.pull_subject, request, self._inbox):
-                    self._outstanding += free
-                    return
         if self._wake is not None:
             self._wake.set()
 
