@@ -26,6 +26,7 @@ from .options import SubscribeOptions
 __all__ = [
     "TAKEOVER_ENV",
     "Owner",
+    "Refused",
     "Verdict",
     "is_newer",
     "judge",
@@ -59,7 +60,9 @@ def shared_settings(options: SubscribeOptions) -> dict[str, Any]:
 
     `max_concurrency` and `ordered_by` are left out: they act within one replica, so
     replicas on machines of different sizes may differ. `deliver` is fixed on the
-    consumer itself (a `ConfigConflict` when it differs).
+    consumer itself (a `ConfigConflict` when it differs). `max_ack_pending` is the
+    effective limit, so replicas differing in `max_concurrency` above 250 (which raises
+    the default limit) must set it explicitly.
     """
     return {
         "max_deliver": options.max_deliver,
