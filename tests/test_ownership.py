@@ -8,6 +8,8 @@ explicit takeover, and `$SRV.INFO` shows instances of one service that differ.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections import Counter
 from typing import Any
 
@@ -17,11 +19,22 @@ import pytest
 import structlog
 
 from framework import ConfigConflict, Context, Service
+from framework.cli.main import main
 from framework.events.ownership import Owner, is_newer
 from framework.rpc.discovery import divergences
 from framework.testing import eventually
 
 DURABLE = "payments_on_order_created"
+
+
+async def mesh(*argv: str) -> int:
+    """`mesh ...` in-process: it runs its own event loop, so in a thread."""
+    return await anyio.to_thread.run_sync(main, list(argv))
+
+
+def mesh_command() -> list[str]:
+    """The installed console script, as a user would run it."""
+    return [sys.executable, "-m", "framework.cli"]
 
 
 class OrderCreated(msgspec.Struct):
@@ -302,3 +315,70 @@ def test_versions_compare_as_releases() -> None:
     assert not is_newer("1.0", "1.0.0") and not is_newer("1.0.0", "1.0.0")
     assert not is_newer("0.9.0", "1.0.0") and not is_newer("dev", "1.0.0")
     assert not is_newer("1.0.0", "dev")
+
+
+async def test_mesh_ls_flags_instances_that_differ(serve, nats_url, capsys):
+    await serve(charging("1.0.0", Charge))
+    await serve(charging("1.0.0", Charge))
+    await serve(Service("other", version="9.0.0"))
+    capsys.readouterr()
+    assert await mesh("--url", nats_url, "ls") == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["NAME", "ID", "VERSION"] and len(rows) == 3  # nothing to flag
+
+    await serve(charging("2.0.0", ChargeV2))
+    capsys.readouterr()
+    assert await mesh("--url", nats_url, "ls") == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["!", "NAME", "ID", "VERSION"]
+    notes = [line for line in lines if "instances differ" in line]
+    flags = [line.split()[:2] for line in lines if line not in notes]
+    assert sorted(flags) == [["!", "billing"]] * 3 + [["-", "other"]]
+    (note,) = notes
+    assert note.startswith("! billing: instances differ in version, charge.request_schema")
+
+
+# -- mesh run --takeover ------------------------------------------------------------------
+
+DRIFTED = """
+import msgspec
+from framework import Service
+
+class OrderCreated(msgspec.Struct):
+    order_id: str
+    amount_cents: int
+
+service = Service("payments", version="1.0.0")
+
+@service.subscribe("order.created.v1", max_deliver=6)
+async def on_order_created(event: OrderCreated) -> None: ...
+"""
+
+
+async def test_mesh_run_refuses_drift_and_takes_over_with_the_flag(
+    serve, client, nats_url, tmp_path
+):
+    await serve(payments("1.0.0", max_deliver=7))
+    (tmp_path / "drifted.py").write_text(DRIFTED)
+    env = {k: v for k, v in os.environ.items() if k != "MESH_TAKEOVER"}
+    command = [*mesh_command(), "--url", nats_url, "run", "drifted:service"]
+    command += ["--app-dir", str(tmp_path), "--grace", "1"]
+
+    with anyio.fail_after(30):  # refused at start, not served
+        done = await anyio.run_process(command, env=env, check=False)
+    assert done.returncode != 0
+    err = done.stderr.decode()
+    assert "exists with a different configuration (max_deliver: existing=7 declared=6)" in err
+    assert "--takeover" in err and "Traceback" not in err
+    assert (await consumer_config(client)).max_deliver == 8
+
+    async with await anyio.open_process([*command, "--takeover"], env=env) as process:
+        try:
+            await eventually(lambda: consumer_max_deliver(client, 7), timeout=20)
+        finally:
+            process.terminate()
+            await process.wait()
+
+
+async def consumer_max_deliver(client: Any, expected: int) -> bool:
+    return bool((await consumer_config(client)).max_deliver == expected)

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import anyio
 import msgspec
 
-from ..errors import BadRequest, InvalidName, ServiceError
+from ..errors import BadRequest, ConfigConflict, InvalidName, ServiceError
 from ..transport.settings import DEFAULT_URL, split_urls
 
 if TYPE_CHECKING:
@@ -306,11 +306,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.app_dir:
         sys.path.insert(0, os.path.abspath(args.app_dir))
     services = [_load(spec) for spec in args.services]
+    if args.takeover:
+        os.environ["MESH_TAKEOVER"] = "1"  # read by each service as it starts
     names = [service.name for service in services]
     if len(set(names)) != len(names):
         raise CliError(f"a service is listed twice: {', '.join(names)}", ExitCode.USAGE)
-    run_services(services, args.url, grace=args.grace)
+    try:
+        run_services(services, args.url, grace=args.grace)
+    except* ConfigConflict as conflicts:  # e.g. a consumer another program owns
+        raise CliError(str(_first(conflicts)), ExitCode.FAILURE) from None
     return ExitCode.OK
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first error in a (nested) exception group: what a task group raised."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def cmd_call(args: argparse.Namespace) -> int:
@@ -334,15 +347,33 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """One line per instance; a `!` column and a line per service whose instances
+    advertise different versions or schemas (two programs under one name?)."""
+    from ..rpc.discovery import PingResponse, divergences
+
     async def body(client: Client) -> int:
-        responses = await client.ping(timeout=discovery_timeout(args))
+        infos = await client.info(timeout=discovery_timeout(args))
         if args.json:
-            print_json(responses)
-        elif not responses:
+            print_json(
+                [
+                    PingResponse(name=i.name, id=i.id, version=i.version, metadata=i.metadata)
+                    for i in infos
+                ]
+            )
+        elif not infos:
             print("no services", file=sys.stderr)
         else:
-            rows = [(r.name, r.id, r.version) for r in responses]
-            print(_table(rows, ("NAME", "ID", "VERSION")))
+            found = divergences(infos)
+            flagged = {i for d in found for i in d.versions}
+            rows: list[Sequence[str]] = [
+                ("!" if i.id in flagged else "", i.name, i.id, i.version) for i in infos
+            ]
+            columns: Sequence[str] = ("!", "NAME", "ID", "VERSION")
+            if not found:  # the flag column only when there is something to flag
+                rows, columns = [row[1:] for row in rows], columns[1:]
+            print(_table(rows, columns))
+            for divergence in found:
+                print(f"! {divergence.describe()}")
         return ExitCode.OK
 
     return with_client(args, body)
@@ -543,6 +574,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         default=".",
         metavar="DIR",
         help="directory put first on sys.path to import MODULE from (default: .)",
+    )
+    run.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take over these services' consumers even if another program or an older "
+        "version set them up (sets MESH_TAKEOVER=1); see the README, 'One service name'",
     )
     handlers["run"] = cmd_run
 
