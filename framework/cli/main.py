@@ -597,7 +597,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     )
     handlers["call"] = cmd_call
 
-    ls = _subparser(subparsers, "ls", "list running service instances (NAME, ID, VERSION)")
+    ls = _subparser(
+        subparsers,
+        "ls",
+        "list running service instances (! marks instances of one service that differ)",
+    )
     handlers["ls"] = cmd_ls
 
     info = _subparser(subparsers, "info", "describe services and their endpoints")
