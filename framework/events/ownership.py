@@ -185,11 +185,10 @@ def judge(
 
 
 def _identity_differences(existing: Owner, mine: Owner) -> dict[str, tuple[Any, Any]]:
+    """What makes them different programs (the hint names the rest of both)."""
     pairs = {
         "event_type": (existing.event_type, mine.event_type),
         "payload schema": (existing.schema, mine.schema),
-        "handler": (existing.handler, mine.handler),
-        "version": (existing.version, mine.version),
     }
     return {k: v for k, v in pairs.items() if v[0] != v[1]}
 
