@@ -128,7 +128,8 @@ class Consumer:
         """Create (`action` "create": False when it exists, differently) or update
         ("update") the consumer. Spelled out because nats-py's `add_consumer` has no
         action: it creates or silently updates, so two first starts would race."""
-        subject = f"$JS.API.CONSUMER.CREATE.{self.stream}.{self.durable}.{self.subject}"
+        # the filter stays in the config, not the subject: a consumer may have several
+        subject = f"$JS.API.CONSUMER.CREATE.{self.stream}.{self.durable}"
         body = {"stream_name": self.stream, "config": config.as_dict(), "action": action}
         reply = await client.nc.request(subject, json.dumps(body).encode(), timeout=5.0)
         error = json.loads(reply.data).get("error")
