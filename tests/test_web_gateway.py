@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from web_support import Frame, http_server, read_frames
 
 from services import notifications, orders, payments
-from web_support import Frame, http_server, read_frames
 
 ORDER = {"customer_id": "alice", "items": [{"sku": "book", "quantity": 2, "unit_price_cents": 999}]}
 
@@ -102,7 +102,11 @@ async def test_events_of_a_final_order_are_its_state_and_end(http: httpx.AsyncCl
     [
         ({"customer_id": "a", "items": []}, 422, "items"),
         ({"customer_id": "a b", "items": ORDER["items"]}, 422, "customer_id"),
-        ({"customer_id": "a", "items": [{"sku": "x", "quantity": 1, "unit_price_cents": 0}]}, 422, "total is 0"),
+        (
+            {"customer_id": "a", "items": [{"sku": "x", "quantity": 1, "unit_price_cents": 0}]},
+            422,
+            "total is 0",
+        ),
     ],
 )
 async def test_invalid_orders_are_422_with_the_services_message(
@@ -141,7 +145,9 @@ async def test_an_oversized_chunked_body_is_413(http: httpx.AsyncClient) -> None
         for _ in range(40):
             yield b"x" * 65536
 
-    reply = await http.post("/orders", content=chunks(), headers={"content-type": "application/json"})
+    reply = await http.post(
+        "/orders", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert reply.status_code == 413
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeadLetter",
+    "discard_dead_letter",
     "get_dead_letter",
     "list_dead_letters",
     "replay_dead_letter",
@@ -180,3 +181,11 @@ async def replay_dead_letter(client: Client, dead_letter_id: int) -> Any:
         raise type(reason)(f"replay of dead letter {dead_letter_id} failed: {reason}") from exc
     await client.js.delete_msg(DEADLETTER_STREAM, dead_letter_id)
     return ack
+
+
+async def discard_dead_letter(client: Client, dead_letter_id: int) -> None:
+    """Delete a dead letter for good (its event is not handled); NotFound if it is gone."""
+    try:
+        await client.js.delete_msg(DEADLETTER_STREAM, dead_letter_id)
+    except NotFoundError:
+        raise NotFound(f"no dead letter {dead_letter_id}") from None

@@ -117,12 +117,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _json_error(exc.status_code, error_body(exc.status_code, detail), exc.headers)
 
 
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    """A bug in the app: logged with its traceback here, never sent to the browser."""
-    _log.error("unhandled error in HTTP handler", path=request.url.path, exc_info=exc)
-    return _json_error(500, error_body(500, "internal error (logged with this request_id)"))
-
-
 async def _validation_error(request: Request, exc: Exception) -> Response:
     """FastAPI's RequestValidationError (malformed JSON, wrong fields) in the same shape."""
     errors: list[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
@@ -166,14 +160,45 @@ class MeshMiddleware:
                     await _json_error(413, error_body(413, message))(scope, receive, send)
                     return
                 receive = _replay(body, receive)
-            await self._traced(scope, receive, _with_request_id(send, request_id), headers)
+            await self._guarded(scope, receive, send, headers, request_id)
         finally:
             _correlation.reset(token)
+
+    async def _guarded(
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers, request_id: str
+    ) -> None:
+        """A bug in the app is logged with its traceback and answered with a JSON 500
+        that carries the request id, never the traceback or an HTML page."""
+        started = False
+
+        async def sender(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                MutableHeaders(scope=message).setdefault(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        try:
+            await self._traced(scope, receive, sender, headers)
+        except Exception as error:
+            _log.error("unhandled error in HTTP handler", path=scope.get("path"), exc_info=error)
+            if started:
+                raise  # too late for a response of our own: the server closes the connection
+            body = error_body(500, "internal error (logged with this request_id)")
+            await _json_error(500, body)(scope, receive, sender)
 
     async def _traced(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
         """The request as a SERVER span, child of the caller's `traceparent` if any."""
         if not tracing.ENABLED:
             await self.app(scope, receive, send)
+            return
+        outer = _outer_server_span(scope)
+        if outer is not None:  # the app traces HTTP itself (FastAPI's own telemetry, ...)
+            token = otel_context.attach(trace.set_span_in_context(outer))
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                otel_context.detach(token)
             return
         carrier = {k: headers[k] for k in (h.TRACEPARENT, h.TRACESTATE) if k in headers}
         parent = propagate.extract(carrier, context=otel_context.Context())
@@ -191,12 +216,36 @@ class MeshMiddleware:
                 status.append(int(message["status"]))
             await send(message)
 
-        token = otel_context.attach(trace.set_span_in_context(span))
+        current = trace.set_span_in_context(span)
+        if span.get_span_context().is_valid:
+            scope = _with_trace_headers(scope, current)  # instrumentation inside nests under us
+        token = otel_context.attach(current)
         try:
             await self.app(scope, receive, send_status)
         finally:
             otel_context.detach(token)
             _end_span(span, scope, status)
+
+
+def _outer_server_span(scope: Scope) -> trace.Span | None:
+    """A SERVER span of this request made by instrumentation outside us, if any: one
+    span per request, so ours is left out rather than made a sibling of it."""
+    span = getattr(scope.get("fastapi.telemetry"), "span", None)
+    if isinstance(span, trace.Span) and span.get_span_context().is_valid:
+        return span
+    current = trace.get_current_span()
+    context = current.get_span_context()
+    return current if context.is_valid and not context.is_remote else None
+
+
+def _with_trace_headers(scope: Scope, context: otel_context.Context) -> Scope:
+    """The request as seen inside: its `traceparent` names our span, not the caller's."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
+    names = {name.encode() for name in carrier} | {b"traceparent", b"tracestate"}
+    raw = [(k, v) for k, v in scope["headers"] if k.lower() not in names]
+    raw += [(k.encode(), v.encode()) for k, v in carrier.items()]
+    return {**scope, "headers": raw}
 
 
 def _end_span(span: trace.Span, scope: Scope, status: list[int]) -> None:
@@ -252,15 +301,6 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _with_request_id(send: Send, request_id: str) -> Send:
-    async def sender(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            MutableHeaders(scope=message).setdefault(REQUEST_ID_HEADER, request_id)
-        await send(message)
-
-    return sender
-
-
 class MeshEdge:
     """One mesh client for an HTTP app, and the calls that carry the request's ids.
 
@@ -307,7 +347,6 @@ class MeshEdge:
             ServiceError: _service_error,
             PublishError: _publish_error,
             HTTPException: _http_error,
-            Exception: _unexpected,
         }
         try:
             from fastapi.exceptions import RequestValidationError
