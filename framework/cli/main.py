@@ -490,11 +490,12 @@ def _subparser(subparsers: Subparsers, name: str, help_text: str) -> argparse.Ar
     )
 
 
-_EXTENSIONS = ("events", "mesh")
+_EXTENSIONS = ("events", "mesh", "web")
 
 
 def _register_extensions(subparsers: Subparsers, handlers: dict[str, Handler]) -> None:
-    """Commands that live elsewhere: `publish`, `dlq ...` (cli.events), `up|down|demo` (cli.mesh)."""
+    """Commands that live elsewhere: `publish`, `dlq ...` (cli.events), `up|down|demo`
+    (cli.mesh), `dashboard|asyncapi` (cli.web)."""
     for extension in _EXTENSIONS:
         module_name = f"{__package__}.{extension}"
         try:
