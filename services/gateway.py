@@ -162,7 +162,10 @@ form.addEventListener("submit", async (ev) => {
   if (!reply.ok) { result.textContent = `error ${reply.status}: ${data.error.message}`; return; }
   result.textContent = `order ${data.id}`;
   const stream = new EventSource(data.events_url);
-  stream.addEventListener("order", (e) => show(`order ${JSON.parse(e.data).status}`));
+  stream.addEventListener("order", (e) => {
+    const status = JSON.parse(e.data).status;
+    show(status === "pending" ? "order created (pending)" : `order ${status}`);
+  });
   stream.addEventListener("end", () => { stream.close(); show("end"); });
   stream.onmessage = (e) => show(e.data);
   for (const type of ["order.created.v1", "order.confirmed.v1", "order.cancelled.v1",

@@ -17,6 +17,16 @@ from services import notifications, orders, payments
 ORDER = {"customer_id": "alice", "items": [{"sku": "book", "quantity": 2, "unit_price_cents": 999}]}
 
 
+class SlowProvider(payments.SimulatedProvider):
+    """A card network that takes a moment: the stream is open before the order is final."""
+
+    async def charge(self, key: str, amount_cents: int, order_id: str = "") -> str | None:
+        import anyio
+
+        await anyio.sleep(0.5)
+        return await super().charge(key, amount_cents, order_id)
+
+
 class Outbox:
     def __init__(self) -> None:
         self.sent: list[Any] = []
@@ -30,7 +40,7 @@ async def http(
     serve: Any, nats_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[httpx.AsyncClient]:
     monkeypatch.setattr(notifications, "sender", Outbox())
-    monkeypatch.setattr(payments, "provider", payments.SimulatedProvider())
+    monkeypatch.setattr(payments, "provider", SlowProvider())
     for module in (notifications, payments, orders):
         await serve(module.service)
     monkeypatch.setenv("NATS_URL", nats_url)
@@ -71,15 +81,18 @@ async def test_order_events_stream_from_created_to_confirmed(http: httpx.AsyncCl
     placed = (await http.post("/orders", json=ORDER)).json()
     frames = await frames_until_end(http, placed["events_url"])
 
-    names = [f.event for f in frames]
-    assert names[0] == "order"
-    assert json.loads(frames[0].data)["id"] == placed["id"]
-    assert names[-2:] == ["order.confirmed.v1", "end"]
-    confirmed = json.loads(frames[-2].data)
+    assert [f.event for f in frames] == [
+        "order",
+        "payment.captured.v1",
+        "order.confirmed.v1",
+        "end",
+    ]
+    assert json.loads(frames[0].data)["status"] == "pending"
+    assert frames[0].id == f"{placed['id']}-now"
+    confirmed = json.loads(frames[2].data)
     assert confirmed["order_id"] == placed["id"]
-    assert frames[-2].id == f"{placed['id']}-confirmed"  # the event id: Last-Event-ID
-    if json.loads(frames[0].data)["status"] == "pending":
-        assert "payment.captured.v1" in names
+    assert frames[2].id == f"{placed['id']}-confirmed"  # the event id: Last-Event-ID
+    assert frames[3].data == "{}"
 
 
 async def test_a_declined_order_streams_until_cancelled(http: httpx.AsyncClient) -> None:
