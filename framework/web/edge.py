@@ -398,8 +398,10 @@ class MeshEdge:
         )
 
     async def enqueue(self, kind: str, payload: Any, **options: Any) -> Any:
-        """`client.enqueue` (a `JobHandle`), carrying the HTTP request's correlation id."""
+        """`client.enqueue` (a `JobHandle`), carrying the HTTP request's correlation id;
+        `options` are those of `Client.enqueue` (`job_id`, `delay`, `priority`, ...)."""
         client: Any = self.client
+        options.setdefault("correlation_id", correlation_id())
         return await client.enqueue(kind, payload, **options)
 
     def job(self, kind: str, job_id: str) -> Any:

@@ -32,6 +32,7 @@ from ...events.deadletter import discard_dead_letter, get_dead_letter, replay_de
 from ..asyncapi import asyncapi_document
 from ..edge import MeshMiddleware, error_body, http_status
 from ..sse import sse
+from .jobs import JobsWatch
 from .sampler import Hub, Sampler
 
 __all__ = ["ACTION_HEADER", "LOOPBACK_HOSTS", "Dashboard", "create_app"]
@@ -40,7 +41,6 @@ STATIC = Path(__file__).parent / "static"
 ACTION_HEADER = "X-Mesh-Dashboard"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 VIEWS = ("health", "services", "streams", "deadletters", "jobs", "traces")
-Reader = Callable[[Client], Awaitable[Any]]
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Dashboard:
     client: Client
     hub: Hub
     sampler: Sampler
+    jobs: JobsWatch
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -134,6 +135,36 @@ async def discard(request: Request) -> Response:
     return _json({"discarded": letter_id})
 
 
+def _job(request: Request) -> Any:
+    kind, job_id = request.path_params["kind"], request.path_params["job_id"]
+    client: Any = _dashboard(request).client
+    if not hasattr(client, "job"):
+        raise HTTPException(501, "this framework version has no background jobs")
+    try:
+        return client.job(kind, job_id)
+    except ValueError as error:  # InvalidName: not a kind or not an id
+        raise HTTPException(422, str(error)) from None
+
+
+async def job_status(request: Request) -> Response:
+    return _json(await _job(request).status())
+
+
+async def job_cancel(request: Request) -> Response:
+    """`mesh jobs cancel KIND ID`: a queued job never runs, a running one is stopped."""
+    _check_action(request)
+    cancelled = await _job(request).cancel()
+    message = "cancelled" if cancelled else "already finished: nothing to cancel"
+    return _json({"cancelled": bool(cancelled), "message": message})
+
+
+async def job_retry(request: Request) -> Response:
+    """`mesh jobs retry KIND ID`: a failed or cancelled job queued again."""
+    _check_action(request)
+    await _job(request).retry()
+    return _json({"retried": True, "message": "queued again"})
+
+
 async def catalog(request: Request) -> Response:
     """The AsyncAPI 3.0 document of the services running now."""
     client = _dashboard(request).client
@@ -185,6 +216,9 @@ def routes(extra: Sequence[Route] = ()) -> list[Route | Mount]:
         Route("/api/deadletters/{letter_id:int}", dead_letter),
         Route("/api/deadletters/{letter_id:int}/replay", replay, methods=["POST"]),
         Route("/api/deadletters/{letter_id:int}/discard", discard, methods=["POST"]),
+        Route("/api/jobs/{kind}/{job_id:path}/cancel", job_cancel, methods=["POST"]),
+        Route("/api/jobs/{kind}/{job_id:path}/retry", job_retry, methods=["POST"]),
+        Route("/api/jobs/{kind}/{job_id:path}", job_status),
         *extra,
         Route("/api/{view}", view),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
@@ -198,7 +232,6 @@ def create_app(
     history_seconds: float = 300.0,
     trace_file: Path | None = None,
     host: str = "127.0.0.1",
-    extra_views: dict[str, Reader] | None = None,
     extra_routes: Sequence[Route] = (),
 ) -> Starlette:
     """The dashboard of the mesh at `url` (default: `NATS_URL` and its credentials).
@@ -220,13 +253,15 @@ def create_app(
             history_seconds=history_seconds,
             trace_file=trace_file,
             url=shown,
-            extra=extra_views,
         )
-        app.state.dashboard = Dashboard(client, hub, sampler)
+        jobs = JobsWatch(client, hub, declared=sampler.declared_job_kinds)
+        sampler.extra["jobs"] = jobs.view
+        app.state.dashboard = Dashboard(client, hub, sampler, jobs)
         try:
             await sampler.sample()  # every view exists before the first page asks
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(sampler.run)
+                tasks.start_soon(jobs.run)
                 yield
                 tasks.cancel_scope.cancel()
         finally:

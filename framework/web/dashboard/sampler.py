@@ -72,7 +72,10 @@ class Hub:
 
 
 class Sampler:
-    """Samples services, streams, dead letters, jobs and traces every `interval` seconds."""
+    """Samples services, streams, dead letters and traces every `interval` seconds.
+
+    `extra` views (name -> a function building it) are put in the hub at each sample too.
+    """
 
     def __init__(
         self,
@@ -83,7 +86,7 @@ class Sampler:
         history_seconds: float = 300.0,
         trace_file: Path | None = None,
         url: str = "",
-        extra: dict[str, Callable[[Client], Awaitable[Any]]] | None = None,
+        extra: dict[str, Callable[[], Any]] | None = None,
     ) -> None:
         self.client = client
         self.hub = hub
@@ -96,6 +99,17 @@ class Sampler:
         self._wake = anyio.Event()
         self._dead_letter_state: tuple[int, int] | None = None
         self._trace_state: tuple[float, int] | None = None
+
+    def declared_job_kinds(self) -> list[str]:
+        """Job kinds the running services declare (`$SRV.INFO` endpoints of kind job)."""
+        return sorted(
+            {
+                (e.metadata or {}).get("job_kind") or f"{info.name}.{e.name}"
+                for info in self.views.infos.values()
+                for e in info.endpoints
+                if (e.metadata or {}).get("kind") == "job"
+            }
+        )
 
     def poke(self) -> None:
         """Sample now (after an action), not at the next interval."""
@@ -124,9 +138,9 @@ class Sampler:
             except Exception as error:
                 errors[name] = f"{type(error).__name__}: {error}".strip()
                 _log.debug("dashboard sample failed", part=name, error=errors[name])
-        for name, read in self.extra.items():
+        for name, build in self.extra.items():  # views kept current elsewhere (jobs)
             try:
-                self.hub.put(name, await read(self.client))
+                self.hub.put(name, build())
             except Exception as error:
                 errors[name] = f"{type(error).__name__}: {error}".strip()
         self._ticks += 1
