@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import msgspec
 import pytest
 
+from framework import Context, Service
 from framework.cli.main import main
 from framework.web.asyncapi import asyncapi_document, describe_services
 from services import notifications, orders, payments
@@ -159,3 +161,24 @@ async def test_cli_with_no_services_running_exits_3(nats_url: str) -> None:
 
 def test_cli_with_a_bad_spec_is_a_usage_error() -> None:
     assert main(["asyncapi", "services.nope:service"]) == 2
+
+
+class RenderJob(msgspec.Struct):
+    pages: int
+
+
+def test_a_services_job_kinds_are_in_the_document() -> None:
+    pytest.importorskip("framework.jobs", reason="background jobs are not present")
+    reports = Service("reports", version="1.0.0")
+
+    @reports.job("render")
+    async def render(req: RenderJob, job: Context) -> str:  # a job handler may take Context
+        return "done"
+
+    document = asyncapi_document(describe_services([reports]))
+    validate(document)
+    job = document["operations"]["reports_job_render"]
+    assert job["x-job-kind"] == "reports.render"
+    message = resolve(document, job["messages"][0]["$ref"])
+    assert resolve(document, message["$ref"])["payload"]["$ref"] == "#/components/schemas/RenderJob"
+    assert job["x-result-schema"] == {"type": "string"}

@@ -80,6 +80,7 @@ async def dashboard(nats_url: str, tmp_path: Path) -> AsyncIterator[str]:
 async def screenshot(page: Any, name: str) -> None:
     target = os.environ.get("MESH_SCREENSHOTS")
     if target:
+        await page.evaluate("window.scrollTo(0, 0)")
         await page.screenshot(path=os.path.join(target, f"{name}.png"), full_page=False)
 
 
