@@ -334,3 +334,24 @@ async def test_a_foreign_host_header_is_refused(http: httpx.AsyncClient) -> None
 async def test_wrong_method_is_405_not_500(http: httpx.AsyncClient) -> None:
     reply = await http.get("/api/deadletters/1/replay")
     assert reply.status_code == 405
+
+
+async def test_pages_leaving_the_stream_leave_no_task_behind(dashboard: str) -> None:
+    async def open_and_leave() -> None:
+        async with (
+            httpx.AsyncClient(base_url=dashboard) as alone,
+            alone.stream("GET", "/api/stream") as response,
+        ):
+            async for frame in read_frames(response):
+                if frame.event == "services":
+                    return  # streaming: leave mid-stream
+
+    await open_and_leave()  # warm-up: sse-starlette's one shutdown watcher per loop
+    await asyncio.sleep(0.3)
+    tasks = len(asyncio.all_tasks())
+    for _ in range(5):
+        await open_and_leave()
+    await eventually(
+        lambda: len(asyncio.all_tasks()) <= tasks,
+        what=lambda: f"{len(asyncio.all_tasks())} tasks, {tasks} before the streams",
+    )

@@ -216,3 +216,18 @@ async def test_an_invalid_request_id_is_400(http: httpx.AsyncClient) -> None:
     reply = await http.post("/orders", json=ORDER, headers={"X-Request-Id": "bad id with spaces"})
     assert reply.status_code == 400
     assert "X-Request-Id" in reply.json()["error"]["message"]
+
+
+async def test_leaving_an_order_stream_unsubscribes_its_watch(http: httpx.AsyncClient) -> None:
+    from services import gateway
+
+    placed = (await http.post("/orders", json=ORDER)).json()
+    subscriptions = len(gateway.edge.client.nc._subs)
+    async with http.stream("GET", placed["events_url"]) as response:
+        async for frame in read_frames(response):
+            assert frame.event == "order"
+            assert len(gateway.edge.client.nc._subs) > subscriptions  # watching
+            break  # leave before the order is final
+    from framework.testing import eventually
+
+    await eventually(lambda: len(gateway.edge.client.nc._subs) == subscriptions)

@@ -70,6 +70,10 @@ def _start_line(host: str, port: int) -> str:
     )
 
 
+async def _reachable(client: Client) -> int:
+    return ExitCode.OK
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Serve the dashboard until Ctrl-C."""
     try:
@@ -79,6 +83,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         from ..web.dashboard.traces import default_trace_file
     except ImportError as error:
         raise CliError(f"mesh dashboard {_MISSING_EXTRA} ({error})", ExitCode.USAGE) from None
+    with_client(args, _reachable)  # the CLI's fail-fast connect: exit 7 with the reason
     trace_file = Path(args.trace_file) if args.trace_file else default_trace_file()
     app = create_app(args.url, interval=args.interval, trace_file=trace_file, host=args.host)
     print(_start_line(args.host, args.port), flush=True)

@@ -232,20 +232,27 @@ def create_app(
     history_seconds: float = 300.0,
     trace_file: Path | None = None,
     host: str = "127.0.0.1",
+    connect_timeout: float = 10.0,
     extra_routes: Sequence[Route] = (),
 ) -> Starlette:
     """The dashboard of the mesh at `url` (default: `NATS_URL` and its credentials).
 
     `interval`: seconds between samples; `history_seconds`: how much consumer lag
     history the sparklines show; `trace_file`: the spans file `mesh up` writes; `host`:
-    the address it will be served on (a loopback one also checks the Host header).
+    the address it will be served on (a loopback one also checks the Host header);
+    `connect_timeout`: how long start-up waits for NATS before it fails.
     """
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = await Client.open(url, name="mesh-dashboard")
-        hub = Hub()
         shown = ",".join(url) if isinstance(url, list | tuple) else str(url or "")
+        try:
+            with anyio.fail_after(connect_timeout):  # nats-py retries a dead URL forever
+                client = await Client.open(url, name="mesh-dashboard")
+        except TimeoutError:
+            where = shown or "NATS_URL"
+            raise ConnectionError(f"no NATS at {where} within {connect_timeout:g}s") from None
+        hub = Hub()
         sampler = Sampler(
             client,
             hub,
