@@ -66,6 +66,7 @@ async def place_order(
 
 @app.get("/orders/{order_id}")
 async def get_order(order_id: Id) -> Any:
+    """The order as `orders.get` answers it (404 when there is none)."""
     return await edge.call("orders.get", {"order_id": order_id})
 
 
@@ -108,6 +109,7 @@ async def request_report(
 
 @app.get("/jobs/{kind}/{job_id}")
 async def get_job(kind: Kind, job_id: Id) -> Any:
+    """A job's status now (404 when there is none)."""
     return _plain(await edge.job(kind, job_id).status())
 
 
@@ -121,6 +123,7 @@ async def job_status_events(kind: Kind, job_id: Id) -> EventSourceResponse:
 
 @app.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def index() -> str:
+    """A page that places an order and shows its event stream."""
     return _PAGE
 
 

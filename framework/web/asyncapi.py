@@ -73,16 +73,19 @@ class _Builder:
         return rewritten
 
     def message(self, key: str, title: str, schema: dict[str, Any]) -> dict[str, str]:
+        """A message component (the first definition of a key wins); its `$ref`."""
         self.messages.setdefault(key, {"name": key, "title": title, "payload": schema})
         return {"$ref": f"#/components/messages/{key}"}
 
     def channel(self, key: str, address: str | None, messages: dict[str, Any], about: str) -> None:
+        """A channel (`address` None: a reply inbox, known only at run time)."""
         channel = self.channels.setdefault(
             key, {"address": address, "messages": {}, "description": about}
         )
         channel["messages"].update(messages)
 
     def rpc(self, service: str, endpoint: Any) -> None:
+        """An endpoint: `receive` on its subject, with a reply to the request's inbox."""
         meta = endpoint.metadata or {}
         key = _key(endpoint.subject)
         request = self.message(
@@ -118,6 +121,7 @@ class _Builder:
         return key
 
     def subscriber(self, service: str, endpoint: Any) -> None:
+        """A subscriber: `receive` on its event type's channel."""
         meta = endpoint.metadata or {}
         event_type = meta.get("event_type") or endpoint.subject.removeprefix(f"{EVENT_PREFIX}.")
         key = self.event(event_type, self.schema(meta.get("event_schema")))
@@ -131,6 +135,7 @@ class _Builder:
         }
 
     def job(self, service: str, endpoint: Any) -> None:
+        """A job kind: `receive` on its queue, the result schema as `x-result-schema`."""
         meta = endpoint.metadata or {}
         kind = meta.get("job_kind") or f"{service}.{endpoint.name}"
         key = _key(f"job.{kind}")
@@ -150,6 +155,7 @@ class _Builder:
             self.operations[f"{service}_job_{_key(endpoint.name)}"]["x-result-schema"] = result
 
     def publishes(self, service: str, event_types: Iterable[str]) -> None:
+        """Events a service declares it publishes: `send` on their channels."""
         for event_type in event_types:
             key = self.event(event_type, None)
             self.operations[f"{service}_publishes_{_key(event_type)}"] = {

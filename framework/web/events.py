@@ -43,6 +43,7 @@ class MeshEvent:
 
     @property
     def correlation_id(self) -> str | None:
+        """The `Correlation-Id` the event was published with."""
         return self.headers.get(h.CORRELATION_ID)
 
 

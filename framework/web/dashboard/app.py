@@ -35,7 +35,7 @@ from ..sse import sse
 from .jobs import JobsWatch
 from .sampler import Hub, Sampler
 
-__all__ = ["ACTION_HEADER", "LOOPBACK_HOSTS", "Dashboard", "create_app"]
+__all__ = ["ACTION_HEADER", "LOOPBACK_HOSTS", "Dashboard", "Settings", "create_app"]
 
 STATIC = Path(__file__).parent / "static"
 ACTION_HEADER = "X-Mesh-Dashboard"
@@ -68,10 +68,12 @@ def _dashboard(request: Request) -> Dashboard:
 
 
 async def index(request: Request) -> Response:
+    """The page (static, no template): it fetches everything else itself."""
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
 
 async def view(request: Request) -> Response:
+    """`/api/<view>`: the latest sample of one view, as JSON."""
     name = request.path_params["view"]
     if name not in VIEWS:
         return _error(404, f"no view {name!r} (views: {', '.join(VIEWS)})")
@@ -104,6 +106,7 @@ def _letter_id(request: Request) -> int:
 
 
 async def dead_letter(request: Request) -> Response:
+    """`mesh dlq show ID`: reason, error, attempts, headers and payload."""
     letter = await get_dead_letter(_dashboard(request).client, _letter_id(request))
     return _json(letter)
 
@@ -127,6 +130,7 @@ async def replay(request: Request) -> Response:
 
 
 async def discard(request: Request) -> Response:
+    """Delete a dead letter for good (its event is not handled)."""
     _check_action(request)
     dashboard = _dashboard(request)
     letter_id = _letter_id(request)
@@ -147,6 +151,7 @@ def _job(request: Request) -> Any:
 
 
 async def job_status(request: Request) -> Response:
+    """`mesh jobs show KIND ID`: the job's status record."""
     return _json(await _job(request).status())
 
 
@@ -209,6 +214,7 @@ _HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
 
 
 def routes(extra: Sequence[Route] = ()) -> list[Route | Mount]:
+    """The page, the JSON API, the live stream and the static files."""
     return [
         Route("/", index),
         Route("/api/stream", stream),
@@ -223,6 +229,64 @@ def routes(extra: Sequence[Route] = ()) -> list[Route | Mount]:
         Route("/api/{view}", view),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a dashboard connects and samples (see `create_app`)."""
+
+    url: str | Sequence[str] | None
+    interval: float
+    history_seconds: float
+    trace_file: Path | None
+    connect_timeout: float
+
+    @property
+    def shown_url(self) -> str:
+        """The URL as given, for messages (the health view redacts credentials)."""
+        url = self.url
+        return ",".join(url) if isinstance(url, list | tuple) else str(url or "")
+
+
+async def _connect(settings: Settings) -> Client:
+    try:
+        with anyio.fail_after(settings.connect_timeout):  # nats-py retries a dead URL forever
+            return await Client.open(settings.url, name="mesh-dashboard")
+    except TimeoutError:
+        where = settings.shown_url or "NATS_URL"
+        raise ConnectionError(f"no NATS at {where} within {settings.connect_timeout:g}s") from None
+
+
+def _lifespan(settings: Settings) -> Callable[[Starlette], Any]:
+    """One client, one sampler and one jobs watch per app, for as long as it runs."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = await _connect(settings)
+        hub = Hub()
+        sampler = Sampler(
+            client,
+            hub,
+            interval=settings.interval,
+            history_seconds=settings.history_seconds,
+            trace_file=settings.trace_file,
+            url=settings.shown_url,
+        )
+        jobs = JobsWatch(client, hub, declared=sampler.declared_job_kinds)
+        sampler.extra["jobs"] = jobs.view
+        app.state.dashboard = Dashboard(client, hub, sampler, jobs)
+        try:
+            await sampler.sample()  # every view exists before the first page asks
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(sampler.run)
+                tasks.start_soon(jobs.run)
+                yield
+                tasks.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.close()
+
+    return lifespan
 
 
 def create_app(
@@ -240,41 +304,10 @@ def create_app(
     `interval`: seconds between samples; `history_seconds`: how much consumer lag
     history the sparklines show; `trace_file`: the spans file `mesh up` writes; `host`:
     the address it will be served on (a loopback one also checks the Host header);
-    `connect_timeout`: how long start-up waits for NATS before it fails.
+    `connect_timeout`: how long start-up waits for NATS before it fails;
+    `extra_routes`: more routes, matched before the views.
     """
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        shown = ",".join(url) if isinstance(url, list | tuple) else str(url or "")
-        try:
-            with anyio.fail_after(connect_timeout):  # nats-py retries a dead URL forever
-                client = await Client.open(url, name="mesh-dashboard")
-        except TimeoutError:
-            where = shown or "NATS_URL"
-            raise ConnectionError(f"no NATS at {where} within {connect_timeout:g}s") from None
-        hub = Hub()
-        sampler = Sampler(
-            client,
-            hub,
-            interval=interval,
-            history_seconds=history_seconds,
-            trace_file=trace_file,
-            url=shown,
-        )
-        jobs = JobsWatch(client, hub, declared=sampler.declared_job_kinds)
-        sampler.extra["jobs"] = jobs.view
-        app.state.dashboard = Dashboard(client, hub, sampler, jobs)
-        try:
-            await sampler.sample()  # every view exists before the first page asks
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(sampler.run)
-                tasks.start_soon(jobs.run)
-                yield
-                tasks.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await client.close()
-
+    settings = Settings(url, interval, history_seconds, trace_file, connect_timeout)
     middleware = [Middleware(MeshMiddleware, max_body=64 * 1024)]
     if host in LOOPBACK_HOSTS:
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_HOSTS)))
@@ -282,5 +315,5 @@ def create_app(
         routes=routes(extra_routes),
         middleware=middleware,
         exception_handlers=_HANDLERS,
-        lifespan=lifespan,
+        lifespan=_lifespan(settings),
     )

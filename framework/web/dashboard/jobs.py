@@ -134,6 +134,7 @@ class JobsWatch:
         self.hub.put("jobs", self.view())
 
     def view(self) -> dict[str, Any]:
+        """Counts per kind and state, and the active jobs first, then the newest."""
         counts: dict[str, dict[str, int]] = {kind: {} for kind in self.declared()}
         for record in self.records.values():
             by_state = counts.setdefault(str(record["kind"]), {})

@@ -44,6 +44,7 @@ class Hub:
         self._changed = anyio.Event()
 
     def put(self, view: str, data: Any) -> None:
+        """Store `data` as the latest `view`; readers wake only if it changed."""
         encoded = msgspec.json.encode(data)
         previous = self._views.get(view)
         if previous is not None and previous[1] == encoded:
@@ -54,6 +55,7 @@ class Hub:
         self._changed = anyio.Event()
 
     def get(self, view: str) -> bytes | None:
+        """The latest JSON of `view`, or None before it was first sampled."""
         found = self._views.get(view)
         return found[1] if found else None
 
@@ -116,6 +118,7 @@ class Sampler:
         self._wake.set()
 
     async def run(self) -> None:
+        """Sample every `interval` (sooner when poked) until cancelled."""
         while True:
             await self.sample()
             with anyio.move_on_after(self.interval):

@@ -39,11 +39,13 @@ class _Counts:
     samples: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=64))
 
     def add(self, when: float, requests: int, errors: int) -> None:
+        """One sample; samples older than the rate window (but two) are dropped."""
         self.samples.append((when, requests, errors))
         while len(self.samples) > 2 and when - self.samples[1][0] >= RATE_WINDOW:
             self.samples.popleft()
 
     def rates(self) -> tuple[float, float]:
+        """Requests and errors per second over the window (0 after a counter reset)."""
         if len(self.samples) < 2:
             return 0.0, 0.0
         (t0, r0, e0), (t1, r1, e1) = self.samples[0], self.samples[-1]
@@ -104,10 +106,12 @@ class Views:
         return any((s.name, s.id) not in self.infos for s in stats)
 
     def add_infos(self, infos: Iterable[InfoResponse]) -> None:
+        """Remember each instance's endpoints (kinds, event types, schemas)."""
         for info in infos:
             self.infos[(info.name, info.id)] = info
 
     def add_stats(self, stats: Iterable[StatsResponse], now: float | None = None) -> None:
+        """Record a sample; instances gone for `FORGET_DOWN_AFTER` are dropped."""
         now = time.time() if now is None else now
         for s in stats:
             self.instances[(s.name, s.id)] = _Instance(s.name, s.id, s.version, s.started, now, s)
@@ -197,11 +201,13 @@ class Views:
         }
 
     def record_lag(self, stream: str, consumer: str, pending: int, now: float) -> list[Any]:
+        """Add a lag sample of one consumer; its history (bounded) so far."""
         history = self.lag.setdefault((stream, consumer), deque(maxlen=self.history_points))
         history.append((now, pending))
         return list(history)
 
     def forget_lag(self, alive: set[tuple[str, str]]) -> None:
+        """Drop the history of consumers that no longer exist."""
         for key in [k for k in self.lag if k not in alive]:
             del self.lag[key]
 
