@@ -165,8 +165,11 @@ class EventWatch:
             event = await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise StopAsyncIteration from None
-        if self._until is not None and self._until(event):
-            self._done = True
+        if self._until is not None:
+            try:
+                self._done = bool(self._until(event))
+            except Exception:  # a predicate that cannot read this event: not the last one
+                self._done = False
         return event
 
 
