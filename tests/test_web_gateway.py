@@ -231,3 +231,49 @@ async def test_leaving_an_order_stream_unsubscribes_its_watch(http: httpx.AsyncC
     from framework.testing import eventually
 
     await eventually(lambda: len(gateway.edge.client.nc._subs) == subscriptions)
+
+
+@pytest.fixture(scope="module")
+def spans() -> Any:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()
+
+
+async def test_one_trace_from_the_http_request_to_the_notification(
+    http: httpx.AsyncClient, spans: Any
+) -> None:
+    from framework.testing import eventually
+
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    traceparent = f"00-{trace_id}-b7ad6b7169203331-01"
+    placed = await http.post("/orders", json=ORDER, headers={"traceparent": traceparent})
+    assert placed.status_code == 202
+
+    def names() -> set[str]:
+        return {
+            s.name for s in spans.get_finished_spans() if f"{s.context.trace_id:032x}" == trace_id
+        }
+
+    await eventually(
+        lambda: "process events.order.confirmed.v1" in names(),
+        what=lambda: f"the notification's span in the trace (have {sorted(names())})",
+    )
+    assert {
+        "POST /orders",
+        "request orders.create",
+        "process orders.create",
+        "publish events.order.created.v1",
+        "process events.order.created.v1",
+        "process events.payment.captured.v1",
+    } <= names()
