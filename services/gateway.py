@@ -34,6 +34,7 @@ FINAL_STATUSES = frozenset({"confirmed", "cancelled", "refunded"})
 FINAL_EVENTS = frozenset({ORDER_CONFIRMED, ORDER_CANCELLED})
 # Ids are path segments and mesh keys: the same rule the contracts apply to them.
 Id = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+JobId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@+=-]+$")]
 Kind = Annotated[
     str, Path(min_length=3, max_length=128, pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 ]
@@ -108,13 +109,13 @@ async def request_report(
 
 
 @app.get("/jobs/{kind}/{job_id}")
-async def get_job(kind: Kind, job_id: Id) -> Any:
+async def get_job(kind: Kind, job_id: JobId) -> Any:
     """A job's status now (404 when there is none)."""
     return _plain(await edge.job(kind, job_id).status())
 
 
 @app.get("/jobs/{kind}/{job_id}/events")
-async def job_status_events(kind: Kind, job_id: Id) -> EventSourceResponse:
+async def job_status_events(kind: Kind, job_id: JobId) -> EventSourceResponse:
     """`event: status` for every change (progress included) until final, then `end`."""
     handle = edge.job(kind, job_id)
     await handle.status()  # 404 for a job that does not exist, before the stream starts

@@ -60,7 +60,7 @@ _correlation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 # ServiceError codes a caller of the edge understands as they are; the rest are mapped.
-_AS_IS = frozenset({401, 403, 404, 409, 410, 412, 413, 415, 422, 429, 503})
+_AS_IS = frozenset({401, 403, 404, 409, 410, 412, 413, 415, 422, 429, 501, 503})
 _MAPPED = {400: 422, 408: 504, 500: 502}
 
 
@@ -401,12 +401,16 @@ class MeshEdge:
         """`client.enqueue` (a `JobHandle`), carrying the HTTP request's correlation id;
         `options` are those of `Client.enqueue` (`job_id`, `delay`, `priority`, ...)."""
         client: Any = self.client
+        if not hasattr(client, "enqueue"):
+            raise ServiceError(501, "this version of the framework has no background jobs")
         options.setdefault("correlation_id", correlation_id())
         return await client.enqueue(kind, payload, **options)
 
     def job(self, kind: str, job_id: str) -> Any:
         """`client.job`: a handle to an existing job (`status()`, `watch()`, `cancel()`)."""
         client: Any = self.client
+        if not hasattr(client, "job"):
+            raise ServiceError(501, "this version of the framework has no background jobs")
         return client.job(kind, job_id)
 
     def events(

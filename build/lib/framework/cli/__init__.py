@@ -1,0 +1,1 @@
+"""The `mesh` command: `main` parses arguments, one module per command family."""

@@ -1,0 +1,151 @@
+"""What a handler knows about the message it handles, and how it talks onward.
+
+`ctx.call` and `ctx.publish` carry the correlation id, the trace and the remaining
+deadline forward, so a chain of services needs no plumbing in user code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import structlog
+from opentelemetry import trace
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["Context"]
+
+T = TypeVar("T")
+_EMPTY: Mapping[str, str] = {}
+
+
+class Context:
+    """Per-message state; built only for handlers that ask for it."""
+
+    __slots__ = (
+        "_client",
+        "_log",
+        "attempt",
+        "causation_id",
+        "correlation_id",
+        "deadline",
+        "event_id",
+        "handler",
+        "headers",
+        "service",
+        "span",
+        "subject",
+    )
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        service: str,
+        handler: str,
+        subject: str,
+        correlation_id: str,
+        causation_id: str | None = None,
+        event_id: str | None = None,
+        attempt: int = 1,
+        deadline: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        span: trace.Span = trace.INVALID_SPAN,
+    ) -> None:
+        self._client = client
+        self._log: Any = None
+        self.service = service
+        self.handler = handler
+        self.subject = subject
+        self.correlation_id = correlation_id
+        self.causation_id = causation_id
+        self.event_id = event_id
+        self.attempt = attempt
+        self.deadline = deadline  # absolute, epoch seconds
+        self.headers = headers if headers is not None else _EMPTY
+        self.span = span
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    @property
+    def log(self) -> Any:
+        """Bound lazily: most messages never log, so they never pay for binding."""
+        if self._log is None:
+            fields: dict[str, Any] = {
+                "service": self.service,
+                "handler": self.handler,
+                "subject": self.subject,
+                "correlation_id": self.correlation_id,
+                "attempt": self.attempt,
+            }
+            if self.event_id:
+                fields["event_id"] = self.event_id
+            span_context = self.span.get_span_context()
+            if span_context.is_valid:
+                fields["trace_id"] = format(span_context.trace_id, "032x")
+                fields["span_id"] = format(span_context.span_id, "016x")
+            self._log = structlog.get_logger("framework").bind(**fields)
+        return self._log
+
+    def remaining(self) -> float | None:
+        """Seconds left until the caller's deadline, or None when there is none."""
+        if self.deadline is None:
+            return None
+        return self.deadline - time.time()
+
+    @property
+    def message_id(self) -> str | None:
+        """What a message sent from here names as its cause."""
+        return self.event_id
+
+    @overload
+    async def call(
+        self,
+        subject: str,
+        payload: Any = None,
+        *,
+        returns: type[T],
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> T: ...
+
+    @overload
+    async def call(
+        self,
+        subject: str,
+        payload: Any = None,
+        *,
+        returns: Any = Any,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any: ...
+
+    async def call(
+        self,
+        subject: str,
+        payload: Any = None,
+        *,
+        returns: type[T] | Any = Any,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        return await self._client.call(
+            subject, payload, returns=returns, timeout=timeout, headers=headers, parent=self
+        )
+
+    async def publish(
+        self,
+        event_type: str,
+        event: Any,
+        *,
+        event_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        return await self._client.publish(
+            event_type, event, event_id=event_id, headers=headers, parent=self
+        )

@@ -1,0 +1,1 @@
+"""Development tools: real nats-server processes and clusters, and the local mesh supervisor."""

@@ -1,0 +1,1 @@
+"""Events on JetStream: publishing, durable subscribers and their outcomes, idempotency, dead letters."""

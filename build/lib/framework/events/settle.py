@@ -1,0 +1,135 @@
+"""Acks of an idempotent subscriber, pipelined: mark a batch of ids, then ack each event.
+
+A worker that awaited its own marker's store would be parked for a round trip while
+the next event needed another worker: a task switch per event, the largest single cost
+of an idempotent subscriber. Here a handler's success is handed over and the worker
+moves on; the successes of one event-loop iteration are marked together (one
+fast-ingest batch where the server allows it) and each event is acked once its marker
+is stored. The guarantee is unchanged: no event is acked before its marker is stored.
+A marker that cannot be stored is retried, the event kept alive by the subscriber's
+in-progress acks, for as long as a handler may take; then the event is nak'd, and its
+redelivery runs the handler again (the documented at-least-once window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import structlog
+from anyio.abc import TaskGroup
+
+from .idempotency import ProcessedIds
+
+__all__ = ["Settlement"]
+
+_log = structlog.get_logger("framework.events.subscriber")
+
+# what `done` is told: the handler's duration when acked, None when nak'd
+Done = Callable[[Any, int | None], None]
+_Entry = tuple[Any, str, int]  # message, event id, handler duration in ns
+
+
+class Settlement:
+    def __init__(
+        self,
+        processed: ProcessedIds,
+        task_group: TaskGroup,
+        done: Done,
+        *,
+        consumer: str,
+        give_up_after: float,
+        nak_delay: float,
+    ) -> None:
+        self._processed = processed
+        self._task_group = task_group
+        self._done = done
+        self._consumer = consumer
+        self._give_up_after = give_up_after
+        self._nak_delay = nak_delay
+        self._queued: list[_Entry] = []
+        self._running = 0  # batches being marked and acked
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def add(self, msg: Any, event_id: str, elapsed_ns: int) -> None:
+        """Mark `event_id`, then ack `msg`; `done` is called once either happened."""
+        self._queued.append((msg, event_id, elapsed_ns))
+        if len(self._queued) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        if batch:
+            if self._running == 0:
+                self._idle = anyio.Event()
+            self._running += 1
+            self._task_group.start_soon(self._settle, batch)
+
+    async def wait(self, timeout: float) -> bool:
+        """Whether everything handed over was settled within `timeout` seconds."""
+        with anyio.move_on_after(timeout):
+            while self._queued or self._running:
+                await self._idle.wait()
+                await anyio.lowlevel.checkpoint()  # a flush scheduled meanwhile
+            return True
+        return False
+
+    async def _settle(self, batch: list[_Entry]) -> None:
+        todo = {id(entry[0]): entry for entry in batch}  # not yet acked or nak'd
+        delay = 0.1
+        give_up = anyio.current_time() + self._give_up_after
+        try:
+            while todo:
+                entries = list(todo.values())
+                errors = await self._processed.mark_all([event_id for _, event_id, _ in entries])
+                for entry, error in zip(entries, errors, strict=True):
+                    if error is None:
+                        del todo[id(entry[0])]
+                        await self._ack(entry)
+                if not todo:
+                    return
+                if anyio.current_time() + delay > give_up:
+                    _log.warning(
+                        "event deferred: marker not stored",
+                        consumer=self._consumer,
+                        events=len(todo),
+                        error=str(next(e for e in errors if e is not None)),
+                    )
+                    for key, entry in list(todo.items()):
+                        del todo[key]
+                        await self._nak(entry)
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        except Exception as exc:  # a bug here must not lose the events' accounting
+            _log.error(
+                "event settlement failed", consumer=self._consumer, error=str(exc), exc_info=exc
+            )
+        finally:
+            for msg, _, _ in todo.values():  # cancelled: redelivered after ack_wait
+                self._done(msg, None)
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+    async def _ack(self, entry: _Entry) -> None:
+        msg, _, elapsed = entry
+        try:
+            await msg.ack()
+        except Exception as exc:  # the event comes back after ack_wait; its marker skips it
+            _log.warning("ack failed", consumer=self._consumer, error=str(exc))
+        finally:
+            self._done(msg, elapsed)
+
+    async def _nak(self, entry: _Entry) -> None:
+        msg = entry[0]
+        try:
+            await msg.nak(delay=self._nak_delay)
+        except Exception:
+            pass  # redelivered after ack_wait instead
+        finally:
+            self._done(msg, None)

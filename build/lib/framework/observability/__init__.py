@@ -1,0 +1,1 @@
+"""Observability: tracing, metrics, logging and trace rendering (OpenTelemetry API only)."""

@@ -1,0 +1,1 @@
+"""Request-reply: endpoints and the NATS service API (ADR-32) discovery responder."""

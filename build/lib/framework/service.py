@@ -1,0 +1,234 @@
+"""A service: a name, RPC endpoints and event subscribers, served on one connection."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import anyio
+import structlog
+
+from .client import Client
+from .context import Context
+from .events.options import SUBSCRIBE_DEFAULTS, SubscribeOptions
+from .events.subscriber import Subscriber
+from .rpc.discovery import Responder
+from .rpc.endpoint import RpcEndpoint
+from .transport.headers import new_id
+from .transport.names import check_endpoint_name, check_event_type, check_service_name
+from .transport.signature import Handler, read_signature
+
+if TYPE_CHECKING:
+    from .streams import Stream
+
+__all__ = ["Service"]
+
+F = TypeVar("F", bound=Handler)
+_log = structlog.get_logger("framework.service")
+
+DEFAULT_RPC_CONCURRENCY = 100
+DEFAULT_GRACE = 10.0
+
+
+class Service:
+    """Declare handlers with decorators; run with `run()`, `serve()` or `mesh run`."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str = "0.0.0",
+        description: str = "",
+        *,
+        metadata: Mapping[str, str] | None = None,
+        streams: Sequence[Stream] = (),
+        publishes: Sequence[str] = (),
+    ) -> None:
+        self.name = check_service_name(name)
+        self.version = version
+        self.description = description
+        self.metadata = dict(metadata or {})
+        self.streams = list(streams)
+        self.publishes = [check_event_type(t) for t in publishes]
+        if self.publishes:
+            self.metadata.setdefault("publishes", ",".join(self.publishes))
+        self.endpoints: list[RpcEndpoint] = []
+        self.subscribers: list[Subscriber] = []
+        self.instance_id = ""
+        self.client: Client | None = None
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r}, version={self.version!r})"
+
+    def rpc(
+        self,
+        name: str | None = None,
+        *,
+        max_concurrency: int = DEFAULT_RPC_CONCURRENCY,
+        idempotent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Callable[[F], F]:
+        """Serve the decorated handler at `<service>.<name>` (name defaults to the function's)."""
+
+        def decorate(fn: F) -> F:
+            endpoint = check_endpoint_name(name or fn.__name__)
+            if any(e.name == endpoint for e in self.endpoints):
+                raise ValueError(f"{self.name} already has an endpoint named {endpoint!r}")
+            if max_concurrency < 1:
+                raise ValueError("max_concurrency must be at least 1")
+            self.endpoints.append(
+                RpcEndpoint(
+                    self.name,
+                    endpoint,
+                    fn,
+                    read_signature(fn, Context),
+                    subject=f"{self.name}.{endpoint}",
+                    max_concurrency=max_concurrency,
+                    idempotent=idempotent,
+                    metadata=metadata,
+                )
+            )
+            return fn
+
+        return decorate
+
+    def subscribe(
+        self,
+        event_type: str,
+        *,
+        name: str | None = None,
+        max_deliver: int = SUBSCRIBE_DEFAULTS.max_deliver,
+        backoff: Sequence[float] = SUBSCRIBE_DEFAULTS.backoff,
+        ack_wait: float = SUBSCRIBE_DEFAULTS.ack_wait,
+        max_concurrency: int = SUBSCRIBE_DEFAULTS.max_concurrency,
+        max_processing_time: float | None = SUBSCRIBE_DEFAULTS.max_processing_time,
+        deliver: Literal["all", "new"] = SUBSCRIBE_DEFAULTS.deliver,
+        idempotent: bool = SUBSCRIBE_DEFAULTS.idempotent,
+        idempotency_ttl: float = SUBSCRIBE_DEFAULTS.idempotency_ttl,
+        dead_letter: bool = SUBSCRIBE_DEFAULTS.dead_letter,
+        ordered_by: Callable[[Any], Hashable] | None = SUBSCRIBE_DEFAULTS.ordered_by,
+        max_ack_pending: int | None = SUBSCRIBE_DEFAULTS.max_ack_pending,
+    ) -> Callable[[F], F]:
+        """Handle every `event_type` event through a durable consumer shared by replicas.
+
+        The handler takes the event (a type msgspec decodes) and optionally a `Context`.
+        Options, with their defaults; one out of bounds raises `ValueError` here:
+
+        - `name` (the function's name): the subscriber; its consumer is `<service>_<name>`.
+        - `max_deliver` (5, >= 1): attempts before the event is dead-lettered.
+        - `backoff` ((1, 5, 15, 60) s, each >= 0): `backoff[i]` is the delay before attempt
+          i + 2; the last value repeats; empty: retry at once.
+        - `ack_wait` (30 s, > 0): a delivery not acked by then is redelivered; a running
+          handler's event is kept alive by in-progress acks every third of it.
+        - `max_concurrency` (16, >= 1): handlers running at once in one replica.
+        - `max_processing_time` (300 s, > 0; None: no limit): a handler running longer is
+          cancelled and the attempt fails (`ProcessingTimeExceeded`).
+        - `deliver` ("all", or "new"): where a new consumer starts, the stream's oldest event
+          or the next one published; an existing consumer keeps its position.
+        - `idempotent` (True): an event whose id this subscriber already handled is acked
+          without running the handler (ids kept in a key-value bucket).
+        - `idempotency_ttl` (7 days, > 0): how long a handled event id is remembered.
+        - `dead_letter` (True): an event given up on is copied to the `DEADLETTER` stream
+          before it is terminated; False: only terminated.
+        - `ordered_by` (None, any function of the event returning a hashable key): events
+          with equal keys run one at a time, in stream order, within one replica.
+        - `max_ack_pending` (None: max(1000, 4 * max_concurrency); >= 1): deliveries the
+          consumer leaves unacked at once, all replicas together.
+        """
+        check_event_type(event_type)
+        # every keyword but `name` is a SubscribeOptions field, defaults read from it
+        options = SubscribeOptions.pick(locals())
+        return lambda handler: self._add_subscriber(event_type, name, options, handler)
+
+    def _add_subscriber(
+        self, event_type: str, name: str | None, options: SubscribeOptions, handler: F
+    ) -> F:
+        """`subscribe`'s decorator: the handler's signature is checked as it is declared."""
+        subscriber_name = check_endpoint_name(name or handler.__name__)
+        if any(s.name == subscriber_name for s in self.subscribers):
+            raise ValueError(f"{self.name} already has a subscriber named {subscriber_name!r}")
+        signature = read_signature(handler, Context)
+        self.subscribers.append(
+            Subscriber(self.name, subscriber_name, event_type, handler, signature, options)
+        )
+        return handler
+
+    @asynccontextmanager
+    async def serve(
+        self,
+        url_or_client: str | Sequence[str] | Client | None = None,
+        *,
+        grace: float = DEFAULT_GRACE,
+    ) -> AsyncIterator[Service]:
+        """Serve inside the current event loop until the block exits, then stop gracefully."""
+        client = (
+            url_or_client
+            if isinstance(url_or_client, Client)
+            else await Client.open(url_or_client, name=self.name)
+        )
+        self.client = client
+        self.instance_id = new_id()
+        responder = Responder(
+            self.name,
+            self.instance_id,
+            self.version,
+            self.description,
+            self.metadata,
+            [*self.endpoints, *self.subscribers],
+        )
+        try:
+            await self._prepare(client)
+            async with anyio.create_task_group() as task_group:
+                try:
+                    await self._start(client, task_group, responder)
+                    _log.info("service started", service=self.name, id=self.instance_id)
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._stop(responder, grace)
+                    task_group.cancel_scope.cancel()
+        finally:
+            if not isinstance(url_or_client, Client):
+                with anyio.CancelScope(shield=True):
+                    await client.close()
+
+    async def _prepare(self, client: Client) -> None:
+        """Streams, consumers, buckets: fail with the real error before anything runs."""
+        if self.subscribers or self.streams or self.publishes:
+            from .streams import ensure_streams
+
+            event_types = [*self.publishes, *(s.event_type for s in self.subscribers)]
+            await ensure_streams(client, self.streams, event_types)
+        handlers: list[RpcEndpoint | Subscriber] = [*self.endpoints, *self.subscribers]
+        for handler in handlers:
+            await handler.prepare(client)
+
+    async def _start(self, client: Client, task_group: Any, responder: Responder) -> None:
+        for endpoint in self.endpoints:
+            await endpoint.start(client, task_group)
+        for subscriber in self.subscribers:
+            await subscriber.start(client, task_group)
+        await responder.start(client.nc)
+        # one round trip: the server has every subscription before serve() yields
+        await client.nc.flush()
+
+    async def _stop(self, responder: Responder, grace: float) -> None:
+        """Stop intake everywhere first, then give in-flight work the grace period."""
+        await responder.stop()
+        results: list[bool] = []
+
+        async def stop_one(handler: Any) -> None:
+            results.append(await handler.stop(grace))
+
+        async with anyio.create_task_group() as stopping:
+            for handler in [*self.endpoints, *self.subscribers]:
+                stopping.start_soon(stop_one, handler)
+        if not all(results):
+            _log.warning("grace period over, cancelled in-flight handlers", service=self.name)
+        _log.info("service stopped", service=self.name, id=self.instance_id)
+
+    def run(self, url: str | Sequence[str] | None = None, *, grace: float = DEFAULT_GRACE) -> None:
+        """Run from `__main__` until SIGTERM or SIGINT, then shut down gracefully."""
+        from .runner import run_services
+
+        run_services([self], url, grace=grace)

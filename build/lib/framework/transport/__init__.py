@@ -1,0 +1,1 @@
+"""Transport: the connection-level machinery every handler kind shares (mux, headers, codec, workers)."""

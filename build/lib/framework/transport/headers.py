@@ -1,0 +1,136 @@
+"""Header names of the wire format and validation of what arrives in them.
+
+Headers are the most expensive part of a small message in nats-py, so builders add
+only headers that carry information, and readers validate only what they use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping
+
+from ..errors import BadRequest
+
+__all__ = [
+    "CAUSATION_ID",
+    "CORRELATION_ID",
+    "DEADLINE",
+    "ERROR",
+    "ERROR_CODE",
+    "EVENT_TIME",
+    "EVENT_TYPE",
+    "IDEMPOTENCY_KEY",
+    "MSG_ID",
+    "PRODUCER",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "check_header",
+    "check_headers",
+    "check_id",
+    "new_id",
+    "parse_deadline",
+    "parse_header_block",
+]
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+CORRELATION_ID = "Correlation-Id"
+CAUSATION_ID = "Causation-Id"
+MSG_ID = "Nats-Msg-Id"
+EVENT_TYPE = "Event-Type"
+EVENT_TIME = "Event-Time"
+PRODUCER = "Producer"
+DEADLINE = "Deadline"
+IDEMPOTENCY_KEY = "Idempotency-Key"
+ERROR = "Nats-Service-Error"
+ERROR_CODE = "Nats-Service-Error-Code"
+
+MAX_HEADER_VALUE = 1024
+MAX_ID = 128
+_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Deadlines further out than this are forged or broken clocks; clamp rather than trust.
+MAX_DEADLINE_AHEAD_S = 24 * 3600.0
+
+
+def new_id() -> str:
+    """A unique id of 24 hex characters (96 random bits), the cheapest unique id measured
+    here (a third of NUID's cost)."""
+    return os.urandom(12).hex()
+
+
+def wire_size(data: bytes, headers: Mapping[str, str] | None) -> int:
+    """Bytes the server counts against max_payload: payload plus the header block.
+
+    nats-py compares only the payload with max_payload; a message that fits without its
+    headers is sent, refused with -ERR 'Maximum Payload Violation', and the server
+    closes the connection (for good: nats-py does not reconnect after that error).
+    """
+    if not headers:
+        return len(data)
+    # b"NATS/1.0\r\n" + b"Name: value\r\n" per header + b"\r\n"
+    text = "".join(headers) + "".join(headers.values())
+    size = len(text) if text.isascii() else len(text.encode())
+    return len(data) + 12 + size + 4 * len(headers)
+
+
+_ASCII_SPACE = " \t\n\r\x0b\x0c"  # what bytes.strip() strips
+
+
+def parse_header_block(raw: bytes) -> dict[str, str]:
+    """nats-py's header parsing (`Client._parse_header_lines`), the same result at
+    less than half the cost: one decode for the block instead of two per line, and one
+    split instead of a generator over every character of a name. It runs for every
+    message with headers, so it is installed on each connection the framework opens.
+    """
+    out: dict[str, str] = {}
+    for line in raw.decode("utf-8", "replace").split("\r\n"):
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = name.strip(_ASCII_SPACE)
+        # names are ASCII tokens: skip ones with other bytes or with inner whitespace
+        if not key.isascii() or (key and key.split() != [key]):
+            continue
+        out[key] = value.strip(_ASCII_SPACE)
+    return out
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Every value that arrived, checked before any of them is used or logged."""
+    for name, value in headers.items():
+        check_header(name, value)
+
+
+def check_header(name: str, value: str) -> str:
+    """Reject oversized values and control characters (header injection, log forging)."""
+    if len(value) > MAX_HEADER_VALUE:
+        raise BadRequest(f"header {name} is longer than {MAX_HEADER_VALUE} characters")
+    if _CONTROL.search(value):
+        raise BadRequest(f"header {name} contains control characters")
+    return value
+
+
+def check_id(name: str, value: str) -> str:
+    """Ids (correlation, causation, event, idempotency key) end up in logs and KV keys."""
+    if not _ID.match(value):
+        raise BadRequest(
+            f"header {name} must be 1-{MAX_ID} characters of letters, digits or ._:@/+=-"
+        )
+    return value
+
+
+def parse_deadline(value: str) -> float:
+    """Absolute epoch milliseconds on the wire; epoch seconds (float) inside."""
+    try:
+        millis = int(value)
+    except ValueError:
+        raise BadRequest(
+            f"header {DEADLINE} must be epoch milliseconds, got {value[:40]!r}"
+        ) from None
+    ceiling = time.time() + MAX_DEADLINE_AHEAD_S
+    if millis >= ceiling * 1000:  # also keeps 400-digit values away from float()
+        return ceiling
+    return max(millis, 0) / 1000.0

@@ -1,0 +1,83 @@
+"""Validation of everything that becomes part of a subject.
+
+Subjects are built from service names, endpoint names and event types; a `*`, `>`,
+`.` or space smuggled in from user input would change what a message reaches, so
+names are checked once, when they are declared, never per message.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import InvalidName
+
+__all__ = [
+    "EVENT_PREFIX",
+    "check_endpoint_name",
+    "check_event_type",
+    "check_service_name",
+    "check_subject",
+    "check_token",
+    "event_domain",
+    "event_subject",
+]
+
+EVENT_PREFIX = "events"
+
+_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# domain.entity.action.vN, or entity.action.vN where the entity names the domain
+# (the design's own examples: "order.created.v1" lands in the "order" domain).
+_EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*){1,2}\.v[0-9]+$")
+
+
+def check_service_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidName(f"invalid service name {name!r}: use 1-64 letters, digits, '_' or '-'")
+    return name
+
+
+def check_endpoint_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidName(
+            f"invalid endpoint name {name!r}: use 1-64 letters, digits, '_' or '-' "
+            "(ADR-32 endpoint names match ^[a-zA-Z0-9_-]+$)"
+        )
+    return name
+
+
+def check_token(value: str, what: str = "subject token") -> str:
+    """A single subject token from user input: no wildcards, dots or whitespace."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise InvalidName(f"invalid {what} {value!r}: only letters, digits, '_' and '-' allowed")
+    return value
+
+
+def check_event_type(event_type: str) -> str:
+    if not isinstance(event_type, str) or not _EVENT_TYPE.match(event_type):
+        raise InvalidName(
+            f"invalid event type {event_type!r}: expected lowercase "
+            "[domain.]entity.action.vN, e.g. 'order.created.v1'"
+        )
+    return event_type
+
+
+def event_domain(event_type: str) -> str:
+    return event_type.split(".", 1)[0]
+
+
+def event_subject(event_type: str) -> str:
+    """Events live under their own prefix so a stream never captures RPC traffic."""
+    return f"{EVENT_PREFIX}.{event_type}"
+
+
+_SUBJECT = re.compile(r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")
+
+
+def check_subject(subject: str) -> str:
+    """A literal subject to send to: no wildcards, spaces or empty tokens."""
+    if not isinstance(subject, str) or len(subject) > 256 or not _SUBJECT.match(subject):
+        raise InvalidName(
+            f"invalid subject {subject!r}: dot-separated tokens of letters, digits, '_', '-' "
+            "or '$'; no wildcards or spaces"
+        )
+    return subject
