@@ -20,6 +20,7 @@ __all__ = ["RATE_WINDOW", "Views", "consumer_row", "stream_kind"]
 
 RATE_WINDOW = 10.0  # seconds of counts a rate is computed over
 FORGET_DOWN_AFTER = 600.0  # an instance gone this long is no longer listed
+SPARK_POINTS = 60  # lag samples sent per consumer (the history itself is kept whole)
 
 
 @dataclass
@@ -87,8 +88,16 @@ def consumer_row(info: Any, history: Sequence[tuple[float, int]]) -> dict[str, A
         "waiting": info.num_waiting or 0,
         "delivered": getattr(info.delivered, "stream_seq", 0) or 0,
         "filter": getattr(info.config, "filter_subject", None) or "",
-        "lag_history": [[round(t, 1), n] for t, n in history],
+        "lag_history": [[round(t, 1), n] for t, n in _thin(history, SPARK_POINTS)],
     }
+
+
+def _thin(points: Sequence[tuple[float, int]], most: int) -> Sequence[tuple[float, int]]:
+    """At most `most` points, evenly spread, the latest always kept (a sparkline's worth)."""
+    if len(points) <= most:
+        return points
+    step = len(points) / most
+    return [points[min(len(points) - 1, round((i + 1) * step) - 1)] for i in range(most)]
 
 
 class Views:
