@@ -1,1 +1,0 @@
-"""The `mesh` command: `main` parses arguments, one module per command family."""

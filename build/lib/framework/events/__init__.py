@@ -1,1 +1,0 @@
-"""Events on JetStream: publishing, durable subscribers and their outcomes, idempotency, dead letters."""

@@ -1,1 +1,0 @@
-"""Observability: tracing, metrics, logging and trace rendering (OpenTelemetry API only)."""

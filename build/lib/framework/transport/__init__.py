@@ -1,1 +1,0 @@
-"""Transport: the connection-level machinery every handler kind shares (mux, headers, codec, workers)."""
