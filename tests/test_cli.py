@@ -23,6 +23,8 @@ import msgspec
 import pytest
 
 import framework.cli.main as cli
+import framework.cli.services as cli_services
+from framework.cli._common import table
 from framework import BadRequest, Service, ServiceError
 from framework.cli.main import ExitCode, build_parser, main
 from framework.dev.devserver import free_port
@@ -129,7 +131,7 @@ def test_extension_module_registers_commands(monkeypatch, capsys):
 
 
 def test_table_aligns_columns():
-    text = cli._table([("a", 1, None), ("longer", 22, "x y\nz")], ("NAME", "N", "NOTE"))
+    text = table([("a", 1, None), ("longer", 22, "x y\nz")], ("NAME", "N", "NOTE"))
     assert text.splitlines() == [
         "NAME    N   NOTE",
         "a       1   -",
@@ -294,7 +296,7 @@ def test_subscriber_columns_appear_when_reported(monkeypatch, capsys):
     def fake_with_client(args, body):
         return anyio.run(body, FakeClient(), backend="asyncio")
 
-    monkeypatch.setattr(cli, "with_client", fake_with_client)
+    monkeypatch.setattr(cli_services, "with_client", fake_with_client)
     assert main(["stats"]) == 0
     header, send, on_order = capsys.readouterr().out.splitlines()
     assert header.split()[6:] == ["PENDING", "REDELIVERED", "DEAD-LETTERED", "LAST", "ERROR"]
