@@ -99,11 +99,14 @@ def _refuse_event_subject(subject: str) -> None:
 
     if subject != EVENT_PREFIX and not subject.startswith(EVENT_PREFIX + "."):
         return
-    event_type = subject[len(EVENT_PREFIX) + 1 :]
-    try:
-        check_event_type(event_type)
-    except InvalidName:
-        event_type = "TYPE"
+    rest = subject[len(EVENT_PREFIX) + 1 :]
+    event_type = "TYPE"
+    for candidate in (rest, rest.rpartition(".")[0]):  # `events.<type>[.<key>]`
+        try:
+            event_type = check_event_type(candidate)
+            break
+        except InvalidName:
+            continue
     raise CliError(
         f"{subject} is an event subject: events are published to a stream, not called "
         f"(nothing answers a request there); use `mesh publish {event_type} JSON`",
