@@ -24,8 +24,8 @@ import pytest
 
 import framework.cli.main as cli
 import framework.cli.services as cli_services
-from framework.cli._common import table
 from framework import BadRequest, Service, ServiceError
+from framework.cli._common import table
 from framework.cli.main import ExitCode, build_parser, main
 from framework.dev.devserver import free_port
 
