@@ -7,13 +7,15 @@ One nats-server; the services below (`bench.workers:service`) run under the real
 generator. Worker counts alternate round by round (1, 2, 1, 2, ...); medians are shown.
 Each round:
 
-- consume: with the workers stopped, `EVENTS` events are published (batched) into the
+- consume: with the workers stopped, 30,000 events are published (batched) into the
   stream, the workers are started, and the drain rate is measured on the durable
   consumer from its first acknowledged event to the last (polling its ack floor), so
   process start-up does not count. The subscriber is the default one a user writes,
-  `@service.subscribe("bench.job.v1")` (idempotent, default concurrency), handler no-op.
-- rpc: `client.call("benchworkers.echo", payload, timeout=10)` with 64 calls in flight,
-  `CALLS` calls, from this one process.
+  `@service.subscribe("bench.job.v1")` (idempotent, default concurrency), handler no-op;
+  then the same with `idempotent=False` (another event type, its own start of the
+  workers), which separates the processes' CPU from the idempotency bookkeeping.
+- rpc: `client.call("benchworkers.echo", payload, timeout=10)` with 64 calls in flight
+  per load process (`--clients N`, default 1: this process), 30,000 calls in all.
 
 Everything shares the machine: on 2 cores the server, the workers and the load
 generator compete, so 2 workers cannot double anything; the figures show what a second
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -45,7 +48,9 @@ from bench.common import (
 )
 from framework import Context, Service, configure_logging, connect
 
-EVENT_TYPE = "bench.job.v1"
+# the subscriber a user writes (idempotent by default), and the same without idempotency
+HANDLERS = {"consume": ("bench.job.v1", "on_job"), "consume_plain": ("bench.task.v1", "on_task")}
+KEYS = ("rpc", "consume", "consume_plain")
 CONCURRENCY = 64
 
 
@@ -65,8 +70,13 @@ async def echo(req: Echo, ctx: Context) -> Echo:
     return req
 
 
-@service.subscribe(EVENT_TYPE)
+@service.subscribe("bench.job.v1")
 async def on_job(event: Job, ctx: Context) -> None:
+    return None
+
+
+@service.subscribe("bench.task.v1", idempotent=False)
+async def on_task(event: Job, ctx: Context) -> None:
     return None
 
 
@@ -103,17 +113,17 @@ class Workers:
             self.proc.wait()
 
 
-async def _consumer(client: Any) -> tuple[str, str]:
-    """The subscriber's stream and durable consumer, as it advertises them."""
+async def _consumer(client: Any, handler: str) -> tuple[str, str]:
+    """A subscriber's stream and durable consumer, as it advertises them."""
     (info, *_) = await client.info("benchworkers", timeout=0.5)
-    (meta,) = [e.metadata for e in info.endpoints if e.name == "on_job"]
+    (meta,) = [e.metadata for e in info.endpoints if e.name == handler]
     return meta["stream"], meta["consumer"]
 
 
-async def _backlog(client: Any, count: int) -> None:
+async def _backlog(client: Any, event_type: str, count: int) -> None:
     async with client.batch(max_outstanding=1024) as batch:
         for n in range(count):
-            await batch.publish(EVENT_TYPE, Job(n))
+            await batch.publish(event_type, Job(n))
 
 
 async def _ack_floor(client: Any, stream: str, durable: str) -> int:
@@ -137,36 +147,82 @@ async def _drain_rate(client: Any, stream: str, durable: str, start: int, count:
         await asyncio.sleep(0.01)
 
 
-async def one_round(
-    url: str, consumer: tuple[str, str], workers: int, events: int, calls: int
-) -> dict[str, float]:
+async def _calls(url: str, calls: int) -> tuple[int, float]:
+    """`calls` echo calls, 64 in flight, after a warm-up: (count, seconds)."""
+    payload = Echo("x" * 64)
+    async with connect(url, name="bench-load") as client:
+
+        async def call() -> object:
+            return await client.call("benchworkers.echo", payload, returns=Echo, timeout=10)
+
+        await drive(call, min(2000, calls), CONCURRENCY)  # warm-up
+        stats = await drive(call, calls, CONCURRENCY)
+    return stats.count, stats.seconds
+
+
+async def _rpc_rate(url: str, calls: int, clients: int) -> float:
+    """Calls per second from `clients` load processes (this one when 1), summed."""
+    if clients == 1:
+        count, seconds = await _calls(url, calls)
+        return count / seconds
+    loads = [
+        await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "bench.workers", "load", url, str(calls // clients)),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(clients)
+    ]
+    outputs = [await load.communicate() for load in loads]
+    results = [json.loads(out.splitlines()[-1]) for out, _ in outputs]  # the last line
+    return float(sum(result["count"] / result["seconds"] for result in results))
+
+
+async def _consume_rate(
+    url: str, workers: int, event_type: str, consumer: tuple[str, str], events: int
+) -> tuple[float, Workers]:
+    """Backlog with the workers stopped, then start them and time the drain."""
     stream, durable = consumer
     async with connect(url, name="bench-load") as client:
         start = await _ack_floor(client, stream, durable)
-        await _backlog(client, events)
+        await _backlog(client, event_type, events)
         running = Workers(url, workers)
         try:
-            consume = await _drain_rate(client, stream, durable, start, events)
+            rate = await _drain_rate(client, stream, durable, start, events)
             await running.ready(client)
-            payload = Echo("x" * 64)
+        except BaseException:
+            running.stop()
+            raise
+    return rate, running
 
-            async def call() -> object:
-                return await client.call("benchworkers.echo", payload, returns=Echo, timeout=10)
 
-            await drive(call, min(2000, calls), CONCURRENCY)  # warm-up
-            rpc = await drive(call, calls, CONCURRENCY)
+async def one_round(
+    url: str,
+    consumers: dict[str, tuple[str, str]],
+    workers: int,
+    sizes: tuple[int, int],
+    clients: int,
+) -> dict[str, float]:
+    events, calls = sizes
+    result: dict[str, float] = {}
+    for key, (event_type, _) in HANDLERS.items():
+        rate, running = await _consume_rate(url, workers, event_type, consumers[key], events)
+        result[key] = round(rate, 1)
+        try:
+            if key == "consume":  # the same workers, now serving calls
+                result["rpc"] = round(await _rpc_rate(url, calls, clients), 1)
         finally:
             running.stop()
-    return {"rpc": rpc.rate, "consume": round(consume, 1)}
+    return result
 
 
-async def _prepare(url: str) -> tuple[str, str]:
-    """Start the services once: the stream and the durable consumer then exist."""
+async def _prepare(url: str) -> dict[str, tuple[str, str]]:
+    """Start the services once: the streams and the durable consumers then exist."""
     async with connect(url, name="bench-load") as client:
         first = Workers(url, 1)
         try:
             await first.ready(client)
-            return await _consumer(client)
+            return {key: await _consumer(client, h) for key, (_, h) in HANDLERS.items()}
         finally:
             first.stop()
 
@@ -174,27 +230,31 @@ async def _prepare(url: str) -> tuple[str, str]:
 # --- the run ------------------------------------------------------------------------
 
 
-async def benchmark(url: str, counts: list[int], rounds: int, quick: bool) -> dict[str, Any]:
+async def benchmark(
+    url: str, counts: list[int], rounds: int, quick: bool, clients: int
+) -> dict[str, Any]:
     events, calls = (5_000, 5_000) if quick else (30_000, 30_000)
-    consumer = await _prepare(url)
+    consumers = await _prepare(url)
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
     for index in range(rounds):
         for workers in counts:
-            result = await one_round(url, consumer, workers, events, calls)
+            result = await one_round(url, consumers, workers, (events, calls), clients)
             runs[workers].append(result)
             print(
                 f"round {index + 1}: {workers} worker(s): rpc {result['rpc']:,.0f} req/s, "
-                f"consume {result['consume']:,.0f} events/s",
+                f"consume {result['consume']:,.0f} events/s, "
+                f"not idempotent {result['consume_plain']:,.0f} events/s",
                 flush=True,
             )
     medians = {
-        n: {key: statistics.median(r[key] for r in results) for key in ("rpc", "consume")}
+        n: {key: statistics.median(r[key] for r in results) for key in KEYS}
         for n, results in runs.items()
     }
     return {
         "events": events,
         "calls": calls,
         "concurrency": CONCURRENCY,
+        "load_processes": clients,
         "cpus": os.cpu_count(),
         "rounds": {str(n): r for n, r in runs.items()},
         "medians": {str(n): m for n, m in medians.items()},
@@ -205,30 +265,41 @@ def table(data: dict[str, Any]) -> str:
     medians = data["medians"]
     base = medians[min(medians, key=int)]
     rows = [
-        [
-            f"{n} worker(s)",
-            m["rpc"],
-            round(m["rpc"] / base["rpc"], 2),
-            m["consume"],
-            round(m["consume"] / base["consume"], 2),
-        ]
+        [f"{n} worker(s)", *(v for key in KEYS for v in (m[key], round(m[key] / base[key], 2)))]
         for n, m in sorted(medians.items(), key=lambda item: int(item[0]))
     ]
-    headers = ["mesh run --workers", "rpc req/s", "x", "consume events/s", "x"]
-    return format_table(headers, rows)
+    headers = ["mesh run --workers", "rpc req/s", "x", "consume ev/s", "x"]
+    return format_table([*headers, "consume, idempotent=False", "x"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["load"]:  # a load process started by _rpc_rate: load URL CALLS
+        configure_logging(level="WARNING", stream=sys.stderr)
+        count, seconds = asyncio.run(_calls(argv[1], int(argv[2])))
+        print(json.dumps({"count": count, "seconds": seconds}))
+        return 0
     parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__)
     add_common_args(parser)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], metavar="N")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        metavar="N",
+        help="load-generating processes for the RPC rows (default: 1, this one); one "
+        "Python process drives about 10k calls/s, so use more where there are cores",
+    )
     ns = parser.parse_args(argv)
     args = common_args(ns)
     configure_logging(level="WARNING")
     rounds = args.rounds or (2 if args.quick else 3)
     with nats_server() as server:
-        data = asyncio.run(benchmark(server.url, ns.workers, rounds, args.quick))
-    print(f"\nmedians of {rounds} rounds, {data['cpus']} CPUs shared by everything:\n")
+        data = asyncio.run(benchmark(server.url, ns.workers, rounds, args.quick, ns.clients))
+    print(
+        f"\nmedians of {rounds} rounds, {ns.clients} load process(es), "
+        f"{data['cpus']} CPUs shared by everything:\n"
+    )
     print(table(data))
     if args.output is not None:
         merge_results("workers", data, args.output)
