@@ -38,6 +38,7 @@ __all__ = [
     "run_workers",
     "say",
     "serve_until_signal",
+    "stop_children",
     "supervise",
     "worker_command",
 ]
