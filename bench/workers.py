@@ -9,8 +9,8 @@ Each round:
 
 - consume: with the workers stopped, 30,000 events are published (batched) into the
   stream, the workers are started, and the drain rate is measured on the durable
-  consumer from its first acknowledged event to the last (polling its ack floor), so
-  process start-up does not count. The subscriber is the default one a user writes,
+  consumer from its first acknowledged event (polling its ack floor) to the last (the
+  server's time of it), so process start-up does not count. The subscriber is the default one a user writes,
   `@service.subscribe("bench.job.v1")` (idempotent, default concurrency), handler no-op;
   then the same with `idempotent=False` (another event type, its own start of the
   workers), which separates the processes' CPU from the idempotency bookkeeping.
@@ -132,18 +132,19 @@ async def _ack_floor(client: Any, stream: str, durable: str) -> int:
 
 
 async def _drain_rate(client: Any, stream: str, durable: str, start: int, count: int) -> float:
-    """Events per second from the first acknowledgement past `start` to the last one."""
-    first: tuple[float, int] | None = None
-    target = start + count
+    """Events per second from the first acknowledgement past `start` to the last one.
+
+    The start is the last poll that still saw no acknowledgement (so the interval can
+    only be too long, never too short); the end is the server's time of the last ack.
+    """
+    target, before = start + count, time.time()
     while True:
         info = await client.js.consumer_info(stream, durable)
-        floor, now = info.ack_floor.stream_seq, time.perf_counter()
-        if first is None and floor > start:
-            first = (now, floor)
-        if floor >= target and info.num_ack_pending == 0:
-            assert first is not None
-            seconds = now - first[0]
-            return (floor - first[1]) / seconds if seconds > 0 else float("inf")
+        if info.ack_floor.stream_seq <= start:
+            before = time.time()
+        elif info.ack_floor.stream_seq >= target and info.num_ack_pending == 0:
+            seconds: float = info.ack_floor.last_active.timestamp() - before
+            return count / max(seconds, 1e-3)
         await asyncio.sleep(0.01)
 
 
