@@ -127,7 +127,8 @@ async def _backlog(client: Any, event_type: str, count: int) -> None:
 
 
 async def _ack_floor(client: Any, stream: str, durable: str) -> int:
-    floor: int = (await client.js.consumer_info(stream, durable)).ack_floor.stream_seq
+    """The consumer's ack floor in its own sequence (the stream also holds other types)."""
+    floor: int = (await client.js.consumer_info(stream, durable)).ack_floor.consumer_seq
     return floor
 
 
@@ -140,9 +141,9 @@ async def _drain_rate(client: Any, stream: str, durable: str, start: int, count:
     target, before = start + count, time.time()
     while True:
         info = await client.js.consumer_info(stream, durable)
-        if info.ack_floor.stream_seq <= start:
+        if info.ack_floor.consumer_seq <= start:
             before = time.time()
-        elif info.ack_floor.stream_seq >= target and info.num_ack_pending == 0:
+        elif info.ack_floor.consumer_seq >= target and info.num_ack_pending == 0:
             seconds: float = info.ack_floor.last_active.timestamp() - before
             return count / max(seconds, 1e-3)
         await asyncio.sleep(0.01)
