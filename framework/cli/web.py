@@ -18,19 +18,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .main import (
+from ._common import (
     CliError,
     ExitCode,
     Handler,
-    _load,
+    Subparsers,
+    add_command,
     add_connection_options,
     discovery_timeout,
+    load_spec,
     with_client,
 )
 
 if TYPE_CHECKING:
     from ..client import Client
-    from .main import Subparsers
+    from ..service import Service
 
 __all__ = ["cmd_asyncapi", "cmd_dashboard", "register"]
 
@@ -85,13 +87,21 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         raise CliError(f"mesh dashboard {_MISSING_EXTRA} ({error})", ExitCode.USAGE) from None
     with_client(args, _reachable)  # the CLI's fail-fast connect: exit 7 with the reason
     trace_file = Path(args.trace_file) if args.trace_file else default_trace_file()
-    app = create_app(args.url, interval=args.interval, trace_file=trace_file, host=args.host)
+    connect_timeout = getattr(args, "timeout", None) or 10.0
+    app = create_app(
+        getattr(args, "url", None),
+        interval=args.interval,
+        trace_file=trace_file,
+        host=args.host,
+        connect_timeout=connect_timeout,
+    )
     print(_start_line(args.host, args.port), flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     except SystemExit as exit_:  # uvicorn exits 3 when the lifespan fails (no NATS)
         raise CliError(
-            f"the dashboard could not start (is NATS at {args.url or 'NATS_URL'} reachable?)",
+            f"the dashboard could not start (is NATS at {getattr(args, 'url', None) or 'NATS_URL'} "
+            "reachable?)",
             ExitCode.NO_CONNECTION,
         ) from exit_
     return ExitCode.OK
@@ -115,12 +125,21 @@ def _write(document: dict[str, Any], output: str | None) -> None:
     print(f"wrote {path} ({len(document['operations'])} operations)", file=sys.stderr)
 
 
+def _service(spec: str) -> Service:
+    from ..service import Service
+
+    loaded = load_spec(spec)
+    if not isinstance(loaded, Service):
+        raise CliError(f"{spec} is not a framework.Service: nothing to describe", ExitCode.USAGE)
+    return loaded
+
+
 def cmd_asyncapi(args: argparse.Namespace) -> int:
     """Write the AsyncAPI 3.0 document of running services, or of MODULE:ATTR ones."""
     from ..web.asyncapi import asyncapi_document, describe_services
 
     if args.services:
-        infos = describe_services(_load(spec) for spec in args.services)
+        infos = describe_services(_service(spec) for spec in args.services)
         _write(asyncapi_document(infos, title=args.title), args.output)
         return ExitCode.OK
 
@@ -140,9 +159,7 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
 
 def register(subparsers: Subparsers) -> Mapping[str, Handler]:
     """Add `dashboard` and `asyncapi` to `mesh`."""
-    from .main import _subparser
-
-    dashboard = _subparser(
+    dashboard = add_command(
         subparsers, "dashboard", "serve a live dashboard of the mesh (web extra)"
     )
     dashboard.add_argument(
@@ -165,9 +182,9 @@ def register(subparsers: Subparsers) -> Mapping[str, Handler]:
         metavar="PATH",
         help="spans file to show traces from (default: $MESH_TRACE_FILE, else .mesh/traces.jsonl)",
     )
-    add_connection_options(dashboard)
+    add_connection_options(dashboard, timeout_help="seconds start-up waits for NATS (default: 10)")
 
-    asyncapi = _subparser(subparsers, "asyncapi", "write an AsyncAPI 3.0 document of the services")
+    asyncapi = add_command(subparsers, "asyncapi", "write an AsyncAPI 3.0 document of the services")
     asyncapi.add_argument(
         "services",
         nargs="*",
@@ -175,10 +192,7 @@ def register(subparsers: Subparsers) -> Mapping[str, Handler]:
         help="describe these services (no server needed) instead of the running ones",
     )
     asyncapi.add_argument(
-        "-o",
-        "--output",
-        metavar="FILE",
-        help="write to FILE (.json, or .yaml with pyyaml; default: stdout)",
+        "-o", "--output", metavar="FILE", help="write to FILE (.json, or .yaml; default: stdout)"
     )
     asyncapi.add_argument("--title", default="natsmesh services", help="the document's info.title")
     add_connection_options(asyncapi)
