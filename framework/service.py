@@ -127,10 +127,8 @@ class Service:
         """Handle every `event_type` event through a durable consumer shared by replicas.
 
         The handler takes the event (a type msgspec decodes) and optionally a `Context`.
-        The consumer records this program as its owner (event type, payload schema hash,
-        service version, the options below that replicas share): another program under
-        the same service name is refused at start, and changed options need a newer
-        service version or a takeover (see `Service`), never a silent rewrite.
+        The consumer records this program as its owner: another program under this name is
+        refused, changed options need a newer version or a takeover (see `Service`).
         Options, with their defaults; one out of bounds raises `ValueError` here:
 
         - `name` (the function's name): the subscriber; its consumer is `<service>_<name>`.
