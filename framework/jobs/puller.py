@@ -1,0 +1,164 @@
+"""Strict priorities: pull from a kind's `high` consumer, then `normal`, then `low`.
+
+Each priority has its own subject and durable consumer (per-priority subjects rather
+than ADR-42 priority groups: those rank the *pullers* of one consumer, not the
+messages, so they cannot put a later high job before an earlier low one). With free
+capacity the puller asks each consumer in turn for what it holds (`no_wait` pulls,
+highest first), so a backlog is always taken high before normal before low; only
+when all three are empty does it wait, with one long pull per consumer, for whatever
+comes first. Pulls ask for exactly the free capacity, so nothing is taken that a
+worker cannot start soon; each kind has its own puller, so one kind's backlog never
+starves another kind of the same service.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+__all__ = ["Puller"]
+
+_log = structlog.get_logger("framework.jobs")
+
+LONG_POLL = 5.0  # seconds a waiting pull lasts before it is renewed
+ANSWER_GRACE = 2.0  # a pull the server has not ended this long after it should: lost
+MAX_BATCH = 256
+_encode = msgspec.json.Encoder().encode
+
+
+class _Pull:
+    """The one outstanding pull request of a consumer (at most one at a time)."""
+
+    __slots__ = ("asked", "deadline", "done", "got")
+
+    def __init__(self, asked: int, deadline: float) -> None:
+        self.asked = asked
+        self.got = 0
+        self.deadline = deadline
+        self.done = anyio.Event()
+
+
+class Puller:
+    def __init__(
+        self,
+        nc: Any,
+        stream: str,
+        consumers: Sequence[str],
+        priorities: Sequence[str],
+        hand_over: Callable[[Any], Awaitable[None]],
+        free: Callable[[], int],
+    ) -> None:
+        """`consumers` in priority order (their subjects end with `priorities`); `hand_over` gets every delivered message;
+        `free` says how many more messages the worker can take."""
+        self._nc = nc
+        self._subjects = [f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{c}" for c in consumers]
+        self._pulls: list[_Pull | None] = [None] * len(consumers)
+        self._index = {priority: index for index, priority in enumerate(priorities)}
+        self._hand_over = hand_over
+        self._free = free
+        self._inbox = ""
+        self._sub: Any = None
+        self._wake = anyio.Event()
+
+    @property
+    def outstanding(self) -> int:
+        """Messages asked for and not delivered yet (reserved capacity)."""
+        return sum(p.asked - p.got for p in self._pulls if p is not None)
+
+    async def start(self) -> None:
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_message)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking messages; those already on their way are still handed over."""
+        if self._sub is not None:
+            with anyio.move_on_after(timeout):
+                try:
+                    await self._sub.drain()
+                except Exception:  # connection closed: nothing more will come
+                    pass
+            self._sub = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake = anyio.Event()
+            self._expire_lost()
+            if await self._sweep():
+                continue  # took something: there may be more, look again at once
+            if self._free() > 0 and self._nc.is_connected:
+                await self._wait_on_all()
+            with anyio.move_on_after(LONG_POLL + ANSWER_GRACE):
+                await self._wake.wait()
+
+    async def _sweep(self) -> bool:
+        """`no_wait` pulls, highest priority first, while capacity is free."""
+        took = False
+        for index in range(len(self._subjects)):
+            free = self._free() - self.outstanding
+            if free <= 0 or not self._nc.is_connected:
+                break
+            if self._pulls[index] is not None:
+                continue  # a long pull waits there: it delivers what arrives
+            pull = await self._request(index, min(free, MAX_BATCH), {"no_wait": True})
+            with anyio.move_on_after(ANSWER_GRACE):
+                await pull.done.wait()
+            took = took or pull.got > 0
+        return took
+
+    async def _wait_on_all(self) -> None:
+        """One long pull of one message on each idle consumer: whichever gets a job
+        first wakes the loop, which then sweeps in priority order again."""
+        body = {"expires": int(LONG_POLL * 1e9)}
+        for index in range(len(self._subjects)):
+            if self._pulls[index] is None:
+                await self._request(index, 1, body)
+
+    async def _request(self, index: int, batch: int, options: dict[str, Any]) -> _Pull:
+        expires = options.get("expires", 0) / 1e9
+        pull = _Pull(batch, time.monotonic() + expires + ANSWER_GRACE)
+        self._pulls[index] = pull
+        body = _encode({"batch": batch, **options})
+        await self._nc.publish(self._subjects[index], body, reply=f"{self._inbox}.{index}")
+        return pull
+
+    def _expire_lost(self) -> None:
+        """Pulls the server never ended (lost with a connection) free their capacity."""
+        now = time.monotonic()
+        for index, pull in enumerate(self._pulls):
+            if pull is not None and pull.deadline < now:
+                self._end(index)
+
+    def _end(self, index: int) -> None:
+        pull = self._pulls[index]
+        if pull is not None:
+            self._pulls[index] = None
+            pull.done.set()
+            self._wake.set()
+
+    async def _on_message(self, msg: Any) -> None:
+        if not msg.reply:  # a status: the pull is over (404 none, 408 expired, 409 ...)
+            index = int(msg.subject.rpartition(".")[2])
+            status = (msg.headers or {}).get("Status", "")
+            if status == "100":
+                return  # heartbeat
+            if status == "409":
+                _log.info("pull ended", status=status, description=msg.headers.get("Description"))
+            self._end(index)
+            return
+        # a job: its subject ends with its priority, which is its consumer's index
+        index = self._index.get(msg.subject.rpartition(".")[2], -1)
+        pull = self._pulls[index] if index >= 0 else None
+        if pull is not None:
+            pull.got += 1
+            if pull.got >= pull.asked:
+                self._end(index)
+        self._wake.set()
+        await self._hand_over(msg)
