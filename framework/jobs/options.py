@@ -37,6 +37,7 @@ __all__ = [
     "check_job_id",
     "check_priority",
     "id_token",
+    "normalize_spec",
 ]
 
 Priority = Literal["high", "normal", "low"]
@@ -132,6 +133,34 @@ def check_schedule_name(name: str) -> str:
     return name
 
 
+PREDEFINED = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})  # fmt: skip
+
+
+def normalize_spec(cron: str | None = None, every: float | str | None = None) -> str:
+    """The `Nats-Schedule` value: `@every <duration>`, a predefined `@hourly`-like
+    name, or a cron expression (a 5-field one gets a leading `0` for seconds)."""
+    if (cron is None) == (every is None):
+        raise BadRequest("give exactly one of cron= or every=")
+    if every is not None:
+        if isinstance(every, str):
+            return f"@every {every.strip()}"
+        if every < 1:
+            raise BadRequest(f"every must be at least 1 second, got {every:g}")
+        return f"@every {every:g}s"
+    assert cron is not None
+    text = " ".join(cron.split())
+    if text.startswith("@"):
+        if text in PREDEFINED or text.startswith("@every "):
+            return text
+        raise BadRequest(f"unknown schedule {cron!r}: use {', '.join(sorted(PREDEFINED))}")
+    fields = text.split(" ")
+    if len(fields) == 5:
+        return "0 " + text
+    if len(fields) != 6:
+        raise BadRequest(f"invalid cron {cron!r}: expected 5 or 6 fields (seconds first)")
+    return text
+
+
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*(ms|s|m|h)\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MIN_WINDOW = 0.1  # seconds: shorter windows would cost a counter key per few jobs
@@ -208,6 +237,11 @@ class JobOptions:
         if any(d < 0 for d in delays):
             raise ValueError("backoff delays must not be negative")
         limit = RateLimit.parse(rate_limit) if isinstance(rate_limit, str) else rate_limit
+        if schedule is not None:
+            try:
+                schedule = normalize_spec(cron=schedule)
+            except BadRequest as exc:
+                raise ValueError(exc.message) from None
         return cls(
             max_concurrency, timeout, max_attempts, delays, limit, schedule, schedule_payload,
             ack_wait,

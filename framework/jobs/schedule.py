@@ -31,7 +31,14 @@ from .control import (
 )
 from .declare import RECURRING_SINCE, require_server
 from .kinds import validate
-from .options import CODE_SCHEDULE, JOBS_STREAM, Kind, check_priority, check_schedule_name
+from .options import (
+    CODE_SCHEDULE,
+    JOBS_STREAM,
+    Kind,
+    check_priority,
+    check_schedule_name,
+    normalize_spec,
+)
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -39,9 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["Schedule", "list_schedules", "normalize_spec", "schedule", "unschedule"]
 
 _log = structlog.get_logger("framework.jobs")
-
-PREDEFINED = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})  # fmt: skip
-
 
 class Schedule(msgspec.Struct, kw_only=True):
     """A recurring schedule as the server keeps it."""
@@ -52,31 +56,6 @@ class Schedule(msgspec.Struct, kw_only=True):
     priority: str
     time_zone: str = ""
     payload: Any = None
-
-
-def normalize_spec(cron: str | None = None, every: float | str | None = None) -> str:
-    """The `Nats-Schedule` value: `@every <duration>`, a predefined `@hourly`-like
-    name, or a cron expression (a 5-field one gets a leading `0` for seconds)."""
-    if (cron is None) == (every is None):
-        raise BadRequest("give exactly one of cron= or every=")
-    if every is not None:
-        if isinstance(every, str):
-            return f"@every {every.strip()}"
-        if every < 1:
-            raise BadRequest(f"every must be at least 1 second, got {every:g}")
-        return f"@every {every:g}s"
-    assert cron is not None
-    text = " ".join(cron.split())
-    if text.startswith("@"):
-        if text in PREDEFINED or text.startswith("@every "):
-            return text
-        raise BadRequest(f"unknown schedule {cron!r}: use {', '.join(sorted(PREDEFINED))}")
-    fields = text.split(" ")
-    if len(fields) == 5:
-        return "0 " + text
-    if len(fields) != 6:
-        raise BadRequest(f"invalid cron {cron!r}: expected 5 or 6 fields (seconds first)")
-    return text
 
 
 async def put_schedule(

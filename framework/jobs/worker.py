@@ -37,7 +37,7 @@ from .process import Processor
 from .puller import Puller
 from .ratelimit import RateLimiter
 from .run import PROGRESS_INTERVAL
-from .schedule import normalize_spec, sync_code_schedule
+from .schedule import sync_code_schedule
 from .status import utcnow
 
 if TYPE_CHECKING:
@@ -72,8 +72,6 @@ class JobWorker:
         self.signature = signature
         self.options = options
         self.version = version
-        if options.schedule is not None:
-            normalize_spec(cron=options.schedule)  # a bad schedule fails at declaration
         self.subject = f"jobs.{service}.{name}.*"
         self.queue_group = f"job_{service}_{name}"
         self.stats = handler_metrics.stats_for(service, name, "job")
@@ -194,8 +192,7 @@ class JobWorker:
             await self._ensure_consumer(client, priority)
         await backend.kinds.register(self.kind_info())
         body = encode_payload(self.options.schedule_payload)
-        spec = normalize_spec(cron=self.options.schedule) if self.options.schedule else None
-        await sync_code_schedule(client, self.job_kind, spec, body)
+        await sync_code_schedule(client, self.job_kind, self.options.schedule, body)
 
     async def start(self, client: Client, task_group: TaskGroup) -> None:
         backend = await Backend.of(client)
