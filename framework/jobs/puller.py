@@ -6,7 +6,7 @@ messages, so they cannot put a later high job before an earlier low one). With f
 capacity the puller asks each consumer in turn for what it holds (`no_wait` pulls,
 highest first), so a backlog is always taken high before normal before low; only
 when all three are empty does it wait, with one long pull per consumer, for whatever
-comes first. Pulls ask for exactly the free capacity, so nothing is taken that a
+comes first. Sweeps ask for exactly the free capacity, so nothing is taken that a
 worker cannot start soon; each kind has its own puller, so one kind's backlog never
 starves another kind of the same service.
 """
@@ -34,9 +34,10 @@ _encode = msgspec.json.Encoder().encode
 class _Pull:
     """The one outstanding pull request of a consumer (at most one at a time)."""
 
-    __slots__ = ("asked", "deadline", "done", "got")
+    __slots__ = ("asked", "deadline", "done", "got", "token")
 
-    def __init__(self, asked: int, deadline: float) -> None:
+    def __init__(self, token: str, asked: int, deadline: float) -> None:
+        self.token = token  # in the reply subject: a late status of an older pull is ignored
         self.asked = asked
         self.got = 0
         self.deadline = deadline
@@ -62,17 +63,13 @@ class Puller:
         self._hand_over = hand_over
         self._free = free
         self._inbox = ""
+        self._count = 0
         self._sub: Any = None
         self._wake = anyio.Event()
 
-    @property
-    def outstanding(self) -> int:
-        """Messages asked for and not delivered yet (reserved capacity)."""
-        return sum(p.asked - p.got for p in self._pulls if p is not None)
-
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_message)
+        self._sub = await self._nc.subscribe(self._inbox + ".*.*", cb=self._on_message)
 
     async def stop(self, timeout: float) -> None:
         """Stop taking messages; those already on their way are still handed over."""
@@ -91,31 +88,35 @@ class Puller:
         while True:
             self._wake = anyio.Event()
             self._expire_lost()
-            if await self._sweep():
-                continue  # took something: there may be more, look again at once
-            if self._free() > 0 and self._nc.is_connected:
+            found = await self._sweep()
+            if found == "took":
+                continue  # there may be more: look again at once, highest first
+            if found == "empty":
                 await self._wait_on_all()
             with anyio.move_on_after(LONG_POLL + ANSWER_GRACE):
-                await self._wake.wait()
+                await self._wake.wait()  # a delivery, a pull's end or a finished job
 
-    async def _sweep(self) -> bool:
-        """`no_wait` pulls, highest priority first, while capacity is free."""
+    async def _sweep(self) -> str:
+        """`no_wait` pulls, highest priority first, while capacity is free: "took"
+        something, found every queue "empty", or stopped because the worker is "full"."""
         took = False
         for index in range(len(self._subjects)):
-            free = self._free() - self.outstanding
+            free = self._free()
             if free <= 0 or not self._nc.is_connected:
-                break
+                return "took" if took else "full"
             if self._pulls[index] is not None:
-                continue  # a long pull waits there: it delivers what arrives
+                continue  # a long pull waits there, so that queue was empty: it delivers
             pull = await self._request(index, min(free, MAX_BATCH), {"no_wait": True})
             with anyio.move_on_after(ANSWER_GRACE):
                 await pull.done.wait()
             took = took or pull.got > 0
-        return took
+        return "took" if took else "empty"
 
     async def _wait_on_all(self) -> None:
-        """One long pull of one message on each idle consumer: whichever gets a job
-        first wakes the loop, which then sweeps in priority order again."""
+        """One long pull of one message on each empty consumer: whichever gets a job
+        first wakes the loop, which then sweeps in priority order again. These are not
+        counted against the free capacity (else they would block the sweeps): a worker
+        may hold up to two messages more than its capacity, no more."""
         body = {"expires": int(LONG_POLL * 1e9)}
         for index in range(len(self._subjects)):
             if self._pulls[index] is None:
@@ -123,10 +124,12 @@ class Puller:
 
     async def _request(self, index: int, batch: int, options: dict[str, Any]) -> _Pull:
         expires = options.get("expires", 0) / 1e9
-        pull = _Pull(batch, time.monotonic() + expires + ANSWER_GRACE)
+        self._count += 1
+        pull = _Pull(format(self._count, "x"), batch, time.monotonic() + expires + ANSWER_GRACE)
         self._pulls[index] = pull
         body = _encode({"batch": batch, **options})
-        await self._nc.publish(self._subjects[index], body, reply=f"{self._inbox}.{index}")
+        reply = f"{self._inbox}.{index}.{pull.token}"
+        await self._nc.publish(self._subjects[index], body, reply=reply)
         return pull
 
     def _expire_lost(self) -> None:
@@ -135,6 +138,19 @@ class Puller:
         for index, pull in enumerate(self._pulls):
             if pull is not None and pull.deadline < now:
                 self._end(index)
+
+    def _on_status(self, msg: Any) -> None:
+        _, index_text, token = msg.subject.rsplit(".", 2)
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        if status == "100":
+            return  # heartbeat
+        if status == "409":
+            _log.info("pull ended", status=status, description=headers.get("Description"))
+        index = int(index_text)
+        pull = self._pulls[index]
+        if pull is not None and pull.token == token:
+            self._end(index)
 
     def _end(self, index: int) -> None:
         pull = self._pulls[index]
@@ -145,13 +161,7 @@ class Puller:
 
     async def _on_message(self, msg: Any) -> None:
         if not msg.reply:  # a status: the pull is over (404 none, 408 expired, 409 ...)
-            index = int(msg.subject.rpartition(".")[2])
-            status = (msg.headers or {}).get("Status", "")
-            if status == "100":
-                return  # heartbeat
-            if status == "409":
-                _log.info("pull ended", status=status, description=msg.headers.get("Description"))
-            self._end(index)
+            self._on_status(msg)
             return
         # a job: its subject ends with its priority, which is its consumer's index
         index = self._index.get(msg.subject.rpartition(".")[2], -1)
