@@ -50,9 +50,7 @@ async def test_a_thousand_jobs_over_two_replicas_succeed_exactly_once(serve, cli
     second: Counter[str] = Counter()
     await serve(counting_service(first, max_concurrency=32))
     await serve(counting_service(second, max_concurrency=32))
-    handles = [
-        await client.enqueue("work.item", Item(n), job_id=f"item-{n}") for n in range(1000)
-    ]
+    handles = [await client.enqueue("work.item", Item(n), job_id=f"item-{n}") for n in range(1000)]
     await eventually(
         lambda: sum(first.values()) + sum(second.values()) >= 1000,
         timeout=60,
@@ -188,7 +186,11 @@ async def test_a_killed_workers_job_is_finished_by_another_with_attempt_2(
     status = await handle.status()
     assert (status.state, status.attempt) == ("succeeded", 2)
     lines = ledger.read_text().splitlines()
-    assert [line.rsplit(" ", 1)[0] for line in lines] == ["start c-1 1", "start c-1 2", "done c-1 2"]
+    assert [line.rsplit(" ", 1)[0] for line in lines] == [
+        "start c-1 1",
+        "start c-1 2",
+        "done c-1 2",
+    ]
     [stats] = await client.stats("work")  # only this process answers now
     assert (stats.endpoints[0].data or {})["succeeded"] == 1
 

@@ -18,7 +18,6 @@ import msgspec
 import structlog
 from nats.js.errors import NotFoundError
 
-from ..errors import BadRequest
 from ..transport import headers as h
 from ..transport.codec import encode_payload
 from .backend import Backend
@@ -46,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["Schedule", "list_schedules", "normalize_spec", "schedule", "unschedule"]
 
 _log = structlog.get_logger("framework.jobs")
+
 
 class Schedule(msgspec.Struct, kw_only=True):
     """A recurring schedule as the server keeps it."""
