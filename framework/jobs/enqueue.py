@@ -100,9 +100,22 @@ async def enqueue(
         correlation_id=headers[h.CORRELATION_ID],
         payload=msgspec.Raw(body) if body else None,
     )
+    await _traced(client, backend, parsed, status, headers, parent)
+    return JobHandle(client, str(parsed), job_id, returns)
+
+
+async def _traced(
+    client: Client,
+    backend: Backend,
+    kind: Kind,
+    status: JobStatus,
+    headers: dict[str, str],
+    parent: Context | None,
+) -> None:
+    """Record and publish inside a PRODUCER span whose context travels with the job."""
     span = telemetry.start_send_span(
         "publish",
-        parsed.queue_subject(priority),
+        kind.queue_subject(status.priority),
         parent.service if parent is not None else client.name,
         telemetry.SpanKind.PRODUCER,
         parent.span if parent is not None else None,
@@ -111,13 +124,12 @@ async def enqueue(
         telemetry.inject_context(headers, span)
         trace = telemetry.log_ids(span).get("trace_id", "")
         status = msgspec.structs.replace(status, trace_id=trace)
-        await _record_and_publish(client, backend, parsed, status, headers)
+        await _record_and_publish(client, backend, kind, status, headers)
     except Exception as exc:
         telemetry.record_error(span, exc)
         raise
     finally:
         span.end()
-    return JobHandle(client, str(parsed), job_id, returns)
 
 
 async def _record_and_publish(
