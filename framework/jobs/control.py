@@ -33,6 +33,7 @@ __all__ = ["JOB_ID", "cancel_job", "publish_job", "retry_job", "stored_publish"]
 _log = structlog.get_logger("framework.jobs")
 
 JOB_ID = "Job-Id"
+JOB_REVISION = "Job-Revision"  # `<record revision> <enqueued_at, epoch ms>`: see process.py
 JOB_SCHEDULE = "Job-Schedule"
 SCHEDULE = "Nats-Schedule"
 SCHEDULE_TARGET = "Nats-Schedule-Target"
@@ -92,6 +93,8 @@ async def publish_job(
     out = dict(headers)
     out[JOB_ID] = status.id
     out[h.MSG_ID] = f"{kind}:{status.id}:{revision}"
+    if status.enqueued_at is not None:
+        out[JOB_REVISION] = f"{revision} {int(status.enqueued_at.timestamp() * 1000)}"
     data = msgspec.json.encode(status.payload) if status.payload is not None else b""
     target = kind.queue_subject(status.priority)
     if status.state == "scheduled" and status.run_at is not None:

@@ -33,7 +33,7 @@ from ..transport import headers as h
 from ..transport.codec import DECODE_ERRORS, decoder_for
 from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
 from .context import JobContext
-from .control import JOB_ID, JOB_SCHEDULE
+from .control import JOB_ID, JOB_REVISION, JOB_SCHEDULE
 from .metrics import JobCounts
 from .options import JOBS_STREAM, JobOptions, Kind, check_job_id
 from .ratelimit import RateLimiter
@@ -50,6 +50,7 @@ __all__ = ["Delivery", "Processor"]
 _log = structlog.get_logger("framework.jobs")
 
 CLAIM_TRIES = 5
+SCHEDULER = "Nats-Scheduler"  # on messages a schedule produced (delayed or recurring)
 _STOPPED: Any = object()
 
 
@@ -163,6 +164,17 @@ class Processor:
     ) -> RunningJob | None:
         key = self.kind.status_key(job_id)
         limited = self.limiter is None
+        enqueued = self._as_enqueued(job_id, msg, delivery, headers)
+        if enqueued is not None:  # the common case: no read, one compare-and-set
+            if self.limiter is not None:
+                await self.limiter.acquire()
+                limited = True
+            status = self._running(enqueued[0], job_id, msg, delivery, headers)
+            try:
+                revision = await self.store.put(key, status, enqueued[1])
+                return RunningJob(self.store, key, status, revision)
+            except Conflict:
+                pass  # changed since it was enqueued (cancelled, a duplicate ran it): read
         for _ in range(CLAIM_TRIES):
             entry = await self.store.get(key)
             if not should_run(entry.status, delivery, REPLAY_OF in headers):
@@ -177,6 +189,35 @@ class Processor:
                 continue  # changed meanwhile (cancelled, claimed): decide again
             return RunningJob(self.store, key, status, revision)
         raise RuntimeError(f"job {self.kind}/{job_id}: record kept changing, not claimed")
+
+    def _as_enqueued(
+        self, job_id: str, msg: Any, delivery: Delivery, headers: Mapping[str, str]
+    ) -> tuple[JobStatus, int] | None:
+        """The record as `enqueue` wrote it, rebuilt from the message, with its revision:
+        a first delivery of a job queued at once carries all of it (`Job-Revision`), so
+        the claim needs no read; if the record changed since, the claim's compare-and-set
+        fails and the record is read after all."""
+        revision = headers.get(JOB_REVISION)
+        if revision is None or delivery.attempt != 1 or SCHEDULER in headers:
+            return None
+        if REPLAY_OF in headers:
+            return None
+        try:
+            number, enqueued_ms = (int(part) for part in revision.split(" ", 1))
+        except ValueError:
+            return None
+        traceparent = headers.get(h.TRACEPARENT, "")
+        status = JobStatus(
+            kind=str(self.kind),
+            id=job_id,
+            state="queued",
+            priority=msg.subject.rpartition(".")[2],
+            enqueued_at=datetime.fromtimestamp(enqueued_ms / 1000, UTC),
+            correlation_id=headers.get(h.CORRELATION_ID) or job_id,
+            trace_id=traceparent[3:35] if len(traceparent) >= 35 else "",
+            payload=msgspec.Raw(msg.data) if msg.data else None,
+        )
+        return status, number
 
     def _running(
         self,
@@ -240,6 +281,9 @@ class Processor:
         result: Any = _STOPPED
         try:
             with run.scope:
+                if self.options.timeout is None:
+                    result = await self.signature.invoke(self.fn, payload, ctx)
+                    return result
                 with anyio.move_on_after(self.options.timeout) as limit:
                     result = await self.signature.invoke(self.fn, payload, ctx)
                 if limit.cancelled_caught:

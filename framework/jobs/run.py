@@ -10,6 +10,7 @@ that interval, so a handler reporting 10,000 times a second writes about 5 times
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Literal
 
@@ -53,7 +54,7 @@ class RunningJob:
         self.stopped_by: Stop | None = None
         self.ended = False  # the outcome is being written: no more progress
         self.last_write = time.monotonic()
-        self._lock = anyio.Lock()
+        self._lock = asyncio.Lock()  # taken without a yield when free (anyio's yields)
         self._pending: tuple[float, str] | None = None
 
     def stop(self, reason: Stop) -> None:
