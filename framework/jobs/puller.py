@@ -110,6 +110,8 @@ class Puller:
             with anyio.move_on_after(ANSWER_GRACE):
                 await pull.done.wait()
             took = took or pull.got > 0
+            if pull.got >= pull.asked:
+                return "took"  # this queue may hold more: start again from the highest
         return "took" if took else "empty"
 
     async def _wait_on_all(self) -> None:
