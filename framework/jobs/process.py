@@ -364,6 +364,7 @@ class Processor:
             run.status,
             state="succeeded",
             progress=1.0,
+            message=run.latest_message,
             result=result,
             error="",
             finished_at=utcnow(),

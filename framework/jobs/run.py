@@ -76,6 +76,11 @@ class RunningJob:
         return self._pending[1] if self._pending is not None else self.status.message
 
     @property
+    def latest_message(self) -> str:
+        """The newest progress message, written or not (the outcome carries it)."""
+        return self._message()
+
+    @property
     def due(self) -> bool:
         return self._pending is not None and not self.ended
 
