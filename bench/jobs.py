@@ -82,7 +82,7 @@ def framework_service(report: bool) -> Service:
 
     @service.job("noop", max_concurrency=CONCURRENCY)
     async def noop(item: Item, job: JobContext) -> None:
-        if report:
+        if report and item.name == "report":
             await job.client.nc.publish(STARTED, f"{item.n} {time.time()}".encode())
 
     return service
@@ -96,7 +96,7 @@ def taskiq_broker(url: str) -> tuple[Any, Any]:
         subject=TASKIQ_SUBJECT,
         stream_name=TASKIQ_STREAM,
         durable=TASKIQ_DURABLE,
-        pull_consume_batch=int(__import__("os").environ.get("TQ_BATCH", CONCURRENCY)),
+        pull_consume_batch=CONCURRENCY,
     )
     reporter: dict[str, Any] = {}
 
@@ -201,6 +201,7 @@ async def latency(producer: Producer, nc: Any, jobs: int) -> RunStats:
             future.set_result(float(when))
 
     sub = await nc.subscribe(STARTED, cb=on_start)
+    await nc.flush()  # subscribed at the server before the first job can start
     latencies: list[int] = []
     started = time.perf_counter()
     try:

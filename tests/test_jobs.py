@@ -154,7 +154,7 @@ async def test_an_unknown_kind_takes_any_payload_and_dead_letters_what_cannot_ru
     assert failed.value.status.state == "failed"
     letters = await list_dead_letters(client, service="reports")
     assert [(d.reason, d.event_id, d.subject) for d in letters] == [
-        ("undecodable", "bad-1", "jobs.reports.render.normal")
+        ("undecodable", "bad-1", "jobs.reports.render.normal.bad-1")
     ]
     assert runs == []
 
@@ -530,3 +530,30 @@ async def test_many_kinds_and_priorities_do_not_mix_up(serve, client):
     for handle in handles:
         await handle.result(timeout=10)
     assert len(runs) == 2 and sent == Counter({"m-0": 1, "m-1": 1, "m-2": 1})
+
+
+async def test_a_job_cancelled_while_its_worker_holds_it_never_runs(serve, client):
+    service = Service("reports")
+    started: list[str] = []
+    gate = anyio.Event()
+
+    @service.job("one_at_a_time", max_concurrency=1)
+    async def one_at_a_time(job: JobContext) -> None:
+        started.append(job.job_id)
+        await gate.wait()
+
+    await serve(service)
+    first = await client.enqueue("reports.one_at_a_time", job_id="first")
+    await eventually(lambda: started == ["first"], what="the first job to start")
+    held = await client.enqueue("reports.one_at_a_time", job_id="held")
+    await anyio.sleep(0.3)  # taken by the busy worker (its prefetch), waiting for a slot
+    assert await held.cancel() is True
+    gate.set()
+    await first.result(timeout=10)
+    await anyio.sleep(0.5)
+    assert started == ["first"]
+    with pytest.raises(JobCancelled):
+        await held.result(timeout=1)
+    await held.retry()  # a retry after the cancel runs, despite the cancel notice seen
+    await held.result(timeout=10)
+    assert started == ["first", "held"]

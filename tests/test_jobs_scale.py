@@ -169,8 +169,8 @@ async def test_a_killed_workers_job_is_finished_by_another_with_attempt_2(
         await eventually(lambda: _served(client), timeout=20, what="the worker process")
         handle = await client.enqueue("work.crashy", Item(3), job_id="c-1")
         await eventually(lambda: ledger.exists() and "start c-1 1" in ledger.read_text())
-        running = await handle.status()
-        assert running.state == "running" and running.attempt == 1
+        await eventually(lambda: _state_is(handle, "running"), what="running recorded")
+        assert (await handle.status()).attempt == 1
         await serve(crash_worker(ledger))  # the other worker, in this process
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -193,6 +193,10 @@ async def test_a_killed_workers_job_is_finished_by_another_with_attempt_2(
     ]
     [stats] = await client.stats("work")  # only this process answers now
     assert (stats.endpoints[0].data or {})["succeeded"] == 1
+
+
+async def _state_is(handle: Any, state: str) -> bool:
+    return (await handle.status()).state == state
 
 
 async def _served(client: Any) -> bool:

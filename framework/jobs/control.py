@@ -38,6 +38,8 @@ JOB_SCHEDULE = "Job-Schedule"
 SCHEDULE = "Nats-Schedule"
 SCHEDULE_TARGET = "Nats-Schedule-Target"
 SCHEDULE_TIME_ZONE = "Nats-Schedule-Time-Zone"
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = (10071, 10164)
 PUBLISH_TIMEOUT = 5.0
 CAS_TRIES = 5
 
@@ -54,7 +56,9 @@ _decode_ack = msgspec.json.Decoder(_PubAck).decode
 
 async def stored_publish(client: Client, subject: str, data: bytes, headers: dict[str, str]) -> int:
     """A JetStream publish that returns the stream sequence once stored, or raises
-    `PublishError` (`NoStream` when nothing captures the subject)."""
+    `PublishError` (`NoStream` when nothing captures the subject). A publish refused
+    because `Nats-Expected-Last-Subject-Sequence: 0` found a message (the job is queued
+    already) returns 0."""
     size = h.wire_size(data, headers)
     if size > client.nc.max_payload:
         raise ServiceError(
@@ -71,6 +75,8 @@ async def stored_publish(client: Client, subject: str, data: bytes, headers: dic
     if ack is None:
         raise publish_error(subject, NoRespondersError())
     if ack.error is not None:
+        if ack.error.get("err_code") in WRONG_LAST_SEQUENCE:
+            return 0
         if ack.error.get("code") == 400:  # the stream refused what we asked (a schedule)
             raise BadRequest(f"refused by {JOBS_STREAM}: {ack.error.get('description')}")
         refused = APIError(
@@ -92,24 +98,25 @@ async def publish_job(
     """The job's message: on its priority's queue, or held by an `@at` schedule."""
     out = dict(headers)
     out[JOB_ID] = status.id
-    out[h.MSG_ID] = f"{kind}:{status.id}:{revision}"
     if status.enqueued_at is not None:
         out[JOB_REVISION] = f"{revision} {int(status.enqueued_at.timestamp() * 1000)}"
     data = msgspec.json.encode(status.payload) if status.payload is not None else b""
-    target = kind.queue_subject(status.priority)
+    target = kind.queue_subject(status.priority, status.id)
     if status.state == "scheduled" and status.run_at is not None:
         out[SCHEDULE] = f"@at {rfc3339(status.run_at)}"
         out[SCHEDULE_TARGET] = target
         return await stored_publish(client, kind.delay_subject(status.id), data, out)
+    out[EXPECTED_LAST_SUBJECT_SEQUENCE] = "0"  # only if the job is not queued already
     return await stored_publish(client, target, data, out)
 
 
 async def cancel_job(client: Client, kind: str, job_id: str) -> bool:
     """Cancel a job unless it has finished: True if this call cancelled it.
 
-    The record is set to `cancelled` first (so a queued or delayed job never runs:
-    its worker skips it, its schedule is removed); then every worker of the kind is
-    told, and the one running it cancels the handler.
+    The record is set to `cancelled` first; then the job's message is removed from
+    its queue (or its schedule, for a delayed job), so no worker receives it; then
+    every worker of the kind is told (`<job id> <revision>`): one that holds the
+    message already skips it, one that runs it cancels the handler.
     """
     parsed = Kind.parse(kind)
     backend = await Backend.of(client)
@@ -124,21 +131,23 @@ async def cancel_job(client: Client, kind: str, job_id: str) -> bool:
             entry.status, state="cancelled", finished_at=utcnow(), message="cancelled"
         )
         try:
-            await backend.store.put(key, cancelled, entry.revision)
+            revision = await backend.store.put(key, cancelled, entry.revision)
         except Conflict:
             continue
         if entry.status.state == "scheduled":
-            await _remove_schedule(client, parsed.delay_subject(job_id))
-        await client.nc.publish(parsed.cancel_subject, job_id.encode())
+            await _remove_message(client, parsed.delay_subject(job_id))
+        elif entry.status.state == "queued":
+            await _remove_message(client, parsed.queue_subject(entry.status.priority, job_id))
+        await client.nc.publish(parsed.cancel_subject, f"{job_id} {revision}".encode())
         return True
     raise ServiceError(409, f"job {kind}/{job_id} keeps changing; cancel not applied")
 
 
-async def _remove_schedule(client: Client, subject: str) -> None:
+async def _remove_message(client: Client, subject: str) -> None:
     try:
         await client.js.purge_stream(JOBS_STREAM, subject=subject)
-    except Exception as exc:  # the worker skips the job anyway: its record is cancelled
-        _log.warning("delayed job's schedule not removed", subject=subject, error=str(exc))
+    except Exception as exc:  # workers are told too; a running one stops at its next write
+        _log.warning("cancelled job's message not removed", subject=subject, error=str(exc))
 
 
 async def retry_job(client: Client, kind: str, job_id: str) -> JobStatus:

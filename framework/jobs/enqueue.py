@@ -115,7 +115,7 @@ async def _traced(
     """Record and publish inside a PRODUCER span whose context travels with the job."""
     span = telemetry.start_send_span(
         "publish",
-        kind.queue_subject(status.priority),
+        kind.queue(status.priority),
         parent.service if parent is not None else client.name,
         telemetry.SpanKind.PRODUCER,
         parent.span if parent is not None else None,

@@ -1,10 +1,12 @@
 """What a job kind is declared with, and the names it lives under on the wire.
 
 A kind is `<service>.<name>`. Its jobs are messages in the `JOBS` stream (work-queue
-retention) on one subject per priority, `jobs.<service>.<name>.<priority>`; a delayed
-job waits in a message schedule (ADR-51) at `jobs.<service>.<name>.delay.<id>`, a
-recurring one at `jobs.<service>.<name>.schedule.<schedule name>`, both targeting the
-priority subject. Status records live in the `jobs` key-value bucket at
+retention) on a subject of its own under its priority, `jobs.<service>.<name>.<priority>.
+<id>` (published only if that subject holds no message, so a job is never queued
+twice); a delayed job waits in a message schedule (ADR-51) at
+`jobs.<service>.<name>.delay.<id>`, a recurring one at
+`jobs.<service>.<name>.schedule.<schedule name>` (targeting
+`...<priority>.<schedule name>`). Status records live in the `jobs` key-value bucket at
 `<service>.<name>.<id>`; cancel notices go to `$JOBS.CANCEL.<service>.<name>`.
 """
 
@@ -80,8 +82,13 @@ class Kind:
     def __str__(self) -> str:
         return f"{self.service}.{self.name}"
 
-    def queue_subject(self, priority: str) -> str:
+    def queue(self, priority: str) -> str:
+        """The kind's queue of one priority (span names, the consumer's filter base)."""
         return f"{SUBJECT_PREFIX}.{self.service}.{self.name}.{priority}"
+
+    def queue_subject(self, priority: str, job_id: str) -> str:
+        """A job's own subject: at most one message per job is ever queued there."""
+        return f"{self.queue(priority)}.{id_token(job_id)}"
 
     def delay_subject(self, job_id: str) -> str:
         return f"{SUBJECT_PREFIX}.{self.service}.{self.name}.delay.{id_token(job_id)}"
@@ -102,6 +109,12 @@ class Kind:
     @property
     def cancel_subject(self) -> str:
         return f"{CANCEL_PREFIX}.{self.service}.{self.name}"
+
+
+def priority_of(subject: str) -> str:
+    """The priority token of a queued job's subject (`jobs.<s>.<n>.<priority>.<id>`)."""
+    parts = subject.split(".", 4)
+    return parts[3] if len(parts) > 4 else ""
 
 
 def id_token(job_id: str) -> str:

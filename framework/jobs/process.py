@@ -7,6 +7,10 @@
    acked without running anything: the record is the effectively-once bookkeeping.
 2. Wait for the kind's rate limit, then claim: write `running` with the attempt (the
    delivery count), the worker and the message's stream sequence, compare-and-set.
+   The common case, a first delivery of a job queued at once, skips the read (the
+   message carries the record's revision) and defers the `running` write
+   (`run.CLAIM_DELAY`): a job cancelled since it was queued is known from the cancel
+   notice, and every later write is compare-and-set against the queued record.
 3. Run the handler in its own cancel scope (a cancel notice or a changed record stops
    it) under the kind's `timeout`.
 4. Settle: success writes `succeeded` with the result, then acks; a failure writes
@@ -18,6 +22,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -35,7 +40,7 @@ from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
 from .context import JobContext
 from .control import JOB_ID, JOB_REVISION, JOB_SCHEDULE
 from .metrics import JobCounts
-from .options import JOBS_STREAM, JobOptions, Kind, check_job_id
+from .options import JOBS_STREAM, JobOptions, Kind, check_job_id, priority_of
 from .ratelimit import RateLimiter
 from .run import RunningJob
 from .status import WAITING_STATES, JobStatus, utcnow
@@ -50,6 +55,7 @@ __all__ = ["Delivery", "Processor"]
 _log = structlog.get_logger("framework.jobs")
 
 CLAIM_TRIES = 5
+CANCELLED_KEPT = 10_000  # cancel notices remembered (a message already held, not yet run)
 SCHEDULER = "Nats-Scheduler"  # on messages a schedule produced (delayed or recurring)
 _STOPPED: Any = object()
 
@@ -113,6 +119,8 @@ class Processor:
         self.counts = counts
         self.limiter = limiter
         self.running: dict[str, RunningJob] = {}
+        # job id -> revision of its `cancelled` record, from cancel notices (bounded)
+        self._cancelled: OrderedDict[str, int] = OrderedDict()
         self._decoder = (
             decoder_for(signature.payload_type)
             if signature.payload_type is not NO_PAYLOAD
@@ -121,6 +129,16 @@ class Processor:
         self._span_attributes = telemetry.handler_attributes(
             kind.service, f"jobs.{kind}", f"job_{kind.service}_{kind.name}"
         )
+
+    def cancelled(self, job_id: str, revision: int) -> None:
+        """A cancel notice: stop the job if it runs here; skip its message if it comes."""
+        self._cancelled[job_id] = revision
+        self._cancelled.move_to_end(job_id)
+        while len(self._cancelled) > CANCELLED_KEPT:
+            self._cancelled.popitem(last=False)
+        run = self.running.get(job_id)
+        if run is not None:
+            run.stop("cancelled")
 
     async def process(self, msg: Any) -> None:
         delivery = Delivery.of(msg)
@@ -165,16 +183,13 @@ class Processor:
         key = self.kind.status_key(job_id)
         limited = self.limiter is None
         enqueued = self._as_enqueued(job_id, msg, delivery, headers)
-        if enqueued is not None:  # the common case: no read, one compare-and-set
+        if enqueued is not None:  # the common case: no read; `running` written later
             if self.limiter is not None:
                 await self.limiter.acquire()
-                limited = True
+            if self._cancelled.get(job_id, 0) > enqueued[1]:
+                return None  # cancelled after this message was queued: never runs
             status = self._running(enqueued[0], job_id, msg, delivery, headers)
-            try:
-                revision = await self.store.put(key, status, enqueued[1])
-                return RunningJob(self.store, key, status, revision)
-            except Conflict:
-                pass  # changed since it was enqueued (cancelled, a duplicate ran it): read
+            return RunningJob(self.store, key, status, enqueued[1], claimed=False)
         for _ in range(CLAIM_TRIES):
             entry = await self.store.get(key)
             if not should_run(entry.status, delivery, REPLAY_OF in headers):
@@ -211,7 +226,7 @@ class Processor:
             kind=str(self.kind),
             id=job_id,
             state="queued",
-            priority=msg.subject.rpartition(".")[2],
+            priority=priority_of(msg.subject),
             enqueued_at=datetime.fromtimestamp(enqueued_ms / 1000, UTC),
             correlation_id=headers.get(h.CORRELATION_ID) or job_id,
             trace_id=traceparent[3:35] if len(traceparent) >= 35 else "",
@@ -231,7 +246,7 @@ class Processor:
             kind=str(self.kind),
             id=job_id,
             state="queued",
-            priority=msg.subject.rpartition(".")[2],
+            priority=priority_of(msg.subject),
             enqueued_at=datetime.fromtimestamp(delivery.stored_ns / 1e9, UTC),
             correlation_id=headers.get(h.CORRELATION_ID) or job_id,
             schedule=headers.get(JOB_SCHEDULE, ""),
@@ -258,8 +273,10 @@ class Processor:
     ) -> None:
         payload: Any = None
         if self._decoder is not None:
+            stored = run.status.payload  # the record is the truth (a re-run may change it)
+            body = msgspec.json.encode(stored) if stored is not None else msg.data
             try:
-                payload = self._decoder.decode(msg.data)
+                payload = self._decoder.decode(body)
             except DECODE_ERRORS as exc:
                 self.stats.record(0, f"undecodable: {exc}")
                 await self._give_up(run, msg, delivery, "undecodable", str(exc))

@@ -21,6 +21,8 @@ import anyio
 import msgspec
 import structlog
 
+from .options import priority_of
+
 __all__ = ["Puller"]
 
 _log = structlog.get_logger("framework.jobs")
@@ -165,8 +167,8 @@ class Puller:
         if not msg.reply:  # a status: the pull is over (404 none, 408 expired, 409 ...)
             self._on_status(msg)
             return
-        # a job: its subject ends with its priority, which is its consumer's index
-        index = self._index.get(msg.subject.rpartition(".")[2], -1)
+        # a job: its subject names its priority, which is its consumer's index
+        index = self._index.get(priority_of(msg.subject), -1)
         pull = self._pulls[index] if index >= 0 else None
         if pull is not None:
             pull.got += 1

@@ -6,6 +6,12 @@ running it means this attempt stops (its handler is cancelled) and writes nothin
 Progress is coalesced: a report is written at once if the last write is at least
 `PROGRESS_INTERVAL` old, otherwise kept and written by the worker's flusher within
 that interval, so a handler reporting 10,000 times a second writes about 5 times.
+
+A first delivery starts its handler before `running` is written (`claimed` False): the
+record still says queued, at the revision the message carries, and the worker's
+flusher writes `running` once the handler has run `CLAIM_DELAY` seconds. A job that
+ends sooner is recorded once, with its outcome (compare-and-set against the queued
+record, so a cancel in between is never overwritten): one write per job instead of two.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ __all__ = ["PROGRESS_INTERVAL", "RunningJob"]
 _log = structlog.get_logger("framework.jobs")
 
 PROGRESS_INTERVAL = 0.2
+CLAIM_DELAY = 0.1
 Stop = Literal["cancelled", "superseded"]
 
 
@@ -35,17 +42,27 @@ class RunningJob:
     __slots__ = (
         "_lock",
         "_pending",
+        "claimed",
         "ended",
         "key",
         "last_write",
         "revision",
         "scope",
+        "started",
         "status",
         "stopped_by",
         "store",
     )
 
-    def __init__(self, store: StatusStore, key: str, status: JobStatus, revision: int) -> None:
+    def __init__(
+        self,
+        store: StatusStore,
+        key: str,
+        status: JobStatus,
+        revision: int,
+        *,
+        claimed: bool = True,
+    ) -> None:
         self.store = store
         self.key = key
         self.status = status
@@ -53,7 +70,8 @@ class RunningJob:
         self.scope = anyio.CancelScope()
         self.stopped_by: Stop | None = None
         self.ended = False  # the outcome is being written: no more progress
-        self.last_write = time.monotonic()
+        self.claimed = claimed  # `status` is written (else the record is still queued)
+        self.started = self.last_write = time.monotonic()
         self._lock = asyncio.Lock()  # taken without a yield when free (anyio's yields)
         self._pending: tuple[float, str] | None = None
 
@@ -82,18 +100,26 @@ class RunningJob:
 
     @property
     def due(self) -> bool:
-        return self._pending is not None and not self.ended
+        """Progress to write, or `running` not written yet and the handler still busy."""
+        if self.ended:
+            return False
+        if self._pending is not None:
+            return True
+        return not self.claimed and time.monotonic() - self.started >= CLAIM_DELAY
 
     async def flush(self) -> None:
-        """Write the kept progress (if any, and the attempt is still going)."""
-        if self._pending is None or self.ended or self._lock.locked():
+        """Write the kept progress, or `running` if not written yet (while the attempt
+        is still going)."""
+        if not self.due or self._lock.locked():
             return
         async with self._lock:
             pending, self._pending = self._pending, None
-            if pending is None or self.ended:
+            if self.ended or (pending is None and self.claimed):
                 return
-            fraction, message = pending
-            status = msgspec.structs.replace(self.status, progress=fraction, message=message)
+            status = self.status
+            if pending is not None:
+                fraction, message = pending
+                status = msgspec.structs.replace(status, progress=fraction, message=message)
             try:
                 await self._write(status)
             except Exception as exc:  # progress is best effort; the outcome is not
@@ -118,6 +144,7 @@ class RunningJob:
                 return False
             self.revision = await self.store.put(self.key, status, self.revision)
         self.status = status
+        self.claimed = True
         self.last_write = time.monotonic()
         return True
 

@@ -37,6 +37,7 @@ from .options import (
     check_priority,
     check_schedule_name,
     normalize_spec,
+    priority_of,
 )
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ async def put_schedule(
     require_server(client, RECURRING_SINCE, "recurring jobs (@every and cron schedules)")
     headers = {
         SCHEDULE: spec,
-        SCHEDULE_TARGET: kind.queue_subject(priority),
+        SCHEDULE_TARGET: kind.queue_subject(priority, name),
         JOB_SCHEDULE: name,
     }
     if time_zone:
@@ -130,7 +131,7 @@ def _read(subject: str, headers: Mapping[str, str], data: bytes) -> Schedule:
         kind=f"{service}.{job}",
         name=name,
         spec=headers.get(SCHEDULE, ""),
-        priority=target.rpartition(".")[2],
+        priority=priority_of(target),
         time_zone=headers.get(SCHEDULE_TIME_ZONE, ""),
         payload=payload,
     )

@@ -36,7 +36,7 @@ from .options import JOBS_STREAM, PRIORITIES, JobOptions, Kind
 from .process import Processor
 from .puller import Puller
 from .ratelimit import RateLimiter
-from .run import PROGRESS_INTERVAL
+from .run import CLAIM_DELAY, PROGRESS_INTERVAL
 from .schedule import sync_code_schedule
 from .status import utcnow
 
@@ -153,7 +153,7 @@ class JobWorker:
         return api.ConsumerConfig(
             durable_name=self.job_kind.consumer(priority),
             description=f"{priority} priority jobs of {self.job_kind}",
-            filter_subject=self.job_kind.queue_subject(priority),
+            filter_subject=self.job_kind.queue(priority) + ".*",
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=self.options.ack_wait,
@@ -289,11 +289,9 @@ class JobWorker:
                 self._puller.wake()
 
     async def _on_cancel(self, msg: Any) -> None:
-        if self._processor is None:
-            return
-        run = self._processor.running.get(msg.data.decode("utf-8", "replace"))
-        if run is not None:
-            run.stop("cancelled")
+        if self._processor is not None:
+            job_id, _, revision = msg.data.decode("utf-8", "replace").partition(" ")
+            self._processor.cancelled(job_id, int(revision) if revision.isdigit() else 0)
 
     async def _keep_alive_loop(self) -> None:
         """In-progress acks, so a job outliving `ack_wait` is not handed to another worker."""
@@ -308,10 +306,13 @@ class JobWorker:
                         await msg.in_progress()
 
     async def _progress_loop(self) -> None:
-        """Writes progress reports that came faster than one per interval."""
+        """Writes `running` for handlers busy longer than `CLAIM_DELAY`, and progress
+        reports that came faster than one per interval."""
         while True:
-            await anyio.sleep(PROGRESS_INTERVAL)
+            await anyio.sleep(CLAIM_DELAY)
             if self._processor is not None:
+                now = time.monotonic()
                 for run in list(self._processor.running.values()):
-                    if run.due and time.monotonic() - run.last_write >= PROGRESS_INTERVAL:
+                    waited = now - run.last_write >= PROGRESS_INTERVAL or not run.claimed
+                    if run.due and waited:
                         await run.flush()
