@@ -33,11 +33,12 @@ class JobHandle(Generic[T]):
     """
 
     def __init__(self, client: Client, kind: str, job_id: str, returns: Any = Any) -> None:
-        self.kind = str(Kind.parse(kind))
+        parsed = Kind.parse(kind)
+        self.kind = str(parsed)
         self.id = check_job_id(job_id)
         self._client = client
         self._returns = returns
-        self._key = Kind.parse(kind).status_key(job_id)
+        self._key = parsed.status_key(job_id)
 
     def __repr__(self) -> str:
         return f"JobHandle({self.kind!r}, {self.id!r})"

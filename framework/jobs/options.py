@@ -74,10 +74,17 @@ class Kind:
 
     @classmethod
     def parse(cls, kind: str) -> Kind:
+        """`<service>.<name>`, checked (`InvalidName`); known kinds come from a cache."""
+        found = _kinds.get(kind) if isinstance(kind, str) else None
+        if found is not None:
+            return found
         service, dot, name = kind.partition(".") if isinstance(kind, str) else ("", "", "")
         if not dot:
             raise InvalidName(f"invalid job kind {kind!r}: expected '<service>.<name>'")
-        return cls(check_service_name(service), check_endpoint_name(name))
+        parsed = cls(check_service_name(service), check_endpoint_name(name))
+        if len(_kinds) < 1024:
+            _kinds[kind] = parsed
+        return parsed
 
     def __str__(self) -> str:
         return f"{self.service}.{self.name}"
@@ -109,6 +116,9 @@ class Kind:
     @property
     def cancel_subject(self) -> str:
         return f"{CANCEL_PREFIX}.{self.service}.{self.name}"
+
+
+_kinds: dict[str, Kind] = {}
 
 
 def priority_of(subject: str) -> str:
