@@ -73,6 +73,8 @@ def _short(text: str, width: int = MESSAGE_WIDTH) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """`mesh jobs ls`: jobs newest first, as a table or JSON."""
+
     async def body(client: Client) -> int:
         backend = await Backend.of(client)
         pattern = Kind.parse(args.kind).key_filter if args.kind else "*.*.*"
@@ -109,6 +111,8 @@ def _row(status: JobStatus) -> list[object]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """`mesh jobs show`: one job's whole record."""
+
     async def body(client: Client) -> int:
         status = await JobHandle(client, args.kind, args.id).status()
         if args.json:
@@ -151,6 +155,7 @@ def _details(s: JobStatus) -> str:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    """`mesh jobs enqueue`: print the id, or with `--wait` follow it to its result."""
     payload = _read_payload(args.payload) if args.payload is not None else b""
     if args.delay is not None and args.delay < 0:
         raise CliError("--delay must not be negative", ExitCode.USAGE)
@@ -208,6 +213,7 @@ class _ProgressView:
             self._bar = tqdm(total=100, file=stream, bar_format=bar_format, leave=True)
 
     def show(self, status: JobStatus) -> None:
+        """Show one status change."""
         note = status.error if status.state == "retrying" else status.message
         if self._bar is not None:
             self._bar.set_description_str(status.state, refresh=False)
@@ -221,6 +227,7 @@ class _ProgressView:
             self._last = line
 
     def close(self) -> None:
+        """End the display (a bar stays on the screen)."""
         if self._bar is not None:
             self._bar.close()
 
@@ -229,6 +236,8 @@ class _ProgressView:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """`mesh jobs cancel`: cancel, or say it had finished already."""
+
     async def body(client: Client) -> int:
         handle: JobHandle[Any] = JobHandle(client, args.kind, args.id)
         if await handle.cancel():
@@ -242,6 +251,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    """`mesh jobs retry`: queue a failed or cancelled job again."""
+
     async def body(client: Client) -> int:
         handle: JobHandle[Any] = await JobHandle(client, args.kind, args.id).retry()
         print(f"queued {handle.kind}/{handle.id} again")
@@ -251,6 +262,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
+    """`mesh jobs schedules`: recurring schedules, as a table or JSON."""
+
     async def body(client: Client) -> int:
         found = await list_schedules(client, args.kind)
         if args.json:
@@ -273,6 +286,8 @@ def _payload(value: Any) -> str | None:
 
 
 def cmd_unschedule(args: argparse.Namespace) -> int:
+    """`mesh jobs unschedule`: end a recurring schedule."""
+
     async def body(client: Client) -> int:
         if not await client.unschedule(args.kind, args.name):
             raise NotFound(f"no schedule {args.name!r} for {args.kind}")
@@ -283,6 +298,7 @@ def cmd_unschedule(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    """`mesh jobs` without a command."""
     raise CliError(
         "missing jobs command: ls, show, enqueue, cancel, retry, schedules", ExitCode.USAGE
     )

@@ -31,6 +31,7 @@ class Backend:
 
     @classmethod
     async def of(cls, client: Client) -> Backend:
+        """The client's backend, created (stream checked, buckets opened) on first use."""
         backend = _backends.get(client)
         if backend is not None:
             return backend

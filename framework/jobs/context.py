@@ -64,6 +64,7 @@ class JobContext(Context):
 
     @property
     def log(self) -> Any:
+        """The context's logger, also bound with the job id and kind."""
         if self._log is None:
             base = Context.log.fget(self)  # type: ignore[attr-defined]
             self._log = base.bind(job_id=self.job_id, kind=self.kind)

@@ -89,6 +89,7 @@ async def stored_publish(client: Client, subject: str, data: bytes, headers: dic
 
 
 def rfc3339(when: datetime) -> str:
+    """UTC time as ADR-51's `@at` wants it, with milliseconds and `Z`."""
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

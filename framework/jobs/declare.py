@@ -47,6 +47,7 @@ RATE_WINDOW_KEEP = 60.0
 
 
 def server_version(client: Client) -> tuple[int, int]:
+    """(major, minor) of the server this client is connected to."""
     version = client.nc.connected_server_version
     return (int(version.major or 0), int(version.minor or 0))
 
@@ -62,6 +63,7 @@ def require_server(client: Client, since: tuple[int, int], what: str) -> None:
 
 
 def jobs_stream_config() -> api.StreamConfig:
+    """The `JOBS` stream as it is created (see the module docstring)."""
     return api.StreamConfig(
         name=JOBS_STREAM,
         description="background jobs: queued, delayed and recurring (message schedules)",
@@ -135,6 +137,7 @@ async def ensure_rate_stream(client: Client) -> None:
 
 
 async def open_status_bucket(client: Client, retention: float = DEFAULT_RETENTION) -> Any:
+    """The `jobs` bucket of status records, kept `retention` seconds after a write."""
     return await open_bucket(
         client, STATUS_BUCKET, retention, "status and progress of background jobs"
     )

@@ -86,10 +86,12 @@ class KindRegistry:
         self._cache: dict[str, tuple[float, KindInfo | None]] = {}
 
     async def register(self, info: KindInfo) -> None:
+        """Store a kind's record (a worker does at start; the last one wins)."""
         await self._kv.put(info.kind, _encode(info))
         self._cache[info.kind] = (time.monotonic(), info)
 
     async def lookup(self, kind: str) -> KindInfo | None:
+        """A kind's record, or None if no worker registered it (cached briefly)."""
         cached = self._cache.get(kind)
         if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
             return cached[1]
@@ -104,6 +106,7 @@ class KindRegistry:
         return info
 
     async def all(self) -> list[KindInfo]:
+        """Every registered kind (for tools: the CLI, a dashboard)."""
         try:
             keys = await self._kv.keys()
         except Exception:  # NoKeysError: none registered

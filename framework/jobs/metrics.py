@@ -45,6 +45,7 @@ class JobCounts:
         self.queued: dict[str, int] = {}  # per priority, as the consumers last said
 
     def as_dict(self) -> dict[str, object]:
+        """The counts as `$SRV.STATS` endpoint data."""
         return {
             "queued": sum(self.queued.values()),
             "queued_by_priority": dict(self.queued),
@@ -62,10 +63,12 @@ _tracked: dict[int, JobCounts] = {}
 
 
 def track(counts: JobCounts) -> None:
+    """Report a started worker's counts at each metrics collection."""
     _tracked[id(counts)] = counts
 
 
 def untrack(counts: JobCounts) -> None:
+    """Stop reporting a stopped worker's counts."""
     _tracked.pop(id(counts), None)
 
 

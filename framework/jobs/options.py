@@ -98,23 +98,29 @@ class Kind:
         return f"{self.queue(priority)}.{id_token(job_id)}"
 
     def delay_subject(self, job_id: str) -> str:
+        """Where a delayed job's `@at` schedule waits."""
         return f"{SUBJECT_PREFIX}.{self.service}.{self.name}.delay.{id_token(job_id)}"
 
     def schedule_subject(self, schedule: str) -> str:
+        """Where a recurring schedule of this kind is kept."""
         return f"{SUBJECT_PREFIX}.{self.service}.{self.name}.schedule.{schedule}"
 
     def consumer(self, priority: str) -> str:
+        """The durable consumer of one priority, shared by the kind's workers."""
         return f"job_{self.service}_{self.name}_{priority}"
 
     def status_key(self, job_id: str) -> str:
+        """A job's key in the `jobs` bucket."""
         return f"{self.service}.{self.name}.{id_token(job_id)}"
 
     @property
     def key_filter(self) -> str:
+        """The bucket keys of every job of this kind."""
         return f"{self.service}.{self.name}.*"
 
     @property
     def cancel_subject(self) -> str:
+        """Where cancel notices for this kind's running jobs go."""
         return f"{CANCEL_PREFIX}.{self.service}.{self.name}"
 
 
@@ -142,12 +148,14 @@ def check_job_id(job_id: str) -> str:
 
 
 def check_priority(priority: str) -> Priority:
+    """A priority from user input, or `BadRequest` naming the valid ones."""
     if priority not in PRIORITIES:
         raise BadRequest(f"invalid priority {priority!r}: one of {', '.join(PRIORITIES)}")
     return priority
 
 
 def check_schedule_name(name: str) -> str:
+    """A schedule name from user input: one subject token."""
     if not isinstance(name, str) or not _SCHEDULE_NAME.match(name):
         raise InvalidName(
             f"invalid schedule name {name!r}: 1-64 letters, digits, '_' or '-', "
@@ -203,6 +211,7 @@ class RateLimit:
 
     @classmethod
     def parse(cls, text: str) -> RateLimit:
+        """'20/s', '600/m', '5/10s', ... (`ValueError` otherwise)."""
         match = _RATE.match(text) if isinstance(text, str) else None
         if match is None:
             raise ValueError(f"invalid rate_limit {text!r}: expected e.g. '20/s', '600/m', '5/10s'")
@@ -214,10 +223,12 @@ class RateLimit:
 
     @property
     def allowance(self) -> int:
+        """Starts each window allows."""
         return max(1, math.ceil(MIN_WINDOW * self.count / self.per))
 
     @property
     def window(self) -> float:
+        """Seconds per window."""
         return self.allowance * self.per / self.count
 
     def __str__(self) -> str:
@@ -250,6 +261,7 @@ class JobOptions:
         schedule_payload: Any,
         ack_wait: float,
     ) -> JobOptions:
+        """Checked options (`ValueError` for a bad value, at declaration time)."""
         if max_concurrency < 1 or max_attempts < 1:
             raise ValueError("max_concurrency and max_attempts must be at least 1")
         if timeout is not None and timeout <= 0:

@@ -69,6 +69,7 @@ class Delivery(msgspec.Struct):
 
     @classmethod
     def of(cls, msg: Any) -> Delivery:
+        """Read from the ack subject (nats-py's `metadata` only when it has another form)."""
         tokens = msg.reply.split(".")
         at = {9: 2, 11: 4, 12: 4}.get(len(tokens))
         if at is not None:
@@ -141,6 +142,7 @@ class Processor:
             run.stop("cancelled")
 
     async def process(self, msg: Any) -> None:
+        """Decide, claim, run and settle one delivered job message."""
         delivery = Delivery.of(msg)
         headers: Mapping[str, str] = msg.headers or {}
         try:

@@ -47,6 +47,8 @@ class _Pull:
 
 
 class Puller:
+    """Pulls a kind's jobs into its worker, strictly by priority (see the module)."""
+
     def __init__(
         self,
         nc: Any,
@@ -70,6 +72,7 @@ class Puller:
         self._wake = anyio.Event()
 
     async def start(self) -> None:
+        """Subscribe the inbox the pulls are answered on."""
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox + ".*.*", cb=self._on_message)
 
@@ -84,9 +87,11 @@ class Puller:
             self._sub = None
 
     def wake(self) -> None:
+        """Capacity was freed: pull again."""
         self._wake.set()
 
     async def run(self) -> None:
+        """Pull until cancelled: sweep by priority, or wait on every queue when empty."""
         while True:
             self._wake = anyio.Event()
             self._expire_lost()

@@ -40,6 +40,8 @@ _decode = msgspec.json.Decoder(_Counter).decode
 
 
 class RateLimiter:
+    """Waits for a start slot of one kind's `rate_limit` (see the module)."""
+
     def __init__(self, mux: Mux, kind: Kind, limit: RateLimit) -> None:
         self._mux = mux
         self._limit = limit

@@ -68,6 +68,7 @@ async def put_schedule(
     priority: str,
     time_zone: str | None = None,
 ) -> None:
+    """Store (or replace) a recurring schedule; the server checks `spec`."""
     require_server(client, RECURRING_SINCE, "recurring jobs (@every and cron schedules)")
     headers = {
         SCHEDULE: spec,

@@ -68,14 +68,17 @@ _decoder = msgspec.json.Decoder(JobStatus)
 
 
 def encode_status(status: JobStatus) -> bytes:
+    """JSON of a record, as stored."""
     return _encoder.encode(status)
 
 
 def decode_status(data: bytes) -> JobStatus:
+    """A stored record."""
     return _decoder.decode(data)
 
 
 def utcnow() -> datetime:
+    """Now, in UTC (records keep aware datetimes)."""
     return datetime.now(UTC)
 
 

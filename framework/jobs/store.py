@@ -60,6 +60,7 @@ class StatusStore:
         self._get_prefix = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}."
 
     async def get(self, key: str) -> Entry:
+        """The record and its revision (Direct Get of the key's last message)."""
         reply = await self._mux.request(self._get_prefix + key, b"", self.timeout)
         headers = reply.headers or {}
         status = headers.get("Status")

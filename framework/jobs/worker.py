@@ -96,6 +96,7 @@ class JobWorker:
     # -- discovery -------------------------------------------------------------------
 
     def metadata(self) -> dict[str, str]:
+        """`$SRV.INFO` endpoint metadata: kind, settings, payload and result schemas."""
         meta = {
             "kind": "job",
             "job_kind": str(self.job_kind),
@@ -118,9 +119,11 @@ class JobWorker:
         return "null" if tp is NO_PAYLOAD or tp is None else schema_json(tp)
 
     def extra_stats(self) -> dict[str, Any]:
+        """`$SRV.STATS` endpoint data: the job counts and jobs in flight."""
         return {**self.counts.as_dict(), "in_flight": self.stats.in_flight}
 
     def kind_info(self) -> KindInfo:
+        """The record clients validate payloads with (`jobs_kinds` bucket)."""
         import json
 
         takes = self.signature.payload_type is not NO_PAYLOAD
@@ -150,6 +153,7 @@ class JobWorker:
     # -- lifecycle -------------------------------------------------------------------
 
     def consumer_config(self, priority: str) -> api.ConsumerConfig:
+        """The durable consumer of one priority of this kind."""
         return api.ConsumerConfig(
             durable_name=self.job_kind.consumer(priority),
             description=f"{priority} priority jobs of {self.job_kind}",
@@ -195,6 +199,7 @@ class JobWorker:
         await sync_code_schedule(client, self.job_kind, self.options.schedule, body)
 
     async def start(self, client: Client, task_group: TaskGroup) -> None:
+        """Start pulling and running jobs (after `prepare`)."""
         backend = await Backend.of(client)
         limit = self.options.rate_limit
         self._processor = Processor(
