@@ -129,9 +129,9 @@ async def test_progress_is_coalesced(serve, client):
     handle = await client.enqueue("reports.chatty")
     await handle.result(timeout=20)
     writes = (await client.js.stream_info("KV_jobs")).state.last_seq - before
-    # create + running + one write per 0.2 s for about a second + succeeded
+    # create + one write per 0.2 s for about a second (progress, running) + succeeded
     assert writes <= 12, f"{writes} writes for >= 10,000 progress reports"
-    assert writes >= 5  # progress did reach the record while the job ran
+    assert writes >= 3  # create, progress while the job ran, outcome
 
 
 async def test_a_known_kind_refuses_a_bad_payload_at_enqueue(serve, client):
