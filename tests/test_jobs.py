@@ -557,3 +557,62 @@ async def test_a_job_cancelled_while_its_worker_holds_it_never_runs(serve, clien
     await held.retry()  # a retry after the cancel runs, despite the cancel notice seen
     await held.result(timeout=10)
     assert started == ["first", "held"]
+
+
+async def test_a_stopping_worker_hands_its_job_to_another_replica(serve, client, nats_url):
+    started: list[tuple[str, int]] = []
+    release = anyio.Event()
+
+    def replica() -> Service:
+        service = Service("reports")
+
+        @service.job("long", ack_wait=30)
+        async def long(job: JobContext) -> int:
+            started.append((job.job_id, job.attempt))
+            await release.wait()
+            return job.attempt
+
+        return service
+
+    first = replica()
+    stopped = anyio.Event()
+
+    async def run_first() -> None:
+        async with first.serve(nats_url, grace=0.2):
+            await eventually(lambda: started, what="the job to start")
+        stopped.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_first)
+        handle = await client.enqueue("reports.long", job_id="handed")
+        await stopped.wait()
+    await serve(replica())  # gets the job at once (nak'd on stop), not after ack_wait
+    await eventually(lambda: len(started) == 2, timeout=5, what="the second attempt")
+    release.set()
+    assert await handle.result(timeout=10) == 2
+    assert started == [("handed", 1), ("handed", 2)]
+
+
+async def test_a_jobs_stream_of_another_shape_is_refused(client):
+    from nats.js import api
+
+    from framework import ConfigConflict
+
+    await client.js.add_stream(api.StreamConfig(name="JOBS", subjects=["jobs.>"]))
+    service, _ = reports()
+    with pytest.raises(ConfigConflict, match="retention"):
+        async with service.serve(client):
+            pass
+    with pytest.raises(ConfigConflict):
+        await client.enqueue("reports.render", Render(1))
+
+
+async def test_a_payload_too_large_is_refused_and_nothing_is_left(serve, client):
+    service, _ = reports()
+    await serve(service)
+    huge = {"pages": 1, "padding": "x" * client.nc.max_payload}
+    with pytest.raises(ServiceError) as refused:
+        await client.enqueue("reports.render", huge, job_id="huge")
+    assert refused.value.code in (413, 400)
+    with pytest.raises(NotFound):
+        await client.job("reports.render", "huge").status()

@@ -22,7 +22,7 @@ from .control import publish_job, publish_or_take_back
 from .handle import JobHandle
 from .kinds import validate
 from .options import Kind, check_job_id, check_priority
-from .status import JobStatus, utcnow
+from .status import JobStatus, encode_status, utcnow
 from .store import Conflict
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ __all__ = ["enqueue"]
 _log = structlog.get_logger("framework.jobs")
 
 CREATE_TRIES = 5
+RECORD_HEADROOM = 1024  # the record grows with a result, an error, the worker's fields
 
 
 def run_time(delay: float | timedelta | None, at: datetime | None) -> datetime | None:
@@ -100,8 +101,20 @@ async def enqueue(
         correlation_id=headers[h.CORRELATION_ID],
         payload=msgspec.Raw(body) if body else None,
     )
+    if len(body) > client.nc.max_payload // 2:  # the record holds the payload too
+        _check_size(client, status)
     await _traced(client, backend, parsed, status, headers, parent)
     return JobHandle(client, str(parsed), job_id, returns)
+
+
+def _check_size(client: Client, status: JobStatus) -> None:
+    size = len(encode_status(status)) + RECORD_HEADROOM
+    if size > client.nc.max_payload:
+        raise ServiceError(
+            413,
+            f"job of {status.kind}: its record would be {size} bytes, over the server's "
+            f"max_payload of {client.nc.max_payload} (keep large data elsewhere, pass a key)",
+        )
 
 
 async def _traced(
