@@ -135,9 +135,9 @@ async def cancel_job(client: Client, kind: str, job_id: str) -> bool:
             revision = await backend.store.put(key, cancelled, entry.revision)
         except Conflict:
             continue
-        if entry.status.state == "scheduled":
+        if entry.status.state == "scheduled":  # its schedule may have fired already
             await _remove_message(client, parsed.delay_subject(job_id))
-        elif entry.status.state == "queued":
+        if entry.status.state in ("scheduled", "queued"):
             await _remove_message(client, parsed.queue_subject(entry.status.priority, job_id))
         await client.nc.publish(parsed.cancel_subject, f"{job_id} {revision}".encode())
         return True
