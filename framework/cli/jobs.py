@@ -32,20 +32,21 @@ from ..jobs.handle import JobHandle
 from ..jobs.options import PRIORITIES, Kind
 from ..jobs.schedule import list_schedules
 from ..jobs.status import JOB_STATES, JobStatus, presented
-from .main import (
+from ._common import (
     CliError,
     ExitCode,
     Handler,
-    _read_payload,
-    _subparser,
-    _table,
+    Subparsers,
+    add_command,
+    add_connection_options,
     print_json,
+    read_payload,
+    table,
     with_client,
 )
 
 if TYPE_CHECKING:
     from ..client import Client
-    from .main import Subparsers
 
 __all__ = ["register"]
 
@@ -87,7 +88,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         elif not found:
             print("no jobs", file=sys.stderr)
         else:
-            print(_table([_row(s) for s in found], _HEADERS))
+            print(table([_row(s) for s in found], _HEADERS))
         return ExitCode.OK
 
     return with_client(args, body)
@@ -156,7 +157,7 @@ def _details(s: JobStatus) -> str:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     """`mesh jobs enqueue`: print the id, or with `--wait` follow it to its result."""
-    payload = _read_payload(args.payload) if args.payload is not None else b""
+    payload = read_payload(args.payload) if args.payload is not None else b""
     if args.delay is not None and args.delay < 0:
         raise CliError("--delay must not be negative", ExitCode.USAGE)
 
@@ -275,7 +276,7 @@ def cmd_schedules(args: argparse.Namespace) -> int:
                 (s.kind, s.name, s.spec, s.priority, s.time_zone or None, _payload(s.payload))
                 for s in found
             ]
-            print(_table(rows, ("KIND", "NAME", "SCHEDULE", "PRIORITY", "TIME ZONE", "PAYLOAD")))
+            print(table(rows, ("KIND", "NAME", "SCHEDULE", "PRIORITY", "TIME ZONE", "PAYLOAD")))
         return ExitCode.OK
 
     return with_client(args, body)
@@ -307,9 +308,27 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------
 
 
+_NOTES = {
+    ExitCode.NOT_FOUND: "no such job or schedule",
+    ExitCode.TIMEOUT: "--timeout passed while `enqueue --wait` waited",
+    ExitCode.BAD_REQUEST: "the payload does not fit the kind's schema",
+    ExitCode.SERVICE_ERROR: "`enqueue --wait`: the job failed or was cancelled",
+}
+
+
+def _command(
+    subparsers: Subparsers, name: str, text: str, handler: Handler, *examples: str
+) -> argparse.ArgumentParser:
+    command = add_command(subparsers, name, text, notes=_NOTES, examples=examples, handler=handler)
+    add_connection_options(command, timeout_help="seconds to wait (enqueue --wait: no limit)")
+    return command
+
+
 def register(subparsers: Subparsers) -> Mapping[str, Handler]:
     """Add `jobs` and its commands to `mesh`."""
-    jobs = _subparser(subparsers, "jobs", "background jobs: list, show, enqueue, cancel, retry")
+    jobs = _command(
+        subparsers, "jobs", "background jobs: list, show, enqueue, cancel, retry", cmd_jobs
+    )
     commands = jobs.add_subparsers(dest="jobs_command", metavar="COMMAND", required=True)
     _add_ls_show(commands)
     _add_enqueue(commands)
@@ -317,41 +336,36 @@ def register(subparsers: Subparsers) -> Mapping[str, Handler]:
         ("cancel", "cancel a job (a running one is stopped within a second)", cmd_cancel),
         ("retry", "queue a failed or cancelled job again, as attempt 1", cmd_retry),
     ):
-        command = _subparser(commands, name, text)
+        command = _command(commands, name, text, handler)
         command.add_argument("kind", type=_kind, metavar="KIND", help="e.g. reports.render")
         command.add_argument("id", metavar="ID", help="the job id")
-        command.set_defaults(handler=handler)
-    schedules = _subparser(commands, "schedules", "list recurring schedules")
+    schedules = _command(
+        commands, "schedules", "list recurring schedules", cmd_schedules, "mesh jobs schedules"
+    )
     schedules.add_argument("kind", nargs="?", type=_kind, metavar="KIND", help="only this kind")
     schedules.add_argument("--json", action="store_true", help="print them as JSON")
-    schedules.set_defaults(handler=cmd_schedules)
-    unschedule = _subparser(commands, "unschedule", "end a recurring schedule")
+    unschedule = _command(commands, "unschedule", "end a recurring schedule", cmd_unschedule)
     unschedule.add_argument("kind", type=_kind, metavar="KIND")
     unschedule.add_argument("name", metavar="NAME", help="from `mesh jobs schedules`")
-    unschedule.set_defaults(handler=cmd_unschedule)
-    from .main import add_connection_options
-
-    for command in commands.choices.values():
-        add_connection_options(command, timeout_help="seconds to wait (enqueue --wait)")
     return {"jobs": cmd_jobs}
 
 
 def _add_ls_show(commands: Subparsers) -> None:
-    ls = _subparser(commands, "ls", "list jobs, newest first")
+    ls = _command(commands, "ls", "list jobs, newest first", cmd_ls, "mesh jobs ls --limit 10")
     ls.add_argument("kind", nargs="?", type=_kind, metavar="KIND", help="only this kind")
     ls.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
     ls.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N", help="at most N")
     ls.add_argument("--json", action="store_true", help="print the statuses as JSON")
-    ls.set_defaults(handler=cmd_ls)
-    show = _subparser(commands, "show", "one job's status, payload and result")
+    show = _command(commands, "show", "one job's status, payload and result", cmd_show)
     show.add_argument("kind", type=_kind, metavar="KIND", help="e.g. reports.render")
     show.add_argument("id", metavar="ID", help="the job id")
     show.add_argument("--json", action="store_true", help="print the status as JSON")
-    show.set_defaults(handler=cmd_show)
 
 
 def _add_enqueue(commands: Subparsers) -> None:
-    enqueue = _subparser(commands, "enqueue", "enqueue a job; --wait follows it to the end")
+    enqueue = _command(
+        commands, "enqueue", "enqueue a job; --wait follows it to the end", cmd_enqueue
+    )
     enqueue.add_argument("kind", type=_kind, metavar="KIND", help="e.g. reports.render")
     enqueue.add_argument("payload", nargs="?", metavar="JSON", help="the payload; - reads stdin")
     enqueue.add_argument("--id", metavar="ID", help="job id: unique among unfinished jobs")
@@ -359,4 +373,3 @@ def _add_enqueue(commands: Subparsers) -> None:
     enqueue.add_argument("--priority", choices=PRIORITIES, default="normal")
     enqueue.add_argument("--wait", action="store_true", help="follow it and print its result")
     enqueue.add_argument("--json", action="store_true", help="print the status as JSON")
-    enqueue.set_defaults(handler=cmd_enqueue)
