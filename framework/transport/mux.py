@@ -13,7 +13,7 @@ are answered, not each message).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -106,12 +106,19 @@ class Mux:
         await wire.publish(self._nc, subject, data, self._prefix + token, headers)
 
     async def request(
-        self, subject: str, data: bytes, timeout: float, headers: bytes | None = None
+        self,
+        subject: str,
+        data: bytes,
+        timeout: float,
+        headers: bytes | Mapping[str, str] | None = None,
     ) -> Msg:
         """One request, one reply: what nats-py's `request` does, for less.
 
-        `headers` is an encoded header block (`wire.header_block`), or None.
+        `headers`: an encoded header block (`wire.header_block`, what the framework's
+        hot paths pass, encoded once), a mapping (encoded here), or None.
         """
+        if headers is not None and not isinstance(headers, bytes):
+            headers = wire.header_block(headers) if headers else None
         token, future = self._register(False)
         self._subjects[token] = subject
         key = 0
