@@ -11,11 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from nats.js import api
 from nats.js.errors import NotFoundError
 
 from .errors import ConfigConflict
+from .observability.logging import get_logger
 from .transport.names import EVENT_PREFIX, check_token, event_domain
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ __all__ = [
     "stream_name_for_domain",
 ]
 
-_log = structlog.get_logger("framework.streams")
+_log = get_logger("framework.streams")
 
 DAY = 24 * 3600.0
 DEADLETTER_STREAM = "DEADLETTER"

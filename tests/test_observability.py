@@ -35,9 +35,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from framework import Context, NotFound, Service, ServiceError
+from framework import Context, NotFound, Service, ServiceError, configure_logging
 from framework.observability.console_traces import TraceTreePrinter
-from framework.observability.logging import REDACTED, add_trace_ids, configure_logging
+from framework.observability.logging import REDACTED, add_trace_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -662,7 +662,7 @@ def test_no_sdk_is_seen_at_once_when_a_provider_is_installed():
         """
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
-        from framework import telemetry
+        from framework.observability import tracing as telemetry
         assert telemetry._no_sdk()
         trace.set_tracer_provider(TracerProvider())
         assert not telemetry._no_sdk()

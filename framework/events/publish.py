@@ -16,18 +16,19 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import APIError
 
-from ..context import Context
-from ..errors import NoStream, PermissionDenied, PublishError
+from ..errors import PublishError
 from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport.codec import encode_payload
 from ..transport.names import check_event_type, event_subject
+from ..transport.wire_errors import api_error, publish_error
+from ..transport.wire_errors import decode_pub_ack as _decode_pub_ack
 
 if TYPE_CHECKING:
     from ..client import Client
+    from ..context import Context
 
 __all__ = ["BatchPublisher", "PublishAck", "build_event", "publish_error", "publish_event"]
 
@@ -118,19 +119,6 @@ def _check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
         )
 
 
-def publish_error(subject: str, exc: BaseException) -> PublishError:
-    if isinstance(exc, NoStreamResponseError | NoRespondersError):
-        return NoStream(
-            f"no stream captures {subject}: declare a Stream for its domain or start a "
-            "service that subscribes to it (the event was not stored)"
-        )
-    if isinstance(exc, PermissionDenied):
-        return PublishError(f"permission denied, the event was not stored: {exc}")
-    if isinstance(exc, NatsTimeoutError | TimeoutError):
-        return PublishError(f"no acknowledgement from JetStream for {subject} (not known stored)")
-    return PublishError(f"publish to {subject} failed: {exc}")
-
-
 async def publish_event(
     client: Client,
     event_type: str,
@@ -173,16 +161,6 @@ async def publish_event(
 def _end(span: Any, error: BaseException) -> None:
     telemetry.record_error(span, error)
     span.end()
-
-
-class _PubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: dict[str, Any] | None = None
-
-
-_decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
 
 
 class BatchPublisher:
@@ -314,7 +292,7 @@ class BatchPublisher:
                 self._failed(event_id, span, PublishError(f"unreadable ack: {exc}"))
             else:
                 if ack.error:
-                    error = PublishError(f"publish to {subject} failed: {ack.error}")
+                    error = publish_error(subject, api_error(ack.error))
                     self._failed(event_id, span, error)
                 else:
                     self.acks.append(PublishAck(ack.stream, ack.seq, event_id, ack.duplicate))

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-import structlog
 from anyio.abc import TaskGroup
 from nats.errors import Error as NatsError
 from nats.js import api
@@ -35,6 +34,7 @@ from ..errors import (
 )
 from ..observability import metrics
 from ..observability import tracing as telemetry
+from ..observability.logging import get_logger
 from ..streams import differences
 from ..transport import headers as h
 from ..transport.codec import DECODE_ERRORS, decoder_for, schema_json
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_BACKOFF", "Subscriber", "ack_fields", "read_event_headers"]
 
-_log = structlog.get_logger("framework.events.subscriber")
+_log = get_logger("framework.events.subscriber")
 
 
 class _KeyLocks:

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-import structlog
 from anyio.abc import TaskGroup
 
 from ..context import Context
 from ..errors import BadRequest, DeadlineExceeded, ServiceError
 from ..observability import metrics
 from ..observability import tracing as telemetry
+from ..observability.logging import get_logger
 from ..transport import headers as h
 from ..transport.codec import DECODE_ERRORS, decoder_for, encode, schema_json
 from ..transport.dispatch import WorkerPool
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RpcEndpoint", "read_request_headers"]
 
-_log = structlog.get_logger("framework.rpc.endpoint")
+_log = get_logger("framework.rpc.endpoint")
 
 
 class RequestHeaders(msgspec.Struct):
