@@ -10,6 +10,7 @@ error comes back as the `ServiceError` subclass the handler raised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Generator, Mapping, Sequence
@@ -123,20 +124,21 @@ class _Errors:
         await _on_error(error)
 
 
-def _connect_failed(servers: Sequence[str], waited: float, cause: BaseException | None) -> str:
+def _connect_failed(settings: ConnectSettings, waited: float, cause: BaseException | None) -> str:
     """The message of `ConnectionFailed`: the URL tried, the cause, what to change."""
-    tried = ", ".join(redact_url(u) for u in servers)
+    tried = ", ".join(redact_url(u) for u in settings.servers)
     reason = (str(cause) or type(cause).__name__) if cause is not None else "no answer"
     configured = os.environ.get("NATS_URL")
-    source = (
-        f"NATS_URL={redact_url(configured)}"
-        if configured
-        else f"NATS_URL is not set, so the default {DEFAULT_URL} was used"
-    )
+    if not settings.url_from_env:
+        source = "The URL was passed in (NATS_URL is read only when none is)"
+    elif configured:
+        source = f"The URL came from NATS_URL={redact_url(configured)}"
+    else:
+        source = f"NATS_URL is not set, so the default {DEFAULT_URL} was tried"
     return (
-        f"cannot connect to NATS at {tried} within {waited:g}s: {reason}. Is the server "
-        f"running? ({source}; set NATS_URL or pass the URL to point elsewhere, and "
-        "NATS_CONNECT_TIMEOUT or connect_timeout= to wait longer)"
+        f"cannot connect to NATS at {tried} within {waited:g}s: {reason}. Is a server "
+        f"running there? {source}. Point elsewhere with NATS_URL (or the url argument); "
+        "wait longer with NATS_CONNECT_TIMEOUT (or connect_timeout=)."
     )
 
 
@@ -554,21 +556,27 @@ async def _first_connect(
             connecting.cancel()
             await asyncio.gather(connecting, return_exceptions=True)
     if errors.auth_failed.is_set() or connecting.cancelled():
-        await nc.close()
+        await _abandon(nc)
         if errors.auth_failed.is_set():
             raise AuthorizationFailed(
                 "nats: authorization violation: check NATS_USER/NATS_PASSWORD, NATS_TOKEN, "
                 "NATS_NKEY_SEED(_FILE) or NATS_CREDS"
             )
-        raise ConnectionFailed(_connect_failed(settings.servers, bound, errors.last))
+        raise ConnectionFailed(_connect_failed(settings, bound, errors.last))
     error = connecting.exception()
     if error is not None:  # nats-py gave up itself (e.g. max_reconnect_attempts set)
-        await nc.close()
+        await _abandon(nc)
         if isinstance(error, NatsError | OSError | asyncio.TimeoutError):
-            raise ConnectionFailed(
-                _connect_failed(settings.servers, bound, errors.last or error)
-            ) from error
+            raise ConnectionFailed(_connect_failed(settings, bound, errors.last or error)) from None
         raise error
+
+
+async def _abandon(nc: NATS) -> None:
+    """Close a connection that never got established: bounded, as closing a transport
+    cut off mid-handshake (TLS) can wait forever."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            await nc.close()
 
 
 class Connecting:

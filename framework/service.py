@@ -207,33 +207,21 @@ class Service:
     ) -> AsyncIterator[Service]:
         """Serve inside the current event loop until the block exits, then stop gracefully.
 
-        Streams, consumers and buckets are created (or checked) before the block is
-        entered, so a configuration problem raises here, not on the first message.
+        Streams, consumers and buckets are made (or checked) first: bad config raises here.
 
         Args:
             url_or_client: a NATS URL (or list), a `Client` to share (left open on
                 exit), or None for `NATS_URL`.
-            grace: seconds in-flight handlers get to finish on exit before they
-                are cancelled.
+            grace: seconds in-flight handlers get to finish on exit, then cancelled.
             connect_timeout: seconds the first connection may take (default
                 `NATS_CONNECT_TIMEOUT`, else 5), then `ConnectionFailed`.
 
         Raises:
             ConnectionFailed: no NATS server answered in time (the URL is named).
-            ConfigConflict: an existing stream or consumer differs from the declared one.
+            ConfigConflict: an existing stream or consumer differs from its declaration.
             MeshError: anything else the server refused while preparing.
         """
-        client = (
-            url_or_client
-            if isinstance(url_or_client, Client)
-            else await Client.open(
-                url_or_client,
-                name=self.name,
-                connect_timeout=connect_timeout
-                if connect_timeout is not None
-                else self.connect_timeout,
-            )
-        )
+        client = await self._connect(url_or_client, connect_timeout)
         self.client = client
         self.instance_id = new_id()
         responder = Responder(
@@ -259,6 +247,15 @@ class Service:
             if not isinstance(url_or_client, Client):
                 with anyio.CancelScope(shield=True):
                     await client.close()
+
+    async def _connect(
+        self, url_or_client: str | Sequence[str] | Client | None, connect_timeout: float | None
+    ) -> Client:
+        if isinstance(url_or_client, Client):
+            return url_or_client
+        if connect_timeout is None:
+            connect_timeout = self.connect_timeout
+        return await Client.open(url_or_client, name=self.name, connect_timeout=connect_timeout)
 
     async def _prepare(self, client: Client) -> None:
         """Streams, consumers, buckets: fail with the real error before anything runs."""

@@ -512,7 +512,7 @@ def run_script(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
 GREETER = """
     import asyncio, os
     from framework import Service, connect
-    from framework.observability.tracing import configure_telemetry
+    from framework import configure_telemetry
 
     print("installed:", configure_telemetry("greeter"))
     svc = Service("greeter")

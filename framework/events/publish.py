@@ -23,7 +23,7 @@ from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport.codec import encode_payload
 from ..transport.names import check_event_type, event_subject
-from ..transport.wire_errors import api_error, publish_error
+from ..transport.wire_errors import PubAck, api_error, publish_error
 from ..transport.wire_errors import decode_pub_ack as _decode_pub_ack
 
 if TYPE_CHECKING:
@@ -34,6 +34,9 @@ __all__ = ["BatchPublisher", "PublishAck", "build_event", "publish_error", "publ
 
 
 class PublishAck(msgspec.Struct, frozen=True):
+    """Where JetStream stored an event: `stream` and `seq`; `duplicate` when the event
+    id was stored before (within the duplicate window) and this publish added nothing."""
+
     stream: str
     seq: int
     event_id: str
@@ -130,7 +133,27 @@ async def publish_event(
     timeout: float = 5.0,
     parent: Context | None = None,
 ) -> PublishAck:
-    """Publish and wait for the JetStream ack; the same event id is stored once."""
+    """Publish and wait for the JetStream ack; the same event id is stored once.
+
+    Args:
+        event_type: `[domain.]entity.action.vN`, e.g. `order.created.v1`; the subject
+            is `events.<event_type>`, stored by the domain's stream.
+        event: the payload: anything msgspec encodes as JSON; bytes are sent as they are.
+        event_id: the event's id, sent as `Nats-Msg-Id` (default: a new one); the same
+            id published again within the stream's duplicate window is stored once.
+        headers: extra headers to send.
+        correlation_id: the conversation to join (default: the event starts one).
+        timeout: seconds to wait for JetStream's ack.
+        parent: the handler's context (what `ctx.publish` passes): its correlation
+            id, trace and message id (as `Causation-Id`) carry over.
+
+    Raises:
+        NoStream: no stream captures the subject; nothing was stored.
+        PublishError: not stored, or not known to be (no ack in time, not permitted,
+            larger than the server's max_payload).
+        ClientClosed: the client is closed.
+    """
+    client.check_open()
     subject, data, out, event_id = build_event(
         client,
         event_type,
@@ -143,19 +166,27 @@ async def publish_event(
     span = _producer_span(subject, out, event_id, parent)
     try:
         _check_size(client, data, out)
-        try:
-            mux = await client.mux()  # nats-py's js.publish: a request and json.loads
-            reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
-            ack = _decode_pub_ack(reply.data)
-            if ack.error is not None:
-                raise APIError.from_error(ack.error)
-        except Exception as exc:
-            error = publish_error(subject, exc)
-            telemetry.record_error(span, error)
-            raise error from None
+        ack = await _send(client, subject, data, out, timeout, span)
         return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
     finally:
         span.end()
+
+
+async def _send(
+    client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float, span: Any
+) -> PubAck:
+    """One JetStream publish and its ack; every failure as a `PublishError`."""
+    try:
+        mux = await client.mux()  # nats-py's js.publish: a request and json.loads
+        reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
+        ack = _decode_pub_ack(reply.data)
+        if ack.error is not None:
+            raise APIError.from_error(ack.error)
+    except Exception as exc:
+        error = publish_error(subject, exc)
+        telemetry.record_error(span, error)
+        raise error from None
+    return ack
 
 
 def _end(span: Any, error: BaseException) -> None:
@@ -206,6 +237,13 @@ class BatchPublisher:
         headers: Mapping[str, str] | None = None,
         correlation_id: str | None = None,
     ) -> str:
+        """Send one event without waiting for its ack; returns its event id.
+
+        Waits only while `max_outstanding` events are unacknowledged. Arguments are
+        those of `Client.publish`; failures are collected for `flush()` (`failures`),
+        except those known at once (too large, no slot in time), raised here.
+        """
+        self._client.check_open()
         subject, data, out, event_id = build_event(
             self._client,
             event_type,
@@ -224,10 +262,14 @@ class BatchPublisher:
         except PublishError as exc:
             _end(span, exc)
             raise
-        if self._sub is None:
-            nc = self._client.nc
-            self._prefix = nc.new_inbox() + "."
-            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        await self._ack_inbox()
+        await self._send(subject, data, out, event_id, span)
+        return event_id
+
+    async def _send(
+        self, subject: str, data: bytes, out: dict[str, str], event_id: str, span: Any
+    ) -> None:
+        """Take a slot, then publish with this batch's reply subject for the ack."""
         try:
             await self._take_slot(event_id)
         except PublishError as exc:
@@ -244,7 +286,13 @@ class BatchPublisher:
             error = publish_error(subject, exc)
             _end(span, error)
             raise error from None
-        return event_id
+
+    async def _ack_inbox(self) -> None:
+        """The wildcard inbox the acks of this batch come back on, subscribed once."""
+        if self._sub is None:
+            nc = self._client.nc
+            self._prefix = nc.new_inbox() + "."
+            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
 
     async def _take_slot(self, event_id: str) -> None:
         try:

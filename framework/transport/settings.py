@@ -86,6 +86,7 @@ class ConnectSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # the first connection, in seconds
+    url_from_env: bool = True  # the servers came from NATS_URL (or its default), not a caller
 
     @classmethod
     def from_env(
@@ -105,6 +106,7 @@ class ConnectSettings:
             tls_cert=env.get("NATS_TLS_CERT") or None,
             tls_key=env.get("NATS_TLS_KEY") or None,
             connect_timeout=connect_timeout_from_env(env),
+            url_from_env=url is None,
         )
 
     def __repr__(self) -> str:
