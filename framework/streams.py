@@ -45,7 +45,23 @@ def default_replicas() -> int:
 
 @dataclass(frozen=True)
 class Stream:
-    """A stream declaration; defaults are the design's (file, limits, 7 days, 2 min dedupe)."""
+    """A stream declaration; defaults are the design's (file, limits, 7 days, 2 min dedupe).
+
+    Pass it to `Service(streams=[...])`: it is created at start, or checked against
+    the existing stream (a difference raises `ConfigConflict`, nothing is changed).
+
+    Args:
+        name: the stream's name, e.g. `EVENTS_ORDER`.
+        subjects: what it stores, e.g. `["events.order.>"]`.
+        retention: `limits`, `interest` or `workqueue`.
+        storage: `file` or `memory`.
+        max_age: seconds a message is kept (default 7 days).
+        max_bytes, max_msgs, max_msg_size: limits; -1 is unlimited.
+        duplicate_window: seconds within which a repeated `Nats-Msg-Id` is dropped.
+        replicas: copies in a cluster (default `MESH_REPLICAS`, else 1).
+        description: shown by `nats stream info`.
+        extra: any other `StreamConfig` field of nats-py, as is.
+    """
 
     name: str
     subjects: Sequence[str]

@@ -31,6 +31,8 @@ VERBS = ("PING", "INFO", "STATS")
 
 
 class PingResponse(msgspec.Struct, kw_only=True):
+    """One instance answering `$SRV.PING`: its service `name`, instance `id`, `version`."""
+
     name: str
     id: str
     version: str
@@ -39,6 +41,9 @@ class PingResponse(msgspec.Struct, kw_only=True):
 
 
 class EndpointInfo(msgspec.Struct, kw_only=True):
+    """An endpoint or subscriber in `$SRV.INFO`: `metadata` holds its `kind`
+    (`rpc`/`subscriber`) and JSON schemas (JSON-encoded strings, per ADR-32)."""
+
     name: str
     subject: str
     queue_group: str = ""
@@ -46,6 +51,8 @@ class EndpointInfo(msgspec.Struct, kw_only=True):
 
 
 class InfoResponse(msgspec.Struct, kw_only=True):
+    """One instance answering `$SRV.INFO`: its identity and every endpoint it serves."""
+
     name: str
     id: str
     version: str
@@ -56,6 +63,9 @@ class InfoResponse(msgspec.Struct, kw_only=True):
 
 
 class EndpointStats(msgspec.Struct, kw_only=True):
+    """Counters of one endpoint or subscriber (times in nanoseconds, per ADR-32); `data`
+    has the extras (`in_flight`; for subscribers consumer lag, redeliveries, dead letters)."""
+
     name: str
     subject: str
     queue_group: str = ""
@@ -68,6 +78,8 @@ class EndpointStats(msgspec.Struct, kw_only=True):
 
 
 class StatsResponse(msgspec.Struct, kw_only=True):
+    """One instance answering `$SRV.STATS`: when it `started` and its endpoints' counters."""
+
     name: str
     id: str
     version: str
