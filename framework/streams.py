@@ -77,6 +77,7 @@ class Stream:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def config(self) -> api.StreamConfig:
+        """The declaration as nats-py's `StreamConfig` (Direct Get allowed)."""
         return api.StreamConfig(
             name=self.name,
             description=self.description or None,

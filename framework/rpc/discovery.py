@@ -16,6 +16,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from ..observability.stats import HandlerStats
+from ..types import Msg
 
 __all__ = [
     "EndpointInfo",
@@ -151,7 +152,7 @@ class Responder:
     def _callback(self, nc: NATS, verb: str) -> Any:
         build = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}[verb]
 
-        async def answer(msg: Any) -> None:
+        async def answer(msg: Msg) -> None:
             if not msg.reply:
                 return
             if verb == "STATS":
