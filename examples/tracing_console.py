@@ -81,7 +81,7 @@ def main() -> None:
     configure_logging(level="WARNING")
     os.environ.setdefault("MESH_TRACE_CONSOLE", "1")
     if not configure_telemetry("tracing-example"):
-        print("tracing skipped (no OpenTelemetry SDK or configure_telemetry); ids still flow")
+        print("tracing skipped (no OpenTelemetry SDK); ids still flow")
     asyncio.run(run())
     provider = trace.get_tracer_provider()
     getattr(provider, "force_flush", lambda: None)()  # print the last spans before exiting

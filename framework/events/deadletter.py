@@ -2,6 +2,7 @@
 
 A dead letter is a copy of the original message (payload and headers) in the
 `DEADLETTER` stream at `deadletter.<service>.<handler>`, with headers saying why.
+(`handler` here, on the wire and in `DeadLetter`, is the subscriber's name.)
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class DeadLetter(msgspec.Struct, kw_only=True):
 
     Attributes:
         id: its sequence in the `DEADLETTER` stream (what `get`/`replay` take).
-        service, handler: the subscriber that gave up on it.
-        reason: `max_deliver`, `undecodable`, `rejected` or `invalid_headers`.
+        service, handler: the service and subscriber (its name) that gave up on it.
+        reason: `max_deliver`, `undecodable`, `rejected`, `invalid_headers`, `invalid_key`.
         error: the last error, on one line (at most 500 characters).
         attempts: deliveries made before it was dead-lettered.
         subject, stream, sequence: where the original is (or was) stored.
@@ -64,8 +65,8 @@ class DeadLetter(msgspec.Struct, kw_only=True):
 
     id: int  # sequence in the DEADLETTER stream
     service: str
-    handler: str
-    reason: str  # max_deliver | undecodable | rejected | invalid_headers
+    handler: str  # the subscriber's name
+    reason: str  # max_deliver | undecodable | rejected | invalid_headers | invalid_key
     error: str
     attempts: int
     subject: str
