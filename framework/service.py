@@ -325,22 +325,4 @@ class Service:
         from .transport.process import run_services
 
         self.connect_timeout = connect_timeout
-        try:
-            run_services([self], url, grace=grace)
-        except BaseExceptionGroup as group:
-            raise _sole_error(group) from None
-
-
-def _sole_error(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The one error inside (nested) task-group wrappers, else the group itself."""
-    leaves: list[BaseException] = []
-
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        else:
-            leaves.append(error)
-
-    collect(group)
-    return leaves[0] if len(leaves) == 1 else group
+        run_services([self], url, grace=grace)

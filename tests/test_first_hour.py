@@ -229,6 +229,25 @@ def test_service_run_without_a_server_exits_with_the_framework_error() -> None:
     assert "ExceptionGroup" not in done.stderr
 
 
+def test_mesh_run_without_a_server_exits_7_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "lonely.py").write_text(
+        "from framework import Service\nservice = Service('lonely')\n"
+    )
+    url = f"nats://127.0.0.1:{free_port()}"
+    env = {**os.environ, "NATS_CONNECT_TIMEOUT": "1", "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "framework.cli", "run", "lonely:service", "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=HANG,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 7, done.stderr
+    assert f"mesh: cannot connect to NATS at {url} within 1s" in done.stderr
+    assert "NATS_URL" in done.stderr and "Traceback" not in done.stderr
+
+
 async def test_reconnecting_after_the_first_connection_stays_unbounded(
     nats_server: NatsServer,
 ) -> None:
