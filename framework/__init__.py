@@ -35,7 +35,13 @@ from .errors import (
     RemoteError,
     ServiceError,
 )
-from .events.deadletter import DeadLetter, get_dead_letter, list_dead_letters, replay_dead_letter
+from .events.deadletter import (
+    DeadLetter,
+    discard_dead_letter,
+    get_dead_letter,
+    list_dead_letters,
+    replay_dead_letter,
+)
 from .events.idempotency import open_bucket
 from .events.publish import BatchPublisher, PublishAck
 from .observability.logging import configure_logging
@@ -79,6 +85,7 @@ __all__ = [
     "configure_logging",
     "configure_telemetry",
     "connect",
+    "discard_dead_letter",
     "get_dead_letter",
     "list_dead_letters",
     "open_bucket",
