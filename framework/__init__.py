@@ -1,4 +1,5 @@
-"""Microservices on NATS: typed request-reply endpoints and durable JetStream subscribers.
+"""Microservices on NATS: typed request-reply endpoints, durable JetStream subscribers and
+background jobs.
 
 Everything a user needs is importable from here (`__all__`); the subpackages are the
 machinery behind it. Tests get fixtures from the pytest plugin `framework.testing`
@@ -44,6 +45,10 @@ from .events.deadletter import (
 )
 from .events.idempotency import open_bucket
 from .events.publish import BatchPublisher, PublishAck
+from .jobs.context import JobContext
+from .jobs.errors import JobCancelled, JobFailed
+from .jobs.handle import JobHandle
+from .jobs.status import JobState, JobStatus
 from .observability.logging import configure_logging
 from .observability.sdk import configure_telemetry
 from .rpc.discovery import EndpointInfo, EndpointStats, InfoResponse, PingResponse, StatsResponse
@@ -68,6 +73,12 @@ __all__ = [
     "InvalidHandler",
     "InvalidName",
     "JetStreamError",
+    "JobCancelled",
+    "JobContext",
+    "JobFailed",
+    "JobHandle",
+    "JobState",
+    "JobStatus",
     "MeshError",
     "NoResponders",
     "NoStream",

@@ -162,15 +162,20 @@ class ConfigConflict(MeshError, RuntimeError):
     Args:
         what: the thing that exists, e.g. `stream EVENTS_ORDER`.
         differences: per setting, (existing value, declared value).
+        hint: whose the existing one is and how to resolve the conflict, when known.
     """
 
-    def __init__(self, what: str, differences: dict[str, tuple[object, object]]) -> None:
+    def __init__(
+        self, what: str, differences: dict[str, tuple[object, object]], *, hint: str = ""
+    ) -> None:
         self.what = what
         self.differences = differences
+        self.hint = hint
         lines = ", ".join(
             f"{k}: existing={a!r} declared={b!r}" for k, (a, b) in differences.items()
         )
-        super().__init__(f"{what} exists with a different configuration ({lines})")
+        message = f"{what} exists with a different configuration ({lines})"
+        super().__init__(f"{message}. {hint}" if hint else message)
 
 
 class PublishError(MeshError, RuntimeError):

@@ -18,7 +18,10 @@ from .client import Client
 from .context import Context
 from .errors import InvalidName
 from .events.options import SUBSCRIBE_DEFAULTS, SubscribeOptions
+from .events.ownership import takeover_from_env
 from .events.subscriber import Subscriber
+from .jobs import options as job_options
+from .jobs.worker import JobWorker
 from .observability.logging import get_logger
 from .rpc.discovery import Responder
 from .rpc.endpoint import RpcEndpoint
@@ -63,9 +66,23 @@ class Service:
         metadata: Mapping[str, str] | None = None,
         streams: Sequence[Stream] = (),
         publishes: Sequence[str] = (),
+        takeover: bool | None = None,
     ) -> None:
+        """`name` is what callers address and what replicas share; `version` (numbered,
+        e.g. "1.2.0") is advertised by discovery and recorded as the owner of the
+        service's consumers; `description` and `metadata` (string values) show in
+        `$SRV.INFO`; `streams` declares event streams; `publishes` lists the event types
+        the service publishes (their streams are ensured at start).
+
+        One service name, one program: a consumer set up by another program (another
+        event type or payload schema) is refused at start with `ConfigConflict`, and so
+        are other settings from the same or an older `version` (a newer one applies them,
+        logged). `takeover=True` takes the service's consumers over anyway, once per start
+        (None: the `MESH_TAKEOVER` environment variable, as `mesh run --takeover` sets).
+        """
         self.name = check_service_name(name)
         self.version = version
+        self.takeover = takeover
         self.description = description
         self.metadata = dict(metadata or {})
         self.streams = list(streams)
@@ -74,6 +91,7 @@ class Service:
             self.metadata.setdefault("publishes", ",".join(self.publishes))
         self.endpoints: list[RpcEndpoint] = []
         self.subscribers: list[Subscriber] = []
+        self.jobs: list[JobWorker] = []
         self.instance_id = ""
         self.client: Client | None = None
         self.connect_timeout: float | None = None  # for `run()`: see `serve()`
@@ -83,7 +101,7 @@ class Service:
 
     def handlers(self) -> list[Any]:
         """Every named handler: RPC endpoints, subscribers and (when declared) jobs."""
-        return [*self.endpoints, *self.subscribers, *getattr(self, "jobs", ())]
+        return [*self.endpoints, *self.subscribers, *self.jobs]
 
     def _check_unique(self, name: str, kind: str) -> None:
         """One name, one handler: `$SRV.INFO` lists them all side by side."""
@@ -166,6 +184,8 @@ class Service:
         """Handle every `event_type` event through a durable consumer shared by replicas.
 
         The handler takes the event (a type msgspec decodes) and optionally a `Context`.
+        The consumer records this program as its owner: another program under this name is
+        refused, changed options need a newer version or a takeover (see `Service`).
         Options, with their defaults; one out of bounds raises `ValueError` here:
 
         - `name` (the function's name): the subscriber; its consumer is `<service>_<name>`.
@@ -206,6 +226,53 @@ class Service:
         )
         return handler
 
+    def job(
+        self,
+        name: str | None = None,
+        *,
+        max_concurrency: int = job_options.DEFAULT_MAX_CONCURRENCY,
+        timeout: float | None = None,
+        max_attempts: int = job_options.DEFAULT_MAX_ATTEMPTS,
+        backoff: Sequence[float] = job_options.DEFAULT_BACKOFF,
+        rate_limit: str | None = None,
+        schedule: str | None = None,
+        schedule_payload: Any = None,
+        ack_wait: float = job_options.DEFAULT_ACK_WAIT,
+    ) -> Callable[[F], F]:
+        """Run the decorated handler for jobs of kind `<service>.<name>` (background jobs).
+
+        The handler takes the payload and optionally a `JobContext`; its return value is
+        the job's result. `max_concurrency`: jobs run at once per replica. `timeout`:
+        seconds an attempt may take (None: no limit). `max_attempts`: attempts before the
+        job fails and is dead-lettered; `backoff[i]`: seconds before attempt i + 2 (the
+        last repeats). `rate_limit`: starts across all replicas, e.g. "20/s", "600/m".
+        `schedule`: run it recurrently, "@every 1h", "@hourly" or a cron expression
+        (seconds first), with `schedule_payload`. `ack_wait`: how long a crashed
+        worker's job waits before another worker runs it.
+        """
+        options = job_options.JobOptions.build(
+            max_concurrency=max_concurrency,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            rate_limit=rate_limit,
+            schedule=schedule,
+            schedule_payload=schedule_payload,
+            ack_wait=ack_wait,
+        )
+
+        def decorate(fn: F) -> F:
+            from .jobs.context import read_job_signature
+
+            job_name = check_endpoint_name(name or fn.__name__)
+            self._check_unique(job_name, "job")
+            signature = read_job_signature(fn)
+            worker = JobWorker(self.name, job_name, fn, signature, options, version=self.version)
+            self.jobs.append(worker)
+            return fn
+
+        return decorate
+
     @asynccontextmanager
     async def serve(
         self,
@@ -239,7 +306,7 @@ class Service:
             self.version,
             self.description,
             self.metadata,
-            [*self.endpoints, *self.subscribers],
+            [*self.endpoints, *self.subscribers, *self.jobs],
         )
         try:
             await self._prepare(client)
@@ -274,7 +341,11 @@ class Service:
 
                 event_types = [*self.publishes, *(s.event_type for s in self.subscribers)]
                 await ensure_streams(client, self.streams, event_types)
-            handlers: list[RpcEndpoint | Subscriber] = [*self.endpoints, *self.subscribers]
+            takeover = takeover_from_env() if self.takeover is None else self.takeover
+            for subscriber in self.subscribers:
+                subscriber.owned_by(self.version, takeover=takeover)
+            handlers: list[RpcEndpoint | Subscriber | JobWorker]
+            handlers = [*self.endpoints, *self.subscribers, *self.jobs]
             for handler in handlers:
                 await handler.prepare(client)
         except NatsError as exc:
@@ -285,6 +356,9 @@ class Service:
             await endpoint.start(client, task_group)
         for subscriber in self.subscribers:
             await subscriber.start(client, task_group)
+        for worker in self.jobs:
+            worker.instance_id = self.instance_id
+            await worker.start(client, task_group)
         await responder.start(client.nc)
         # one round trip: the server has every subscription before serve() yields
         await client.nc.flush()
@@ -298,7 +372,7 @@ class Service:
             results.append(await handler.stop(grace))
 
         async with anyio.create_task_group() as stopping:
-            for handler in [*self.endpoints, *self.subscribers]:
+            for handler in [*self.endpoints, *self.subscribers, *self.jobs]:
                 stopping.start_soon(stop_one, handler)
         if not all(results):
             _log.warning("grace period over, cancelled in-flight handlers", service=self.name)

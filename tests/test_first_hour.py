@@ -319,16 +319,23 @@ def test_an_endpoint_and_a_subscriber_cannot_share_a_name() -> None:
 def test_the_unique_name_check_covers_jobs_too() -> None:
     svc = Service("worker")
 
-    class Job:
-        name = "report"
-        kind = "job"
+    @svc.job("report")
+    async def make_report(req: Echo) -> Echo:
+        return req
 
-    svc.jobs = [Job()]  # type: ignore[attr-defined] - what the jobs feature will add
     with pytest.raises(InvalidName, match="already has a job named 'report'"):
 
         @svc.rpc()
         async def report(req: Echo) -> Echo:
             return req
+
+    @svc.subscribe("order.created.v1", name="tally")
+    async def tally(event: Echo) -> None: ...
+
+    with pytest.raises(InvalidName, match=r"already has a subscriber named 'tally'.*a job"):
+
+        @svc.job("tally")
+        async def tally_job(req: Echo) -> None: ...
 
 
 def test_an_unannotated_parameter_says_how_to_annotate_it() -> None:

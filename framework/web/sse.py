@@ -87,4 +87,6 @@ async def job_events(handle: Any) -> AsyncIterator[ServerSentEvent]:
     number = 0
     async for status in handle.watch():
         number += 1
-        yield ServerSentEvent(data=_json(status), event="status", id=str(number))
+        # every field, defaults included: a browser reads `progress` 0.0 as well as 1.0
+        whole = msgspec.structs.asdict(status) if isinstance(status, msgspec.Struct) else status
+        yield ServerSentEvent(data=_json(whole), event="status", id=str(number))

@@ -20,6 +20,8 @@ import msgspec
 import structlog
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from ...jobs.options import STATUS_BUCKET
+from ...jobs.status import JOB_STATES
 from .sampler import Hub
 
 if TYPE_CHECKING:
@@ -27,8 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["JOBS_BUCKET", "STATES", "JobsWatch"]
 
-JOBS_BUCKET = "jobs"  # framework.jobs keeps one status record per job here
-STATES = ("scheduled", "queued", "running", "retrying", "succeeded", "failed", "cancelled")
+JOBS_BUCKET = STATUS_BUCKET  # framework.jobs keeps one status record per job here
+STATES = JOB_STATES
 ACTIVE = ("running", "retrying", "queued", "scheduled")
 MAX_TRACKED = 50_000  # records kept for the counts; the oldest finished ones go first
 ROWS = 100
