@@ -55,6 +55,8 @@ class Service:
         streams: `Stream` declarations created (or checked) before serving.
         publishes: event types this service publishes; their domains' streams are
             created at start, so the first publish finds one.
+        takeover: take over consumers that another program (or an older version) of
+            this service set up, once per start; None reads `MESH_TAKEOVER`.
     """
 
     def __init__(
