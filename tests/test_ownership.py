@@ -382,3 +382,18 @@ async def test_mesh_run_refuses_drift_and_takes_over_with_the_flag(
 
 async def consumer_max_deliver(client: Any, expected: int) -> bool:
     return bool((await consumer_config(client)).max_deliver == expected)
+
+
+async def test_workers_refused_by_a_conflict_are_not_restarted(serve, nats_url, tmp_path):
+    """A configuration conflict ends `mesh run --workers` with its exit code, no crash loop."""
+    await serve(payments("1.0.0", max_deliver=7))
+    (tmp_path / "drifted.py").write_text(DRIFTED)
+    env = {k: v for k, v in os.environ.items() if k != "MESH_TAKEOVER"}
+    command = [*mesh_command(), "--url", nats_url, "run", "drifted:service", "--workers", "2"]
+    command += ["--app-dir", str(tmp_path), "--grace", "1"]
+
+    with anyio.fail_after(30):
+        done = await anyio.run_process(command, env=env, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 8, err  # ExitCode.CONFIG_CONFLICT
+    assert "not restarted" in err and "restarting it" not in err

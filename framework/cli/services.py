@@ -93,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         run_services(services, url, grace=args.grace)
     except* ConfigConflict as conflicts:  # e.g. a consumer another program owns
-        raise CliError(str(_first(conflicts)), ExitCode.FAILURE) from None
+        raise CliError(str(_first(conflicts)), ExitCode.CONFIG_CONFLICT) from None
     return ExitCode.OK
 
 
@@ -288,8 +288,8 @@ def _add_run(subparsers: Subparsers) -> None:
         notes={
             ExitCode.OK: "stopped by SIGTERM or SIGINT (every worker stopped)",
             ExitCode.USAGE: "bad arguments, a spec that does not load, a service listed twice",
-            ExitCode.FAILURE: "a service could not start, e.g. its consumer belongs to another "
-            "program (ConfigConflict; see --takeover)",
+            ExitCode.CONFIG_CONFLICT: "a service could not start: its consumer belongs to another "
+            "program or its settings differ (see --takeover); workers are not restarted",
         },
         examples=(
             "mesh run services.orders:service services.payments:service",
