@@ -16,25 +16,29 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 from nats.errors import BadHeaderError, NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import APIError
 
-from ..context import Context
-from ..errors import NoStream, PermissionDenied, PublishError
+from ..errors import PublishError
 from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport import wire
 from ..transport.codec import encode_payload
 from ..transport.names import check_event_type, event_subject
 from ..transport.wire import header_block
+from ..transport.wire_errors import PubAck, api_error, publish_error
+from ..transport.wire_errors import decode_pub_ack as _decode_pub_ack
 
 if TYPE_CHECKING:
     from ..client import Client
+    from ..context import Context
 
 __all__ = ["BatchPublisher", "PublishAck", "build_event", "publish_error", "publish_event"]
 
 
 class PublishAck(msgspec.Struct, frozen=True):
+    """Where JetStream stored an event: `stream` and `seq`; `duplicate` when the event
+    id was stored before (within the duplicate window) and this publish added nothing."""
+
     stream: str
     seq: int
     event_id: str
@@ -109,27 +113,6 @@ def _check_size(client: Client, data: bytes, block: bytes) -> None:
         )
 
 
-def _encode(subject: str, out: dict[str, str]) -> bytes:
-    """The header block; a header name nats-py would refuse is a failed publish."""
-    try:
-        return header_block(out)
-    except BadHeaderError as exc:
-        raise publish_error(subject, exc) from None
-
-
-def publish_error(subject: str, exc: BaseException) -> PublishError:
-    if isinstance(exc, NoStreamResponseError | NoRespondersError):
-        return NoStream(
-            f"no stream captures {subject}: declare a Stream for its domain or start a "
-            "service that subscribes to it (the event was not stored)"
-        )
-    if isinstance(exc, PermissionDenied):
-        return PublishError(f"permission denied, the event was not stored: {exc}")
-    if isinstance(exc, NatsTimeoutError | TimeoutError):
-        return PublishError(f"no acknowledgement from JetStream for {subject} (not known stored)")
-    return PublishError(f"publish to {subject} failed: {exc}")
-
-
 async def publish_event(
     client: Client,
     event_type: str,
@@ -141,7 +124,27 @@ async def publish_event(
     timeout: float = 5.0,
     parent: Context | None = None,
 ) -> PublishAck:
-    """Publish and wait for the JetStream ack; the same event id is stored once."""
+    """Publish and wait for the JetStream ack; the same event id is stored once.
+
+    Args:
+        event_type: `[domain.]entity.action.vN`, e.g. `order.created.v1`; the subject
+            is `events.<event_type>`, stored by the domain's stream.
+        event: the payload: anything msgspec encodes as JSON; bytes are sent as they are.
+        event_id: the event's id, sent as `Nats-Msg-Id` (default: a new one); the same
+            id published again within the stream's duplicate window is stored once.
+        headers: extra headers to send.
+        correlation_id: the conversation to join (default: the event starts one).
+        timeout: seconds to wait for JetStream's ack.
+        parent: the handler's context (what `ctx.publish` passes): its correlation
+            id, trace and message id (as `Causation-Id`) carry over.
+
+    Raises:
+        NoStream: no stream captures the subject; nothing was stored.
+        PublishError: not stored, or not known to be (no ack in time, not permitted,
+            larger than the server's max_payload).
+        ClientClosed: the client is closed.
+    """
+    client.check_open()
     subject, data, out, event_id = build_event(
         client,
         event_type,
@@ -155,34 +158,40 @@ async def publish_event(
     try:
         block = _encode(subject, out)
         _check_size(client, data, block)
-        try:
-            mux = await client.mux()  # nats-py's js.publish: a request and json.loads
-            reply = await mux.request(subject, data, timeout, block)  # refused: at once
-            ack = _decode_pub_ack(reply.data)
-            if ack.error is not None:
-                raise APIError.from_error(ack.error)
-        except Exception as exc:
-            error = publish_error(subject, exc)
-            telemetry.record_error(span, error)
-            raise error from None
+        ack = await _send(client, subject, data, block, timeout, span)
         return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
     finally:
         span.end()
 
 
+def _encode(subject: str, out: dict[str, str]) -> bytes:
+    """The header block; a header name nats-py would refuse is a failed publish."""
+    try:
+        return header_block(out)
+    except BadHeaderError as exc:
+        raise publish_error(subject, exc) from None
+
+
+async def _send(
+    client: Client, subject: str, data: bytes, block: bytes, timeout: float, span: Any
+) -> PubAck:
+    """One JetStream publish and its ack; every failure as a `PublishError`."""
+    try:
+        mux = await client.mux()  # nats-py's js.publish: a request and json.loads
+        reply = await mux.request(subject, data, timeout, block)  # refused: at once
+        ack = _decode_pub_ack(reply.data)
+        if ack.error is not None:
+            raise APIError.from_error(ack.error)
+    except Exception as exc:
+        error = publish_error(subject, exc)
+        telemetry.record_error(span, error)
+        raise error from None
+    return ack
+
+
 def _end(span: Any, error: BaseException) -> None:
     telemetry.record_error(span, error)
     span.end()
-
-
-class _PubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: dict[str, Any] | None = None
-
-
-_decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
 
 
 class BatchPublisher:
@@ -228,6 +237,13 @@ class BatchPublisher:
         headers: Mapping[str, str] | None = None,
         correlation_id: str | None = None,
     ) -> str:
+        """Send one event without waiting for its ack; returns its event id.
+
+        Waits only while `max_outstanding` events are unacknowledged. Arguments are
+        those of `Client.publish`; failures are collected for `flush()` (`failures`),
+        except those known at once (too large, no slot in time), raised here.
+        """
+        self._client.check_open()
         subject, data, out, event_id = build_event(
             self._client,
             event_type,
@@ -247,10 +263,14 @@ class BatchPublisher:
         except PublishError as exc:
             _end(span, exc)
             raise
-        if self._sub is None:
-            nc = self._client.nc
-            self._prefix = nc.new_inbox() + "."
-            self._sub = await wire.subscribe_inline(nc, self._prefix + "*", self._on_ack)
+        await self._ack_inbox()
+        await self._send(subject, data, block, event_id, span)
+        return event_id
+
+    async def _send(
+        self, subject: str, data: bytes, block: bytes, event_id: str, span: Any
+    ) -> None:
+        """Take a slot, then publish with this batch's reply subject for the ack."""
         try:
             await self._take_slot(event_id)
         except PublishError as exc:
@@ -267,7 +287,13 @@ class BatchPublisher:
             error = publish_error(subject, exc)
             _end(span, error)
             raise error from None
-        return event_id
+
+    async def _ack_inbox(self) -> None:
+        """The wildcard inbox the acks of this batch come back on, subscribed once."""
+        if self._sub is None:
+            nc = self._client.nc
+            self._prefix = nc.new_inbox() + "."
+            self._sub = await wire.subscribe_inline(nc, self._prefix + "*", self._on_ack)
 
     async def _take_slot(self, event_id: str) -> None:
         try:
@@ -315,7 +341,7 @@ class BatchPublisher:
                 self._failed(event_id, span, PublishError(f"unreadable ack: {exc}"))
             else:
                 if ack.error:
-                    error = PublishError(f"publish to {subject} failed: {ack.error}")
+                    error = publish_error(subject, api_error(ack.error))
                     self._failed(event_id, span, error)
                 else:
                     self.acks.append(PublishAck(ack.stream, ack.seq, event_id, ack.duplicate))

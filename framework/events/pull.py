@@ -25,11 +25,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
-import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from ..observability.logging import get_logger
 from ..transport import wire
 from .consumer import Consumer
 
@@ -43,7 +43,7 @@ __all__ = [
     "hand_back_now",
 ]
 
-_log = structlog.get_logger("framework.events.subscriber")
+_log = get_logger("framework.events.subscriber")
 _NAK = b"-NAK"
 
 PULL_EXPIRES = 10.0  # seconds a pull request waits on the server for messages

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections import deque
 
 import anyio
-import structlog
 from nats.aio.msg import Msg
 
+from ..observability.logging import get_logger
 from ..transport.dispatch import WorkerPool
 from .delivery import Delivery, read_delivery
 from .idempotency import ProcessedIds
@@ -29,7 +29,7 @@ from .pull import hand_back, hand_back_now
 
 __all__ = ["Screening"]
 
-_log = structlog.get_logger("framework.events.subscriber")
+_log = get_logger("framework.events.subscriber")
 
 
 class Screening:

@@ -24,6 +24,7 @@ from nats.js.errors import APIError
 from ..errors import PermissionDenied
 from . import wire
 from .timers import Deadlines
+from .wire_errors import status_error
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -365,12 +366,3 @@ def _settle_fast_batch(future: asyncio.Future[Any], batch: _FastBatch, msg: Msg)
         )
         return
     future.set_result(None)
-
-
-def status_error(msg: Msg) -> Exception:
-    headers = msg.headers or {}
-    status = headers.get(_STATUS, "")
-    if status == "503":
-        return NoRespondersError()
-    code = int(status) if status.isdigit() else None
-    return APIError(code=code, description=headers.get(_DESCRIPTION) or None)
