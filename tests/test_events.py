@@ -696,3 +696,31 @@ async def test_an_idempotent_subscribers_window_follows_its_rate_not_max_concurr
     assert max(lookups["fast"]) > 4 * 2, lookups["fast"]  # not tied to 2 x max_concurrency
     assert max(lookups["slow"]) <= 2 * 2, lookups["slow"]  # what two workers start soon
     assert most == {"fast": 2, "slow": 2}
+
+
+async def test_a_plain_subscribers_window_grows_with_its_rate(serve, client):
+    """No-op handlers pull more than twice max_concurrency ahead (the window follows the
+    settle rate); the slow-consumer fault test checks that slow ones do not."""
+    pulls: list[int] = []
+    handled: list[str] = []
+    svc = Service("plainfast")
+
+    @svc.subscribe("order.created.v1", max_concurrency=2, idempotent=False)
+    async def on_created(event: OrderCreated) -> None:
+        handled.append(event.order_id)
+
+    await ensure_stream(client, Stream("EVENTS_ORDER", ["events.order.>"]))
+    async with BatchPublisher(client) as batch:
+        for n in range(3000):
+            await batch.publish("order.created.v1", OrderCreated(str(n), n), event_id=f"e-{n}")
+    puller = svc.subscribers[0]._puller
+    ask = puller._pull_request
+
+    def counted(size: int) -> bytes:
+        pulls.append(size)
+        return ask(size)
+
+    puller._pull_request = counted  # type: ignore[method-assign]
+    await serve(svc)
+    await wait_until(lambda: len(handled) >= 3000, timeout=60)
+    assert max(pulls) > 2 * 2, pulls

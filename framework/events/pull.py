@@ -7,14 +7,15 @@ also reads the server's status replies (a pull that expired, a deleted consumer,
 heartbeats), notices pulls lost with a connection, and keeps long handlers' messages
 alive with in-progress acks.
 
-The window (what may be taken and not yet settled): twice `max_concurrency` (the
-handlers plus one batch waiting) for a plain subscriber. An idempotent subscriber's
-waiting events sit in screening, looked up but not admitted, so its window is not tied
-to `max_concurrency`: it follows the rate at which events settle, about
-`WINDOW_SECONDS` of them (between twice `max_concurrency` and `MAX_WINDOW`), so a fast
-subscriber looks up and pulls big batches while a slow one still takes only what it
-will start soon. Its deliveries are taken as nats-py reads them (no queue and task per
-message): screening only appends them to a list.
+The window (what may be taken and not yet settled) is not tied to `max_concurrency`:
+it follows the rate at which events settle, at least twice `max_concurrency` (the
+handlers plus one batch waiting) and at most `MAX_WINDOW`. A plain subscriber takes
+about `PLAIN_WINDOW_SECONDS` of its rate ahead: a slow handler still gets only what it
+will start soon (1 ms handlers, 4 workers: 8), while no-op handlers are not held up by
+pull round trips. An idempotent subscriber's waiting events sit in screening, looked
+up but not admitted (so they do not count toward what a crash can run twice), and it
+takes `WINDOW_SECONDS` ahead: big lookups and pulls. Its deliveries are taken as
+nats-py reads them (no queue and task per message): screening only appends them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .consumer import Consumer
 
 __all__ = [
     "MAX_WINDOW",
+    "PLAIN_WINDOW_SECONDS",
     "PULL_EXPIRES",
     "PULL_HEARTBEAT",
     "WINDOW_SECONDS",
@@ -50,6 +52,7 @@ PULL_EXPIRES = 10.0  # seconds a pull request waits on the server for messages
 PULL_HEARTBEAT = 2.0  # seconds between the server's idle heartbeats to a waiting pull
 MAX_WINDOW = 256  # an idempotent subscriber's largest window: one batched lookup's worth
 WINDOW_SECONDS = 0.1  # an idempotent subscriber takes about this long's worth of events
+PLAIN_WINDOW_SECONDS = 0.002  # a plain one: what it starts soon (its waiting is not screened)
 _RATE_EVERY = 0.2  # seconds between estimates of the settle rate
 
 Submit = Callable[[Msg], Awaitable[None]]  # to the worker pool, waits when it is full
@@ -69,7 +72,7 @@ class Puller:
         self._consumer = consumer
         self._base = 2 * max_concurrency  # in flight plus one batch waiting
         self._capacity = self._base
-        self._adaptive = False  # the window follows the settle rate (idempotent)
+        self._window_seconds = WINDOW_SECONDS  # of settled events the window holds
         self._settled = 0  # releases so far, for the rate
         self._rate_at = (0.0, 0)  # (monotonic time, releases) of the last estimate
         self._keep_alive_every = max(0.1, consumer.options.ack_wait / 3)
@@ -97,7 +100,8 @@ class Puller:
         self._stopping = False
         self._wake = anyio.Event()
         self.taken = self._outstanding = 0
-        self._capacity, self._adaptive = self._base, arrive is not None
+        self._capacity = self._base
+        self._window_seconds = WINDOW_SECONDS if arrive is not None else PLAIN_WINDOW_SECONDS
         self._settled, self._rate_at = 0, (time.monotonic(), 0)
         self._inbox = nc.new_inbox()
         if arrive is not None:
@@ -130,8 +134,7 @@ class Puller:
         del self.active[key]
         self.taken -= 1
         self._settled += 1
-        if self._adaptive:
-            self._resize()
+        self._resize()
         if self._wake is not None:
             self._wake.set()
 
@@ -180,8 +183,7 @@ class Puller:
         while True:
             self._wake = anyio.Event()
             self._check_stale(nc)
-            if self._adaptive:
-                self._resize()
+            self._resize()
             free = self._capacity - self.taken - self._outstanding
             if free >= max(1, self._capacity // 4) and nc.is_connected:
                 try:
@@ -195,14 +197,15 @@ class Puller:
                 await self._wake.wait()
 
     def _resize(self) -> None:
-        """The window of an idempotent subscriber: `WINDOW_SECONDS` of its settle rate."""
+        """The window: `WINDOW_SECONDS` (idempotent) or `PLAIN_WINDOW_SECONDS` (plain)
+        of the settle rate, at least twice `max_concurrency`, at most `MAX_WINDOW`."""
         now = time.monotonic()
         since, settled = self._rate_at
         if now - since < _RATE_EVERY:
             return
         rate = (self._settled - settled) / (now - since)
         self._rate_at = (now, self._settled)
-        self._capacity = max(self._base, min(MAX_WINDOW, int(rate * WINDOW_SECONDS)))
+        self._capacity = max(self._base, min(MAX_WINDOW, int(rate * self._window_seconds)))
 
     def _check_stale(self, nc: NATS) -> None:
         """Pull requests die with a connection or a server; forget them and ask again."""
