@@ -1,8 +1,10 @@
-"""`enqueue`: record a job, put its message on the queue, hand back a `JobHandle`.
+"""`enqueue`: put a job's message on the queue, hand back a `JobHandle`.
 
-The record is created with compare-and-set, so of two enqueues of one `job_id` only
-one creates it: the other finds the job and returns it (never a second run). A job
-whose record says it is finished may be enqueued again under its id: a new run.
+An immediate job is its message alone until a worker runs it (`messages`); a delayed
+one gets a `scheduled` record first, created with compare-and-set. Either message is
+stored only if no message of the job id is, so of two enqueues of one `job_id` only one
+queues it: the other finds the job and returns it (never a second run). A job that has
+finished may be enqueued again under its id: a new run.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport.codec import encode_payload
 from .backend import Backend
-from .control import publish_job, publish_or_take_back
+from .control import publish_job, publish_or_take_back, queue_now
 from .handle import JobHandle
 from .kinds import validate
+from .messages import supersedes
 from .options import Kind, check_job_id, check_priority
 from .status import JobStatus, encode_status, utcnow
 from .store import Conflict
@@ -148,33 +151,34 @@ async def _traced(
 async def _record_and_publish(
     client: Client, backend: Backend, kind: Kind, status: JobStatus, headers: dict[str, str]
 ) -> None:
+    if status.state != "scheduled":
+        await queue_now(client, backend, kind, status, headers)
+        return
     key = kind.status_key(status.id)
     for _ in range(CREATE_TRIES):
-        try:
-            revision = await backend.store.create(key, status)
+        entry, message = await backend.read(kind, status.id)
+        if message is not None and supersedes(message, entry.status):
+            return  # queued without a record: the same job, never a second run
+        if entry.status is not None and not entry.status.final:
+            await _repair(client, kind, entry.status, entry.revision, headers)
+            return  # the same job: never a second run
+        if message is not None:  # the last run's, recorded as finished, its ack under way
+            await backend.messages.delete(message.seq)
+        try:  # a new job, or a new run of a finished one
+            revision = await backend.store.put(key, status, entry.revision)
         except Conflict:
-            entry = await backend.store.get(key)
-            if entry.status is None:
-                continue  # deleted meanwhile: create again
-            if not entry.status.final:
-                await _repair(client, kind, entry.status, entry.revision, headers)
-                return  # the same job: never a second run
-            try:  # finished before: this is a new run under the same id
-                revision = await backend.store.put(key, status, entry.revision)
-            except Conflict:
-                continue
-        await publish_or_take_back(client, backend, kind, status, revision, headers)
-        return
+            continue
+        if await publish_or_take_back(client, backend, kind, status, revision, headers):
+            return
     raise ServiceError(409, f"job {kind}/{status.id} keeps changing; not enqueued")
 
 
 async def _repair(
     client: Client, kind: Kind, status: JobStatus, revision: int, headers: dict[str, str]
 ) -> None:
-    """A duplicate enqueue of a job still waiting sends its message again, under the
-    same message id: the stream drops it as a duplicate, unless the first was never
-    stored (an enqueue that crashed between record and message). A second message
-    that does get stored is harmless: the record lets only one of them run the job."""
+    """A duplicate enqueue of a delayed job still waiting sends its message again: the
+    stream refuses it while the first is there, and stores it if the first never was
+    (an enqueue that crashed between record and message)."""
     if status.state not in ("queued", "scheduled"):
         return
     if status.correlation_id:

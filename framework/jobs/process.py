@@ -1,16 +1,21 @@
 """One delivered job message: decide, claim, run, and settle it.
 
-1. Read the job's record. Run only if the job still waits for this message: queued,
-   scheduled or retrying; `running` by this very message (a redelivery after a worker
-   died: the next attempt); `failed` when the message is a dead-letter replay. A
-   finished or cancelled job, or a duplicate message of a job already running, is
-   acked without running anything: the record is the effectively-once bookkeeping.
-2. Wait for the kind's rate limit, then claim: write `running` with the attempt (the
-   delivery count), the worker and the message's stream sequence, compare-and-set.
-   The common case, a first delivery of a job queued at once, skips the read (the
-   message carries the record's revision) and defers the `running` write
-   (`run.CLAIM_DELAY`): a job cancelled since it was queued is known from the cancel
-   notice, and every later write is compare-and-set against the queued record.
+1. Decide whether to run it. A first delivery of a job queued at once (not from a
+   schedule, not a replay) runs without a read: the message carries the revision of
+   the record it was queued at (`Job-Revision`, 0 for a job queued without a record,
+   see `messages`), and every write of this attempt is compare-and-set against it; a
+   job cancelled since is known from the cancel notice (or from that write failing).
+   Any other delivery reads the job's record and runs only if the job still waits for
+   this message: queued, scheduled or retrying; `running` by this very message (a
+   redelivery after a worker died: the next attempt); `failed` when the message is a
+   dead-letter replay; no record, or a finished record of an earlier run when the
+   message was queued without one. A finished or cancelled job, or a duplicate message
+   of a job already running, is acked without running anything: the record is the
+   effectively-once bookkeeping.
+2. Wait for the kind's rate limit, then claim: the read path writes `running` with
+   the attempt (the delivery count), the worker and the message's stream sequence,
+   compare-and-set; the first-delivery path defers that write (`run.CLAIM_DELAY`), so
+   a short job is recorded once, with its outcome.
 3. Run the handler in its own cancel scope (a cancel notice or a changed record stops
    it) under the kind's `timeout`.
 4. Settle: success writes `succeeded` with the result, then acks; a failure writes
@@ -39,6 +44,7 @@ from ..transport.codec import DECODE_ERRORS, decoder_for
 from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
 from .context import JobContext
 from .control import JOB_ID, JOB_REVISION, JOB_SCHEDULE
+from .messages import parse_revision
 from .metrics import JobCounts
 from .options import JOBS_STREAM, JobOptions, Kind, check_job_id, priority_of
 from .ratelimit import RateLimiter
@@ -81,8 +87,14 @@ class Delivery(msgspec.Struct):
         return cls(meta.num_delivered, meta.sequence.stream, int(meta.timestamp.timestamp() * 1e9))
 
 
+def earlier_run(status: JobStatus | None, revision: int | None, delivery: Delivery) -> bool:
+    """A finished record of an earlier run of the id, for a message queued without one."""
+    return revision == 0 and status is not None and status.final and status.seq < delivery.sequence
+
+
 def should_run(status: JobStatus | None, delivery: Delivery, replay: bool) -> bool:
-    """Whether this delivery is the job's to run (see the module's step 1)."""
+    """Whether this delivery is the job's to run (see the module's step 1); `status`
+    is None for no record, or a record of an earlier run (`earlier_run`)."""
     if status is None:
         return True  # a recurring firing, or a record gone past retention
     if status.state in WAITING_STATES:
@@ -120,8 +132,9 @@ class Processor:
         self.counts = counts
         self.limiter = limiter
         self.running: dict[str, RunningJob] = {}
-        # job id -> revision of its `cancelled` record, from cancel notices (bounded)
-        self._cancelled: OrderedDict[str, int] = OrderedDict()
+        # job id -> (revision of its `cancelled` record, sequence of the message it
+        # cancelled, 0 if not said), from cancel notices (bounded)
+        self._cancelled: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._decoder = (
             decoder_for(signature.payload_type)
             if signature.payload_type is not NO_PAYLOAD
@@ -131,15 +144,23 @@ class Processor:
             kind.service, f"jobs.{kind}", f"job_{kind.service}_{kind.name}"
         )
 
-    def cancelled(self, job_id: str, revision: int) -> None:
+    def cancelled(self, job_id: str, revision: int, seq: int = 0) -> None:
         """A cancel notice: stop the job if it runs here; skip its message if it comes."""
-        self._cancelled[job_id] = revision
+        self._cancelled[job_id] = (revision, seq)
         self._cancelled.move_to_end(job_id)
         while len(self._cancelled) > CANCELLED_KEPT:
             self._cancelled.popitem(last=False)
         run = self.running.get(job_id)
-        if run is not None:
+        if run is not None and (not seq or run.status.seq == seq):
             run.stop("cancelled")
+
+    def _cancelled_since(self, job_id: str, revision: int, delivery: Delivery) -> bool:
+        """A cancel notice for this message: it names the message, or a record revision
+        later than the one the message was queued at."""
+        notice = self._cancelled.get(job_id)
+        if notice is None:
+            return False
+        return notice[1] == delivery.sequence or (revision > 0 and notice[0] > revision)
 
     async def process(self, msg: Any) -> None:
         """Decide, claim, run and settle one delivered job message."""
@@ -184,45 +205,49 @@ class Processor:
     ) -> RunningJob | None:
         key = self.kind.status_key(job_id)
         limited = self.limiter is None
-        enqueued = self._as_enqueued(job_id, msg, delivery, headers)
+        queued = parse_revision(headers.get(JOB_REVISION))
+        revision = queued[0] if queued is not None else None
+        enqueued = self._as_enqueued(job_id, msg, delivery, headers, queued)
         if enqueued is not None:  # the common case: no read; `running` written later
             if self.limiter is not None:
                 await self.limiter.acquire()
-            if self._cancelled.get(job_id, 0) > enqueued[1]:
+            if self._cancelled_since(job_id, enqueued[1], delivery):
                 return None  # cancelled after this message was queued: never runs
             status = self._running(enqueued[0], job_id, msg, delivery, headers)
             return RunningJob(self.store, key, status, enqueued[1], claimed=False)
         for _ in range(CLAIM_TRIES):
             entry = await self.store.get(key)
-            if not should_run(entry.status, delivery, REPLAY_OF in headers):
+            current = None if earlier_run(entry.status, revision, delivery) else entry.status
+            if not should_run(current, delivery, REPLAY_OF in headers):
                 return None
             if not limited and self.limiter is not None:
                 await self.limiter.acquire()  # a slot is taken only for a job that runs
                 limited = True
-            status = self._running(entry.status, job_id, msg, delivery, headers)
+            status = self._running(current, job_id, msg, delivery, headers)
             try:
-                revision = await self.store.put(key, status, entry.revision)
+                revision_now = await self.store.put(key, status, entry.revision)
             except Conflict:
                 continue  # changed meanwhile (cancelled, claimed): decide again
-            return RunningJob(self.store, key, status, revision)
+            return RunningJob(self.store, key, status, revision_now)
         raise RuntimeError(f"job {self.kind}/{job_id}: record kept changing, not claimed")
 
     def _as_enqueued(
-        self, job_id: str, msg: Any, delivery: Delivery, headers: Mapping[str, str]
+        self,
+        job_id: str,
+        msg: Any,
+        delivery: Delivery,
+        headers: Mapping[str, str],
+        queued: tuple[int, int] | None,
     ) -> tuple[JobStatus, int] | None:
-        """The record as `enqueue` wrote it, rebuilt from the message, with its revision:
-        a first delivery of a job queued at once carries all of it (`Job-Revision`), so
-        the claim needs no read; if the record changed since, the claim's compare-and-set
-        fails and the record is read after all."""
-        revision = headers.get(JOB_REVISION)
-        if revision is None or delivery.attempt != 1 or SCHEDULER in headers:
+        """The job as `enqueue` queued it, rebuilt from the message, with the revision
+        of the record it was queued at (0: none): a first delivery of a job queued at
+        once carries all of it, so the claim needs no read; if the record changed
+        since, the first write's compare-and-set fails and the record is read then."""
+        if queued is None or delivery.attempt != 1 or SCHEDULER in headers:
             return None
         if REPLAY_OF in headers:
             return None
-        try:
-            number, enqueued_ms = (int(part) for part in revision.split(" ", 1))
-        except ValueError:
-            return None
+        number, enqueued_ms = queued
         traceparent = headers.get(h.TRACEPARENT, "")
         status = JobStatus(
             kind=str(self.kind),

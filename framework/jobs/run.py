@@ -12,6 +12,9 @@ record still says queued, at the revision the message carries, and the worker's
 flusher writes `running` once the handler has run `CLAIM_DELAY` seconds. A job that
 ends sooner is recorded once, with its outcome (compare-and-set against the queued
 record, so a cancel in between is never overwritten): one write per job instead of two.
+A job queued without a record (`messages`) is written as a new record; what it finds
+in the way instead is either written for this message (a cancel: it stops) or a
+finished record of an earlier run of the id, which it replaces.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class RunningJob:
         "_pending",
         "claimed",
         "ended",
+        "fresh",
         "key",
         "last_write",
         "revision",
@@ -71,6 +75,7 @@ class RunningJob:
         self.stopped_by: Stop | None = None
         self.ended = False  # the outcome is being written: no more progress
         self.claimed = claimed  # `status` is written (else the record is still queued)
+        self.fresh = revision == 0 and not claimed  # queued without a record
         self.started = self.last_write = time.monotonic()
         self._lock = asyncio.Lock()  # taken without a yield when free (anyio's yields)
         self._pending: tuple[float, str] | None = None
@@ -149,13 +154,18 @@ class RunningJob:
         return True
 
     async def _still_ours(self) -> bool:
-        """Read the changed record: stop unless it is still this attempt's."""
+        """Read the changed record: stop unless it is still this attempt's (or, for a
+        job queued without a record, unless it is none or an earlier run's)."""
         entry = await self.store.get(self.key)
         current = entry.status
+        mine = self.status
+        if self.fresh and not self.claimed:
+            if current is None or (current.final and current.seq < mine.seq):
+                self.revision = entry.revision
+                return True
         if current is None or current.state == "cancelled":
             self.stop("cancelled")
             return False
-        mine = self.status
         if (current.seq, current.worker, current.attempt) != (mine.seq, mine.worker, mine.attempt):
             self.stop("superseded")
             return False

@@ -5,7 +5,8 @@ Reads are Direct Gets and writes are JetStream publishes with
 subscription (`transport.mux`), by the documented KV conventions (ADR-8): stream
 `KV_jobs`, subject `$KV.jobs.<key>`. Every write names the revision it replaces, so
 two writers (a worker finishing, a client cancelling) never overwrite each other
-unseen: the loser gets `Conflict` and reads again.
+unseen: the loser gets `Conflict` and reads again. A job queued without a record yet
+is known by its message in `JOBS` (`messages`): listings include it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import msgspec
 from nats.js.errors import APIError
 
 from ..transport.mux import Mux, status_error
-from .options import STATUS_BUCKET
+from .messages import JOB_ID, JobMessages, message_status, supersedes
+from .options import STATUS_BUCKET, Kind, id_token
 from .status import JobStatus, decode_status, encode_status
 
 __all__ = ["Conflict", "Entry", "StatusStore"]
@@ -53,9 +55,12 @@ class StatusStore:
 
     timeout = REQUEST_TIMEOUT
 
-    def __init__(self, mux: Mux, kv: Any, bucket: str = STATUS_BUCKET) -> None:
+    def __init__(
+        self, mux: Mux, kv: Any, messages: JobMessages, bucket: str = STATUS_BUCKET
+    ) -> None:
         self._mux = mux
         self.kv = kv
+        self.messages = messages
         self._put_prefix = f"$KV.{bucket}."
         self._get_prefix = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}."
 
@@ -107,8 +112,9 @@ class StatusStore:
                 raise
             return await self.put(key, status, entry.revision)
 
-    async def watch(self, key: str) -> AsyncIterator[JobStatus | None]:
-        """The record now (None if there is none), then every change; ends on deletion.
+    async def watch(self, key: str) -> AsyncIterator[Entry]:
+        """The record as the watch began (`Entry(None, 0)` when there is none), then
+        every change; ends after a deletion.
 
         A key watch (an ordered consumer of the bucket's stream): the server pushes
         each change, nothing polls.
@@ -120,27 +126,38 @@ class StatusStore:
                 if entry is None:  # the end of what was stored when the watch began
                     if initial:
                         initial = False
-                        yield None
+                        yield Entry(None, 0)
                     continue
-                initial = False
-                if entry.operation is not None or not entry.value:
+                deleted = entry.operation is not None or not entry.value
+                yield Entry(None if deleted else decode_status(entry.value), entry.revision or 0)
+                if deleted and not initial:
                     return  # deleted or purged (retention ran out)
-                yield decode_status(entry.value)
+                initial = False
         finally:
             await watcher.stop()
 
     async def scan(self, key_filter: str) -> list[JobStatus]:
-        """Every record whose key matches `key_filter` (wildcards allowed), as stored now."""
+        """Every job whose key matches `key_filter` (`<service>.<name>.*` or `*.*.*`), as
+        stored now: the records, and jobs queued without one yet (their messages)."""
         watcher = await self.kv.watch(key_filter, ignore_deletes=True)
-        found: list[JobStatus] = []
+        found: dict[str, JobStatus] = {}
         try:
             async for entry in watcher:
                 if entry is None:
                     break
                 if entry.value:
-                    found.append(decode_status(entry.value))
+                    found[entry.key] = decode_status(entry.value)
                 if entry.delta == 0:
                     break
         finally:
             await watcher.stop()
-        return found
+        service, name, _ = key_filter.split(".", 2)
+        kind = Kind.parse(f"{service}.{name}") if "*" not in (service, name) else None
+        for message in await self.messages.scan(kind):
+            _, service, name, _, token = message.subject.split(".", 4)
+            job_kind = Kind.parse(f"{service}.{name}")
+            job_id = message.headers.get(JOB_ID) or token
+            key = f"{service}.{name}.{id_token(job_id)}"
+            if supersedes(message, found.get(key)):
+                found[key] = message_status(job_kind, job_id, message)
+        return list(found.values())

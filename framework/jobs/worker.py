@@ -295,8 +295,9 @@ class JobWorker:
 
     async def _on_cancel(self, msg: Any) -> None:
         if self._processor is not None:
-            job_id, _, revision = msg.data.decode("utf-8", "replace").partition(" ")
-            self._processor.cancelled(job_id, int(revision) if revision.isdigit() else 0)
+            job_id, *numbers = msg.data.decode("utf-8", "replace").split(" ")
+            revision, seq = ([int(n) if n.isdigit() else 0 for n in numbers] + [0, 0])[:2]
+            self._processor.cancelled(job_id, revision, seq)
 
     async def _keep_alive_loop(self) -> None:
         """In-progress acks, so a job outliving `ack_wait` is not handed to another worker."""
