@@ -82,7 +82,7 @@ class Item(msgspec.Struct):
 def framework_service(report: bool) -> Service:
     service = Service("bench")
 
-    @service.job("noop", max_concurrency=CONCURRENCY)
+    @service.job("noop")  # the defaults
     async def noop(item: Item, job: JobContext) -> None:
         if report and item.name == "report":
             await job.client.nc.publish(STARTED, f"{item.n} {time.time()}".encode())
@@ -128,7 +128,7 @@ async def run_taskiq_worker(url: str, variant: str) -> None:
     broker, (_, reporter) = taskiq_broker(url, variant)
     reporter["nc"] = await nats.connect(url)
     receiver = asyncio.create_task(
-        run_receiver_task(broker, max_async_tasks=CONCURRENCY, run_startup=True)
+        run_receiver_task(broker, run_startup=True)  # its defaults (100 tasks at most)
     )
     await wait_for_stdin_eof()
     receiver.cancel()

@@ -168,7 +168,9 @@ async def cancel_job(client: Client, kind: str, job_id: str) -> bool:
     without one); then the job's message is deleted, so no worker receives it (a
     running job's is kept: its worker acks it once stopped); then every worker of the
     kind is told (`<job id> <revision> <message sequence>`): one that holds the message
-    already skips it, one that runs it cancels the handler.
+    already skips it, one that runs it cancels the handler. It returns once the server
+    has the notice, so workers are told before the call returns (a worker that frees a
+    slot for a held job then has the notice, barring a lost connection).
     """
     parsed = Kind.parse(kind)
     backend = await Backend.of(client)
@@ -195,6 +197,7 @@ async def cancel_job(client: Client, kind: str, job_id: str) -> bool:
             await _remove_messages(backend, parsed, job_id, message)
         notice = f"{job_id} {revision} {cancelled.seq}".encode()
         await client.nc.publish(parsed.cancel_subject, notice)
+        await client.nc.flush(PUBLISH_TIMEOUT)  # the server has routed it to the workers
         return True
     raise ServiceError(409, f"job {kind}/{job_id} keeps changing; cancel not applied")
 

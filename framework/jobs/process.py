@@ -49,12 +49,13 @@ from .metrics import JobCounts
 from .options import JOBS_STREAM, JobOptions, Kind, check_job_id, priority_of
 from .ratelimit import RateLimiter
 from .run import RunningJob
-from .status import WAITING_STATES, JobStatus, utcnow
+from .status import WAITING_STATES, JobStatus, encode_status, utcnow
 from .store import Conflict, StatusStore
 
 if TYPE_CHECKING:
     from ..client import Client
     from ..observability.stats import HandlerStats
+    from .settle import Settler
 
 __all__ = ["Delivery", "Processor"]
 
@@ -132,6 +133,7 @@ class Processor:
         self.counts = counts
         self.limiter = limiter
         self.running: dict[str, RunningJob] = {}
+        self.settler: Settler | None = None  # records successes in bursts, when set
         # job id -> (revision of its `cancelled` record, sequence of the message it
         # cancelled, 0 if not said), from cancel notices (bounded)
         self._cancelled: OrderedDict[str, tuple[int, int]] = OrderedDict()
@@ -162,8 +164,9 @@ class Processor:
             return False
         return notice[1] == delivery.sequence or (revision > 0 and notice[0] > revision)
 
-    async def process(self, msg: Any) -> None:
-        """Decide, claim, run and settle one delivered job message."""
+    async def process(self, msg: Any) -> bool:
+        """Decide, claim, run and settle one delivered job message: True when its
+        outcome was handed to the settler (which settles the message), else settled."""
         delivery = Delivery.of(msg)
         headers: Mapping[str, str] = msg.headers or {}
         try:
@@ -172,19 +175,19 @@ class Processor:
         except BadRequest as exc:
             await self._dead_letter(msg, delivery, "invalid_headers", exc.message, "-")
             await msg.term()
-            return
+            return False
         run = await self._claim(msg, job_id, delivery, headers)
         if run is None:
             self.counts.skipped += 1
             await msg.ack()
-            return
+            return False
         if delivery.attempt > self.options.max_attempts:
             error = "the previous attempt did not finish (its worker stopped or crashed)"
             await self._give_up(run, msg, delivery, "max_attempts", error)
-            return
+            return False
         self.running[job_id] = run  # from now on a cancel notice reaches it
         try:
-            await self._execute(run, msg, delivery, headers)
+            return await self._execute(run, msg, delivery, headers)
         finally:
             if self.running.get(job_id) is run:
                 del self.running[job_id]
@@ -297,7 +300,7 @@ class Processor:
 
     async def _execute(
         self, run: RunningJob, msg: Any, delivery: Delivery, headers: Mapping[str, str]
-    ) -> None:
+    ) -> bool:
         payload: Any = None
         if self._decoder is not None:
             stored = run.status.payload  # the record is the truth (a re-run may change it)
@@ -307,14 +310,15 @@ class Processor:
             except DECODE_ERRORS as exc:
                 self.stats.record(0, f"undecodable: {exc}")
                 await self._give_up(run, msg, delivery, "undecodable", str(exc))
-                return
+                return False
         span = self._span(msg, run, delivery)
         ctx = self._context(run, msg, delivery, headers, span)
         token = telemetry.activate(span)
         started = time.perf_counter_ns()
         self.counts.running += 1
         try:
-            await self._settle(run, msg, delivery, await self._outcome(run, payload, ctx), started)
+            outcome = await self._outcome(run, payload, ctx)
+            return await self._settle(run, msg, delivery, outcome, started)
         finally:
             self.counts.running -= 1
             telemetry.deactivate(token)
@@ -378,7 +382,8 @@ class Processor:
 
     async def _settle(
         self, run: RunningJob, msg: Any, delivery: Delivery, outcome: Any, started: int
-    ) -> None:
+    ) -> bool:
+        """Record the outcome and settle the message: True if handed to the settler."""
         elapsed = time.perf_counter_ns() - started
         if outcome is _STOPPED:
             self.stats.record(elapsed, f"{run.stopped_by}")
@@ -395,7 +400,8 @@ class Processor:
             await self._failed(run, msg, delivery, error)
         else:
             self.stats.record(elapsed)
-            await self._succeeded(run, msg, delivery, outcome)
+            return await self._succeeded(run, msg, delivery, outcome)
+        return False
 
     async def _stopped(self, run: RunningJob, msg: Any) -> None:
         if run.stopped_by == "cancelled":
@@ -403,7 +409,7 @@ class Processor:
             await msg.ack()  # the record already says cancelled
         # superseded: another attempt has this message now; leave it to that one
 
-    async def _succeeded(self, run: RunningJob, msg: Any, delivery: Delivery, result: Any) -> None:
+    async def _succeeded(self, run: RunningJob, msg: Any, delivery: Delivery, result: Any) -> bool:
         done = msgspec.structs.replace(
             run.status,
             state="succeeded",
@@ -414,10 +420,19 @@ class Processor:
             finished_at=utcnow(),
         )
         try:
-            written = await run.finish(done)
+            data = encode_status(done)
         except TypeError as exc:  # the result cannot be stored as JSON
             await self._failed(run, msg, delivery, f"result not JSON-encodable: {exc}")
-            return
+            return False
+        if self.settler is not None and run.hand_over():
+            self.settler.add(run, done, data, msg)
+            return True
+        await self.recorded(run, msg, await run.finish(done, data))
+        return False
+
+    async def recorded(self, run: RunningJob, msg: Any, written: bool) -> None:
+        """A success is recorded (`written`), or the record said not to: ack either way
+        when this attempt's is stored or the job was cancelled meanwhile."""
         if written:
             self.counts.succeeded += 1
             await msg.ack()

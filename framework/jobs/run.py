@@ -26,6 +26,7 @@ from typing import Literal
 import anyio
 import msgspec
 import structlog
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from .status import JobStatus
 from .store import Conflict, StatusStore
@@ -132,25 +133,49 @@ class RunningJob:
 
     # -- writes ----------------------------------------------------------------------
 
-    async def finish(self, status: JobStatus) -> bool:
-        """Write the attempt's outcome; False when the record is no longer this attempt's
-        (cancelled or taken over): then nothing was written."""
+    async def finish(self, status: JobStatus, data: bytes | None = None) -> bool:
+        """Write the attempt's outcome (`data`: already encoded); False when the record
+        is no longer this attempt's (cancelled or taken over): then nothing was written."""
         self.ended = True
         async with self._lock:
-            return await self._write(status)
+            return await self._write(status, data)
 
-    async def _write(self, status: JobStatus) -> bool:
+    def hand_over(self) -> bool:
+        """Whether the outcome may be written by someone else (`settle.Settler`): no
+        write of this attempt is under way and none will start (progress is over)."""
+        if self.stopped_by is not None or self._lock.locked():
+            return False
+        self.ended = True
+        return True
+
+    def written(self, status: JobStatus, revision: int) -> None:
+        """`status` is stored, at `revision`."""
+        self.status = status
+        self.revision = revision
+        self.claimed = True
+        self.last_write = time.monotonic()
+
+    async def finish_after(self, status: JobStatus, data: bytes, error: Exception) -> bool:
+        """The outcome's write (handed over) was not stored, or not surely: read the
+        record and write again if it is still this attempt's. Raises if that fails."""
+        async with self._lock:
+            if not isinstance(error, Conflict | NatsTimeoutError):
+                raise error
+            if self.stopped_by is not None or not await self._still_ours():
+                return False
+            self.written(status, await self.store.put(self.key, status, self.revision, data))
+            return True
+
+    async def _write(self, status: JobStatus, data: bytes | None = None) -> bool:
         if self.stopped_by is not None:
             return False
         try:
-            self.revision = await self.store.put(self.key, status, self.revision)
+            revision = await self.store.put(self.key, status, self.revision, data)
         except Conflict:
             if not await self._still_ours():
                 return False
-            self.revision = await self.store.put(self.key, status, self.revision)
-        self.status = status
-        self.claimed = True
-        self.last_write = time.monotonic()
+            revision = await self.store.put(self.key, status, self.revision, data)
+        self.written(status, revision)
         return True
 
     async def _still_ours(self) -> bool:

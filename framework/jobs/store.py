@@ -11,7 +11,7 @@ is known by its message in `JOBS` (`messages`): listings include it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -50,6 +50,21 @@ class _PubAck(msgspec.Struct):
 _decode_ack = msgspec.json.Decoder(_PubAck).decode
 
 
+def _written(key: str, expected: int, reply: Any) -> int | Exception:
+    """A write's new revision from its PubAck, or why it was not stored."""
+    if not reply.data:
+        return status_error(reply)
+    ack = _decode_ack(reply.data)
+    if ack.error is None:
+        return ack.seq
+    code = ack.error.get("err_code")
+    if code in _WRONG_LAST_SEQUENCE:
+        return Conflict(f"job record {key} changed (expected revision {expected})")
+    return APIError(
+        code=ack.error.get("code"), description=ack.error.get("description"), err_code=code
+    )
+
+
 class StatusStore:
     """The `jobs` bucket of one connection."""
 
@@ -78,24 +93,33 @@ class StatusStore:
             return Entry(None, revision)
         return Entry(decode_status(reply.data), revision)
 
-    async def put(self, key: str, status: JobStatus, expected: int) -> int:
-        """Write `status` if the record is still at revision `expected` (0: no record)."""
+    async def put(
+        self, key: str, status: JobStatus, expected: int, data: bytes | None = None
+    ) -> int:
+        """Write `status` (already encoded: `data`) if the record is still at revision
+        `expected` (0: no record); its new revision, or `Conflict`."""
         headers = {_EXPECTED: str(expected)}
-        data = encode_status(status)
-        reply = await self._mux.request(self._put_prefix + key, data, self.timeout, headers)
-        if not reply.data:
-            raise status_error(reply)
-        ack = _decode_ack(reply.data)
-        if ack.error is not None:
-            code = ack.error.get("err_code")
-            if code in _WRONG_LAST_SEQUENCE:
-                raise Conflict(f"job record {key} changed (expected revision {expected})")
-            raise APIError(
-                code=ack.error.get("code"),
-                description=ack.error.get("description"),
-                err_code=code,
-            )
-        return ack.seq
+        body = data if data is not None else encode_status(status)
+        reply = await self._mux.request(self._put_prefix + key, body, self.timeout, headers)
+        result = _written(key, expected, reply)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def put_all(self, writes: Sequence[tuple[str, bytes, int]]) -> list[int | Exception]:
+        """Several compare-and-set writes of encoded records (key, data, expected
+        revision), sent at once: each one's new revision, or why it is not stored
+        (`Conflict`, or the error: then it may or may not be)."""
+        requests = [(self._put_prefix + key, data) for key, data, _ in writes]
+        headers: list[dict[str, str] | None] = [{_EXPECTED: str(e)} for _, _, e in writes]
+        try:
+            replies = await self._mux.request_each(requests, self.timeout, headers)
+        except Exception as exc:
+            return [exc for _ in writes]
+        return [
+            _written(key, expected, reply)
+            for (key, _, expected), reply in zip(writes, replies, strict=True)
+        ]
 
     async def delete(self, key: str, expected: int) -> None:
         """Remove the record if it is still at revision `expected`."""

@@ -113,17 +113,21 @@ class Mux:
         return reply
 
     async def request_each(
-        self, requests: Sequence[tuple[str, bytes]], timeout: float
+        self,
+        requests: Sequence[tuple[str, bytes]],
+        timeout: float,
+        headers: Sequence[dict[str, str] | None] | None = None,
     ) -> list[Msg]:
-        """Several requests sent at once, one reply each, in the order of `requests`."""
+        """Several requests sent at once, one reply each, in the order of `requests`
+        (`headers`, if given, are each request's, in the same order)."""
         tokens: list[str] = []
         futures: list[asyncio.Future[Any]] = []
         try:
-            for subject, data in requests:
+            for index, (subject, data) in enumerate(requests):
                 token, future = self._register(False)
                 tokens.append(token)
                 futures.append(future)
-                await self._publish(subject, data, token)
+                await self._publish(subject, data, token, headers[index] if headers else None)
             async with asyncio.timeout(timeout):
                 return [await future for future in futures]
         except TimeoutError:
