@@ -10,6 +10,7 @@ be stored is taken back (deleted).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from .messages import (
     JobMessage,
     supersedes,
 )
-from .options import JOBS_STREAM, Kind
+from .options import JOBS_STREAM, Kind, id_token
 from .status import JobStatus, utcnow
 from .store import Conflict, Entry
 
@@ -109,18 +110,30 @@ def rfc3339(when: datetime) -> str:
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def job_headers(
+    kind: Kind, job_id: str, headers: Mapping[str, str], revision: int, enqueued_ms: int
+) -> dict[str, str]:
+    """A job message's headers: the caller's, the job id (unless the subject's last
+    token is the id itself), `Job-Revision`, and the check that no message of the id is
+    stored (its priorities and delay: `Kind.any_subject`)."""
+    token = id_token(job_id)
+    out = dict(headers)
+    if token != job_id:
+        out[JOB_ID] = job_id
+    out[JOB_REVISION] = f"{revision} {enqueued_ms}"
+    out[EXPECTED_LAST_SUBJECT_SEQUENCE] = "0"
+    out[EXPECTED_SUBJECT] = kind.any_subject(job_id)
+    return out
+
+
 async def publish_job(
     client: Client, kind: Kind, status: JobStatus, revision: int, headers: Mapping[str, str]
 ) -> int:
     """The job's message, on its priority's queue or held by an `@at` schedule, stored
     only if no message of the job id is (0 when one is). `revision` is the record's
     the message was written for, 0 when none was (see `messages`)."""
-    out = dict(headers)
-    out[JOB_ID] = status.id
     enqueued = status.enqueued_at.timestamp() if status.enqueued_at is not None else 0.0
-    out[JOB_REVISION] = f"{revision} {int(enqueued * 1000)}"
-    out[EXPECTED_LAST_SUBJECT_SEQUENCE] = "0"
-    out[EXPECTED_SUBJECT] = kind.any_subject(status.id)
+    out = job_headers(kind, status.id, headers, revision, int(enqueued * 1000))
     data = msgspec.json.encode(status.payload) if status.payload is not None else b""
     target = kind.queue_subject(status.priority, status.id)
     if status.state == "scheduled" and status.run_at is not None:
@@ -131,22 +144,30 @@ async def publish_job(
 
 
 async def queue_now(
-    client: Client, backend: Backend, kind: Kind, status: JobStatus, headers: Mapping[str, str]
+    client: Client,
+    backend: Backend,
+    kind: Kind,
+    job_id: str,
+    priority: str,
+    body: bytes,
+    headers: Mapping[str, str],
 ) -> bool:
     """Queue an immediate job as its message alone: True once stored, False when a
     message of the job id is queued or running already (that job is the one asked for).
     The message of a run that has just ended (recorded, its ack on the way) is removed
     first, so a finished job's id starts a new run at once."""
+    out = job_headers(kind, job_id, headers, 0, int(time.time() * 1000))
+    subject = kind.queue_subject(priority, job_id)
     for _ in range(CAS_TRIES):
-        if await publish_job(client, kind, status, 0, headers):
+        if await stored_publish(client, subject, body, out):
             return True
-        entry = await backend.store.get(kind.status_key(status.id))
-        message = await backend.messages.find(kind, status.id)
+        entry = await backend.store.get(kind.status_key(job_id))
+        message = await backend.messages.find(kind, job_id)
         if message is not None:
             if not spent(message, entry):
                 return False
             await backend.messages.delete(message.seq)
-    raise ServiceError(409, f"job {kind}/{status.id} keeps changing; not enqueued")
+    raise ServiceError(409, f"job {kind}/{job_id} keeps changing; not enqueued")
 
 
 def spent(message: JobMessage, entry: Entry) -> bool:
@@ -197,7 +218,7 @@ async def cancel_job(client: Client, kind: str, job_id: str) -> bool:
             await _remove_messages(backend, parsed, job_id, message)
         notice = f"{job_id} {revision} {cancelled.seq}".encode()
         await client.nc.publish(parsed.cancel_subject, notice)
-        await client.nc.flush(PUBLISH_TIMEOUT)  # the server has routed it to the workers
+        await client.nc.flush(int(PUBLISH_TIMEOUT))  # the server has routed it to the workers
         return True
     raise ServiceError(409, f"job {kind}/{job_id} keeps changing; cancel not applied")
 
@@ -236,7 +257,8 @@ async def retry_job(client: Client, kind: str, job_id: str) -> JobStatus:
             )  # fmt: skip
         again = fresh_run(current)
         headers = {h.CORRELATION_ID: again.correlation_id} if again.correlation_id else {}
-        if await queue_now(client, backend, parsed, again, headers):
+        body = msgspec.json.encode(again.payload) if again.payload is not None else b""
+        if await queue_now(client, backend, parsed, job_id, again.priority, body, headers):
             return again
     raise ServiceError(409, f"job {kind}/{job_id} keeps changing; retry not applied")
 

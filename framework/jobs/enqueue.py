@@ -22,7 +22,7 @@ from ..transport.codec import encode_payload
 from .backend import Backend
 from .control import publish_job, publish_or_take_back, queue_now
 from .handle import JobHandle
-from .kinds import validate
+from .kinds import KindInfo, validate
 from .messages import supersedes
 from .options import Kind, check_job_id, check_priority
 from .status import JobStatus, encode_status, utcnow
@@ -57,6 +57,8 @@ def run_time(delay: float | timedelta | None, at: datetime | None) -> datetime |
 
 
 def _headers(job_id: str, correlation_id: str | None, parent: Context | None) -> dict[str, str]:
+    """Correlation and causation; none for a job that is its own correlation id (the
+    worker takes the job id then: fewer bytes per job)."""
     out: dict[str, str] = {}
     if parent is not None:
         out[h.CORRELATION_ID] = parent.correlation_id
@@ -64,8 +66,6 @@ def _headers(job_id: str, correlation_id: str | None, parent: Context | None) ->
             out[h.CAUSATION_ID] = parent.message_id
     elif correlation_id:
         out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id)
-    else:
-        out[h.CORRELATION_ID] = job_id
     return out
 
 
@@ -85,7 +85,7 @@ async def enqueue(
     """Enqueue a job of `kind` (`<service>.<name>`); see `Client.enqueue`."""
     parsed = Kind.parse(kind)
     check_priority(priority)
-    run_at = run_time(delay, at)
+    run_at = run_time(delay, at) if delay is not None or at is not None else None
     job_id = check_job_id(job_id) if job_id is not None else h.new_id()
     body = encode_payload(payload)
     backend = await Backend.of(client)
@@ -93,21 +93,52 @@ async def enqueue(
     if info is not None:
         validate(info, body)
     headers = _headers(job_id, correlation_id, parent)
-    status = JobStatus(
-        kind=str(parsed),
+    if len(body) > client.nc.max_payload // 2:  # the record holds the payload too
+        _check_size(client, _record(parsed, job_id, priority, info, run_at, headers, body))
+    span = telemetry.start_send_span(
+        "publish",
+        parsed.queue(priority),
+        parent.service if parent is not None else client.name,
+        telemetry.SpanKind.PRODUCER,
+        parent.span if parent is not None else None,
+    )
+    try:  # a PRODUCER span whose context travels with the job
+        telemetry.inject_context(headers, span)
+        if run_at is None:
+            await queue_now(client, backend, parsed, job_id, priority, body, headers)
+        else:
+            status = _record(parsed, job_id, priority, info, run_at, headers, body)
+            trace = telemetry.log_ids(span).get("trace_id", "")
+            await _schedule(client, backend, parsed, msgspec.structs.replace(status, trace_id=trace), headers)  # fmt: skip
+    except Exception as exc:
+        telemetry.record_error(span, exc)
+        raise
+    finally:
+        span.end()
+    return JobHandle.known(client, parsed, job_id, returns)
+
+
+def _record(
+    kind: Kind,
+    job_id: str,
+    priority: str,
+    info: KindInfo | None,
+    run_at: datetime | None,
+    headers: dict[str, str],
+    body: bytes,
+) -> JobStatus:
+    """The record a delayed job is created with (and any job's, to check its size)."""
+    return JobStatus(
+        kind=str(kind),
         id=job_id,
         state="scheduled" if run_at is not None else "queued",
         priority=priority,
         max_attempts=info.max_attempts if info is not None else 0,
         enqueued_at=utcnow(),
         run_at=run_at,
-        correlation_id=headers[h.CORRELATION_ID],
+        correlation_id=headers.get(h.CORRELATION_ID, job_id),
         payload=msgspec.Raw(body) if body else None,
     )
-    if len(body) > client.nc.max_payload // 2:  # the record holds the payload too
-        _check_size(client, status)
-    await _traced(client, backend, parsed, status, headers, parent)
-    return JobHandle(client, str(parsed), job_id, returns)
 
 
 def _check_size(client: Client, status: JobStatus) -> None:
@@ -120,40 +151,10 @@ def _check_size(client: Client, status: JobStatus) -> None:
         )
 
 
-async def _traced(
-    client: Client,
-    backend: Backend,
-    kind: Kind,
-    status: JobStatus,
-    headers: dict[str, str],
-    parent: Context | None,
-) -> None:
-    """Record and publish inside a PRODUCER span whose context travels with the job."""
-    span = telemetry.start_send_span(
-        "publish",
-        kind.queue(status.priority),
-        parent.service if parent is not None else client.name,
-        telemetry.SpanKind.PRODUCER,
-        parent.span if parent is not None else None,
-    )
-    try:
-        telemetry.inject_context(headers, span)
-        trace = telemetry.log_ids(span).get("trace_id", "")
-        status = msgspec.structs.replace(status, trace_id=trace)
-        await _record_and_publish(client, backend, kind, status, headers)
-    except Exception as exc:
-        telemetry.record_error(span, exc)
-        raise
-    finally:
-        span.end()
-
-
-async def _record_and_publish(
+async def _schedule(
     client: Client, backend: Backend, kind: Kind, status: JobStatus, headers: dict[str, str]
 ) -> None:
-    if status.state != "scheduled":
-        await queue_now(client, backend, kind, status, headers)
-        return
+    """A delayed job: its `scheduled` record, then its `@at` schedule (see `control`)."""
     key = kind.status_key(status.id)
     for _ in range(CREATE_TRIES):
         entry, message = await backend.read(kind, status.id)

@@ -43,6 +43,15 @@ class JobHandle(Generic[T]):
         self._returns = returns
         self._key = parsed.status_key(job_id)
 
+    @classmethod
+    def known(cls, client: Client, kind: Kind, job_id: str, returns: Any = Any) -> JobHandle[T]:
+        """A handle to a job just enqueued: kind and id are checked already."""
+        handle: JobHandle[T] = cls.__new__(cls)
+        handle._kind, handle.kind, handle.id = kind, str(kind), job_id
+        handle._client, handle._returns = client, returns
+        handle._key = kind.status_key(job_id)
+        return handle
+
     def __repr__(self) -> str:
         return f"JobHandle({self.kind!r}, {self.id!r})"
 

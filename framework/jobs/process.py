@@ -171,7 +171,7 @@ class Processor:
         headers: Mapping[str, str] = msg.headers or {}
         try:
             h.check_headers(headers)
-            job_id = self._job_id(headers, delivery)
+            job_id = self._job_id(msg, headers, delivery)
         except BadRequest as exc:
             await self._dead_letter(msg, delivery, "invalid_headers", exc.message, "-")
             await msg.term()
@@ -192,13 +192,18 @@ class Processor:
             if self.running.get(job_id) is run:
                 del self.running[job_id]
 
-    def _job_id(self, headers: Mapping[str, str], delivery: Delivery) -> str:
+    def _job_id(self, msg: Any, headers: Mapping[str, str], delivery: Delivery) -> str:
+        """`Job-Id`, else the id the subject ends with (an id that is its own token), or
+        `<schedule>-<sequence>` for a recurring schedule's firing."""
         job_id = headers.get(JOB_ID)
         if job_id is None:
             schedule = headers.get(JOB_SCHEDULE)
-            if not schedule:
+            if schedule:
+                job_id = f"{schedule}-{delivery.sequence}"
+            elif JOB_REVISION in headers:
+                job_id = msg.subject.rpartition(".")[2]
+            else:
                 raise BadRequest("a job message needs a Job-Id (or Job-Schedule) header")
-            job_id = f"{schedule}-{delivery.sequence}"
         return check_job_id(job_id)
 
     # -- claim -----------------------------------------------------------------------
