@@ -4,6 +4,7 @@ from .client import Client, connect
 from .context import Context
 from .errors import (
     BadRequest,
+    ConcurrencyConflict,
     ConfigConflict,
     DeadlineExceeded,
     InvalidName,
@@ -15,6 +16,7 @@ from .errors import (
     RemoteError,
     ServiceError,
 )
+from .events.history import EventRecord
 from .observability.logging import configure_logging
 from .observability.tracing import configure_telemetry
 from .service import Service
@@ -23,9 +25,11 @@ from .streams import Stream
 __all__ = [
     "BadRequest",
     "Client",
+    "ConcurrencyConflict",
     "ConfigConflict",
     "Context",
     "DeadlineExceeded",
+    "EventRecord",
     "InvalidName",
     "NoResponders",
     "NoStream",

@@ -15,6 +15,7 @@ from opentelemetry import trace
 
 if TYPE_CHECKING:
     from .client import Client
+    from .events.history import EventRecord
 
 __all__ = ["Context"]
 
@@ -145,7 +146,23 @@ class Context:
         *,
         event_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        expected_last_subject_sequence: int | None = None,
     ) -> Any:
+        """`Client.publish` as a consequence of this message (correlation, causation,
+        trace); `key` and `expected_last_subject_sequence` as there."""
         return await self._client.publish(
-            event_type, event, event_id=event_id, headers=headers, parent=self
+            event_type,
+            event,
+            event_id=event_id,
+            headers=headers,
+            parent=self,
+            key=key,
+            expected_last_subject_sequence=expected_last_subject_sequence,
         )
+
+    async def history(
+        self, type_or_domain: str, key: str, *, after: int = 0, limit: int = 10_000
+    ) -> list[EventRecord]:
+        """`Client.history`: one key's events in stream order."""
+        return await self._client.history(type_or_domain, key, after=after, limit=limit)

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 __all__ = [
     "BadRequest",
+    "ConcurrencyConflict",
     "ConfigConflict",
     "DeadlineExceeded",
     "InvalidName",
@@ -129,3 +130,26 @@ class PermissionDenied(Exception):
 
 class NoStream(PublishError):
     """No stream captures the event's subject: nothing was stored."""
+
+
+class ConcurrencyConflict(PublishError):
+    """A keyed event was not stored: the key has events newer than the writer had read.
+
+    Raised by `publish(..., expected_last_subject_sequence=N)` when JetStream's last
+    sequence of the key is not N. Read the key's history again, decide again, publish
+    again (optimistic concurrency).
+
+    Args:
+        message: what was refused, with the server's description.
+        subject: the event's subject.
+        expected: the sequence the publisher expected.
+        actual: the key's last sequence as the server reported it, when it did.
+    """
+
+    def __init__(
+        self, message: str, *, subject: str, expected: int, actual: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.expected = expected
+        self.actual = actual

@@ -20,11 +20,11 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
 
 from ..context import Context
-from ..errors import NoStream, PermissionDenied, PublishError
+from ..errors import ConcurrencyConflict, NoStream, PermissionDenied, PublishError
 from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport.codec import encode_payload
-from ..transport.names import check_event_type, event_subject
+from ..transport.names import check_event_key, check_event_type, event_subject, guard_subject
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -70,9 +70,12 @@ def build_event(
     headers: Mapping[str, str] | None,
     correlation_id: str | None,
     parent: Context | None,
+    key: str | None = None,
 ) -> tuple[str, bytes, dict[str, str], str]:
     """Subject, body, headers and event id of an event about to be published."""
     check_event_type(event_type)
+    if key is not None:
+        check_event_key(key)
     event_id = h.check_id(h.MSG_ID, event_id) if event_id else h.new_id()
     out = dict(headers) if headers else {}
     out[h.MSG_ID] = event_id
@@ -89,7 +92,24 @@ def build_event(
         out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id)
     else:
         out[h.CORRELATION_ID] = event_id  # checked above, or made here
-    return event_subject(event_type), encode_payload(event), out, event_id
+    return event_subject(event_type, key), encode_payload(event), out, event_id
+
+
+def expect_sequence(
+    out: dict[str, str], event_type: str, key: str | None, expected: int | None
+) -> None:
+    """Optimistic concurrency: stored only if the key's last sequence is `expected`.
+
+    With a key, the guard covers the key's events of the whole domain (what
+    `history(domain, key)` reads), not only this type's; 0 means "no event yet".
+    """
+    if expected is None:
+        return
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        raise ValueError(f"expected_last_subject_sequence must be an int >= 0, not {expected!r}")
+    out[h.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected)
+    if key is not None:
+        out[h.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT] = guard_subject(event_type, key)
 
 
 def _producer_span(subject: str, out: dict[str, str], event_id: str, parent: Context | None) -> Any:
@@ -118,7 +138,19 @@ def _check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
         )
 
 
-def publish_error(subject: str, exc: BaseException) -> PublishError:
+WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed expected-sequence check
+
+
+def publish_error(subject: str, exc: BaseException, expected: int | None = None) -> PublishError:
+    if isinstance(exc, APIError) and exc.err_code == WRONG_LAST_SEQUENCE:
+        actual = (exc.description or "").rpartition(":")[2].strip()
+        return ConcurrencyConflict(
+            f"{subject} not stored: expected last sequence {expected}, "
+            f"the server has {actual or 'another'} ({exc.description})",
+            subject=subject,
+            expected=expected if expected is not None else -1,
+            actual=int(actual) if actual.isdigit() else None,
+        )
     if isinstance(exc, NoStreamResponseError | NoRespondersError):
         return NoStream(
             f"no stream captures {subject}: declare a Stream for its domain or start a "
@@ -141,8 +173,17 @@ async def publish_event(
     correlation_id: str | None = None,
     timeout: float = 5.0,
     parent: Context | None = None,
+    key: str | None = None,
+    expected_last_subject_sequence: int | None = None,
 ) -> PublishAck:
-    """Publish and wait for the JetStream ack; the same event id is stored once."""
+    """Publish and wait for the JetStream ack; the same event id is stored once.
+
+    `key` (an entity id) goes into the subject, `events.<type>.<key>`, so the key's
+    events can be read back in order (`Client.history`). With
+    `expected_last_subject_sequence` the event is stored only if the key's last event
+    (in the type's domain; without a key, the subject's) has that stream sequence (0:
+    none yet); otherwise `ConcurrencyConflict` is raised and nothing is stored.
+    """
     subject, data, out, event_id = build_event(
         client,
         event_type,
@@ -151,7 +192,9 @@ async def publish_event(
         headers=headers,
         correlation_id=correlation_id,
         parent=parent,
+        key=key,
     )
+    expect_sequence(out, event_type, key, expected_last_subject_sequence)
     span = _producer_span(subject, out, event_id, parent)
     try:
         _check_size(client, data, out)
@@ -162,7 +205,7 @@ async def publish_event(
             if ack.error is not None:
                 raise APIError.from_error(ack.error)
         except Exception as exc:
-            error = publish_error(subject, exc)
+            error = publish_error(subject, exc, expected_last_subject_sequence)
             telemetry.record_error(span, error)
             raise error from None
         return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
@@ -227,7 +270,9 @@ class BatchPublisher:
         event_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         correlation_id: str | None = None,
+        key: str | None = None,
     ) -> str:
+        """Send one event (to `events.<type>.<key>` with a `key`); its ack comes later."""
         subject, data, out, event_id = build_event(
             self._client,
             event_type,
@@ -236,6 +281,7 @@ class BatchPublisher:
             headers=headers,
             correlation_id=correlation_id,
             parent=None,
+            key=key,
         )
         if self._flushed:
             self._flushed = False

@@ -15,6 +15,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -236,7 +237,8 @@ class Subscriber:
         return api.ConsumerConfig(
             durable_name=self.durable,
             description=f"{self.service}.{self.name} handles {self.event_type}",
-            filter_subject=self.subject,
+            # unkeyed and keyed (`events.<type>.<key>`) events of the type alike
+            filter_subjects=[self.subject, f"{self.subject}.>"],
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL
             if self.deliver == "all"
@@ -266,10 +268,14 @@ class Subscriber:
 
     async def _reconcile(self, existing: api.ConsumerConfig, declared: api.ConsumerConfig) -> None:
         """Fixed fields must match; tunables are updated, and the change is logged."""
-        fixed = {"deliver_policy", "ack_policy", "filter_subject"}
+        fixed = {"deliver_policy", "ack_policy", "filter_subjects"}
         tunable = {"ack_wait", "max_deliver", "max_ack_pending"}
+        if existing.filter_subject == self.subject and not existing.filter_subjects:
+            # made before event keys existed: it gains the keyed subjects, nothing else
+            existing = replace(existing, filter_subject=None, filter_subjects=[self.subject])
+            tunable.add("filter_subjects")
         diff = differences(existing, declared, sorted(fixed | tunable))
-        conflicts = {k: v for k, v in diff.items() if k in fixed}
+        conflicts = {k: v for k, v in diff.items() if k in fixed - tunable}
         if conflicts:
             raise ConfigConflict(f"consumer {self.stream}/{self.durable}", conflicts)
         if diff:
