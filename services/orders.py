@@ -138,34 +138,42 @@ def fold(records: list[EventRecord]) -> Order | None:
 
 
 def evolve(order: Order | None, record: EventRecord) -> Order | None:
-    """One event applied to the order: the only place where order state changes."""
+    """One event applied to the order: the only place where order state changes.
+
+    The same state machine as the decisions: an event the state does not allow (a
+    second order.created.v1, a cancellation after the confirmation: copies published
+    again under new ids) changes nothing but the version.
+    """
+    if order is None:
+        return created(record) if record.type == ORDER_CREATED else None
     replace = msgspec.structs.replace
-    if record.type == ORDER_CREATED:
-        created = record.decode(OrderCreated)
-        stamp = record.time.isoformat().replace("+00:00", "Z")
-        order = Order(
-            id=created.order_id,
-            customer_id=created.customer_id,
-            items=created.items,
-            total_cents=created.total_cents,
-            status="pending",
-            created_at=stamp,
-        )
-    elif order is None:
-        return None  # (a deadline that fired for an order never created)
-    elif record.type == ORDER_RESERVED:
+    pending = order.status == "pending"
+    if record.type == ORDER_RESERVED:
         order = replace(order, stock_reserved=True)
-    elif record.type == ORDER_PAID:
+    elif record.type == ORDER_PAID and not order.paid:
         order = replace(order, paid=True, payment_id=record.decode(OrderPaid).payment_id)
-    elif record.type == ORDER_CONFIRMED:
+    elif record.type == ORDER_CONFIRMED and pending:
         order = replace(order, status="confirmed")
-    elif record.type == ORDER_CANCELLED:
+    elif record.type == ORDER_CANCELLED and pending:
         order = replace(order, status="cancelled", reason=record.decode(OrderCancelled).reason)
-    elif record.type == ORDER_REFUNDED:
+    elif record.type == ORDER_REFUNDED and not order.refunded:
         refunded = record.decode(OrderRefunded)
         status = "refunded" if order.status == "confirmed" else order.status
         order = replace(order, refunded=True, status=status, reason=refunded.reason)
     return replace(order, version=record.sequence)
+
+
+def created(record: EventRecord) -> Order:
+    event = record.decode(OrderCreated)
+    return Order(
+        id=event.order_id,
+        customer_id=event.customer_id,
+        items=event.items,
+        total_cents=event.total_cents,
+        status="pending",
+        created_at=record.time.isoformat().replace("+00:00", "Z"),
+        version=record.sequence,
+    )
 
 
 # --- decisions: what the state calls for ------------------------------------------------
