@@ -490,7 +490,7 @@ def _subparser(subparsers: Subparsers, name: str, help_text: str) -> argparse.Ar
     )
 
 
-_EXTENSIONS = ("events", "mesh")
+_EXTENSIONS = ("events", "mesh", "replay")
 
 
 def _register_extensions(subparsers: Subparsers, handlers: dict[str, Handler]) -> None:
