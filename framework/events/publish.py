@@ -292,10 +292,7 @@ class BatchPublisher:
         except PublishError as exc:
             _end(span, exc)
             raise
-        if self._sub is None:
-            nc = self._client.nc
-            self._prefix = nc.new_inbox() + "."
-            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        await self._listen()
         try:
             await self._take_slot(event_id)
         except PublishError as exc:
@@ -313,6 +310,13 @@ class BatchPublisher:
             _end(span, error)
             raise error from None
         return event_id
+
+    async def _listen(self) -> None:
+        """The wildcard inbox the acks of this publisher come back on."""
+        if self._sub is None:
+            nc = self._client.nc
+            self._prefix = nc.new_inbox() + "."
+            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
 
     async def _take_slot(self, event_id: str) -> None:
         try:
