@@ -80,7 +80,7 @@ async def test_subscribers_receive_keyed_and_unkeyed_events_alike(serve: Any, cl
 
     @service.subscribe("thing.made.v1")
     async def on_made(event: Happened, ctx: Context) -> None:
-        seen.append((event.n, ctx.event_id))
+        seen.append((event.n, ctx.subject))
 
     await serve(service)
     await client.publish("thing.made.v1", Happened(1))
@@ -89,7 +89,11 @@ async def test_subscribers_receive_keyed_and_unkeyed_events_alike(serve: Any, cl
     async with client.batch() as batch:
         await batch.publish("thing.made.v1", Happened(4), key="t-10")
     await eventually(lambda: len(seen) == 3)
-    assert sorted(n for n, _ in seen) == [1, 2, 4]
+    assert sorted(seen) == [
+        (1, "events.thing.made.v1"),
+        (2, "events.thing.made.v1.t-9"),  # the handler sees the key in ctx.subject
+        (4, "events.thing.made.v1.t-10"),
+    ]
 
 
 async def ensure_domain(client: Any, domain: str) -> None:
