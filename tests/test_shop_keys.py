@@ -129,3 +129,44 @@ async def test_a_consumer_from_before_event_keys_gains_the_keyed_subjects(
     assert sorted(info.config.filter_subjects) == ["events.thing.made.v1", "events.thing.made.v1.>"]
     await client.publish("thing.made.v1", Happened(7), key="t-1")
     await eventually(lambda: seen == [7])
+
+
+async def test_a_long_history_is_read_in_pages(client: Any) -> None:
+    await ensure_domain(client, "thing")
+    async with client.batch() as batch:
+        for n in range(700):  # more than two pages of direct gets
+            await batch.publish("thing.moved.v1", Happened(n), key="busy")
+            await batch.publish("thing.moved.v1", Happened(-1), key="other")
+    history = await client.history("thing", "busy")
+    assert [r.decode(Happened).n for r in history] == list(range(700))
+    assert [r.decode(Happened).n for r in await client.history("thing", "busy", limit=300)] == list(
+        range(300)
+    )
+
+
+async def test_an_unkeyed_event_is_not_mistaken_for_a_key(client: Any) -> None:
+    """`events.shop.order.created.v1` (unkeyed, 3-token type in domain shop) matches the
+    filter of key `v1`'s 2-token types: it is not part of that key's history."""
+    await ensure_domain(client, "shop")
+    await client.publish("shop.order.created.v1", Happened(1))
+    await client.publish("shop.paid.v1", Happened(2), key="v1")
+    assert [(r.type, r.decode(Happened).n) for r in await client.history("shop", "v1")] == [
+        ("shop.paid.v1", 2)
+    ]
+
+
+async def test_history_of_a_domain_without_a_stream_is_a_clear_error(client: Any) -> None:
+    from framework.events.history import HistoryError
+
+    with pytest.raises(HistoryError, match="no stream captures events.nothing"):
+        await client.history("nothing", "k")
+
+
+async def test_history_needs_direct_gets_on_the_stream(client: Any) -> None:
+    from framework.events.history import HistoryError
+    from nats.js import api
+
+    await client.js.add_stream(api.StreamConfig(name="PLAIN", subjects=["events.plain.>"]))
+    await client.publish("plain.made.v1", Happened(1), key="k")
+    with pytest.raises(HistoryError, match="stream PLAIN"):
+        await client.history("plain", "k", timeout=1.0)
