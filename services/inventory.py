@@ -103,7 +103,11 @@ async def open_stock(ctx: Context) -> Any:
 # --- events -----------------------------------------------------------------------------
 
 
-@service.subscribe(ORDER_CREATED, backoff=[0.2, 0.5, 1, 2, 5], max_deliver=8)
+# Handlers take milliseconds: a delivery lost with a killed process comes back after 10 s.
+OPTIONS: dict[str, Any] = {"backoff": [0.2, 0.5, 1, 2, 5], "max_deliver": 8, "ack_wait": 10.0}
+
+
+@service.subscribe(ORDER_CREATED, **OPTIONS)
 async def on_order_created(event: OrderCreated, ctx: Context) -> None:
     """Reserve every line of the order, or none of them."""
     lines = [StockLine(item.sku, item.quantity) for item in event.items]
@@ -112,14 +116,14 @@ async def on_order_created(event: OrderCreated, ctx: Context) -> None:
     await announce(ctx, reservation)
 
 
-@service.subscribe(ORDER_CANCELLED, backoff=[0.2, 0.5, 1, 2, 5], max_deliver=8)
+@service.subscribe(ORDER_CANCELLED, **OPTIONS)
 async def on_order_cancelled(event: OrderCancelled, ctx: Context) -> None:
     """Compensation: give back what the order held (and never reserve for it later)."""
     reservation = await change(ctx, event.order_id, release(event.order_id), None)
     await announce(ctx, reservation)
 
 
-@service.subscribe(ORDER_CONFIRMED, backoff=[0.2, 0.5, 1, 2, 5], max_deliver=8)
+@service.subscribe(ORDER_CONFIRMED, **OPTIONS)
 async def on_order_confirmed(event: OrderConfirmed, ctx: Context) -> None:
     """The held stock leaves the shelf for good."""
     reservation = await change(ctx, event.order_id, commit(event.order_id), None)

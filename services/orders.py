@@ -157,9 +157,11 @@ def evolve(order: Order | None, record: EventRecord) -> Order | None:
     elif record.type == ORDER_CANCELLED and pending:
         order = replace(order, status="cancelled", reason=record.decode(OrderCancelled).reason)
     elif record.type == ORDER_REFUNDED and not order.refunded:
-        refunded = record.decode(OrderRefunded)
-        status = "refunded" if order.status == "confirmed" else order.status
-        order = replace(order, refunded=True, status=status, reason=refunded.reason)
+        if order.status == "confirmed":  # a refund after the sale: why is the news
+            reason = record.decode(OrderRefunded).reason
+            order = replace(order, refunded=True, status="refunded", reason=reason)
+        else:  # a cancelled order's compensation: why it was cancelled stays
+            order = replace(order, refunded=True)
     return replace(order, version=record.sequence)
 
 

@@ -390,3 +390,31 @@ async def test_restock_get_and_list(client, serve):
     assert [i.sku for i in listed] == sorted(set(inventory.SEED_CATALOG) | {"yo-yo"})
     with pytest.raises(NotFound, match="no sku nope"):
         await client.call("inventory.get", GetStock("nope"), returns=StockItem)
+
+
+def test_a_compensating_refund_keeps_why_the_order_was_cancelled() -> None:
+    """The fold alone: a cancelled order's refund (its compensation) does not replace the
+    cancellation's reason; a confirmed order's refund does, and makes it refunded."""
+    from datetime import UTC, datetime
+
+    from framework import EventRecord
+    from services.contracts import OrderConfirmed, OrderPaid, OrderRefunded, OrderReserved
+
+    def record(seq: int, event_type: str, payload: Any) -> EventRecord:
+        data = msgspec.json.encode(payload)
+        now = datetime.now(UTC)
+        return EventRecord(event_type, "o-1", seq, now, f"events.{event_type}.o-1", "-", {}, data)
+
+    created = record(1, "order.created.v1", OrderCreated("o-1", "c-1", 500, []))
+    paid = record(2, "order.paid.v1", OrderPaid("o-1", "p-1", 500))
+    refund = OrderRefunded("o-1", "p-1", 500, "order cancelled: out of stock: x", "c-1")
+    cancelled = record(3, "order.cancelled.v1", OrderCancelled("o-1", "c-1", "out of stock: x"))
+    order = orders.fold([created, paid, cancelled, record(4, "order.refunded.v1", refund)])
+    assert order is not None
+    assert (order.status, order.reason, order.refunded) == ("cancelled", "out of stock: x", True)
+    reserved = record(3, "order.reserved.v1", OrderReserved("o-1"))
+    confirmed = record(4, "order.confirmed.v1", OrderConfirmed("o-1", "c-1", "p-1", 500))
+    later = OrderRefunded("o-1", "p-1", 500, "damaged", "c-1")
+    order = orders.fold([created, paid, reserved, confirmed, record(5, "order.refunded.v1", later)])
+    assert order is not None
+    assert (order.status, order.reason, order.version) == ("refunded", "damaged", 5)
