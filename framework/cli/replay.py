@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..service import Service
-from .main import CliError, ExitCode, with_client
+from ._common import CliError, ExitCode, add_command, load_spec, seconds, with_client
 
 if TYPE_CHECKING:
     from ..client import Client
     from ..events.subscriber import Subscriber
-    from .main import Handler, Subparsers
+    from ._common import Handler, Subparsers
 
 __all__ = ["caught_up", "register", "replay", "select_subscribers"]
 
@@ -93,12 +93,9 @@ async def _wait_caught_up(client: Client, chosen: Sequence[Subscriber]) -> dict[
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from ..runner import load_service
-
-    try:
-        service = load_service(args.spec)
-    except (ImportError, ValueError) as error:
-        raise CliError(f"cannot load {args.spec!r}: {error}", ExitCode.USAGE) from None
+    service = load_spec(args.spec)
+    if not isinstance(service, Service):
+        raise CliError(f"{args.spec!r} is not a Service", ExitCode.USAGE)
     select_subscribers(service, args.handlers)  # a usage error before connecting
 
     async def body(client: Client) -> int:
@@ -115,10 +112,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Subparsers) -> Mapping[str, Handler]:
-    from .main import _subparser
-
-    parser = _subparser(
-        subparsers, "replay", "run subscribers of a service until they catch up (rebuild a view)"
+    parser = add_command(
+        subparsers,
+        "replay",
+        "run subscribers of a service until they catch up (rebuild a view)",
+        codes=(ExitCode.OK, ExitCode.USAGE, ExitCode.TIMEOUT, ExitCode.NO_CONNECTION),
+        notes={ExitCode.OK: "caught up", ExitCode.TIMEOUT: "not caught up within --timeout"},
+        examples=["mesh replay services.orders:service --handler 'view_v1_*'"],
     )
     parser.add_argument(
         "spec", metavar="MODULE:ATTR", help="the service, e.g. services.orders:service"
@@ -133,7 +133,7 @@ def register(subparsers: Subparsers) -> Mapping[str, Handler]:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=300.0,
         metavar="SECONDS",
         help="give up if not caught up by then (default: 300)",
