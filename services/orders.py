@@ -288,8 +288,6 @@ async def settle(ctx: Context, order: Order) -> None:
 
 async def request_receipt(ctx: Context, order: Order) -> None:
     """Enqueue `receipts.render` for the order once: the job id is the order id."""
-    if not hasattr(ctx.client, "enqueue"):  # TODO(shop): the jobs API is not on main yet
-        return
     handle = ctx.client.job(RENDER_RECEIPT, order.id)
     try:
         await handle.status()
