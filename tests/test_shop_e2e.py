@@ -1,6 +1,7 @@
-"""The shop under load and faults, on the mesh as `mesh up` starts it (real processes).
+"""The shop under load and faults, on the mesh as `just up` starts it (real processes).
 
-300 orders: some for a sold-out SKU, some above the payment limit, some declined by the
+`mesh up` with this repository's `[tool.mesh]` services (the whole shop, the gateway and
+the dashboard included); 300 orders through the gateway's `POST /orders`: some for a sold-out SKU, some above the payment limit, some declined by the
 card issuer (`PAYMENTS_FAILURE_RATE`), some left hanging by a payments outage (the
 process stopped with SIGSTOP for longer than the saga deadline); inventory is killed
 with SIGKILL mid-run (the supervisor restarts it) and nats-server is restarted once.
@@ -16,16 +17,19 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
+import msgspec
 import pytest
 from test_mesh_e2e import _children
 
-from framework import BadRequest, connect
+from framework import connect
 from framework.dev.devserver import free_port
 from framework.testing import eventually
 from services import orders as orders_module
@@ -35,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 ORDERS = 300
 ORDER_TIMEOUT = 6.0  # the saga deadline, short so the outage hits it
-SERVICES = ("orders", "payments", "inventory", "notifications")
+ROOT = Path(__file__).resolve().parent.parent
 PRICES = {"book-dune": 1_999, "mug-owl": 850, "pen-ink": 299, "lamp-arc": 4_500, "bike-road": 9_900}
 OUTAGE_AT, KILL_INVENTORY_AT, RESTART_NATS_AT = 70, 160, 230
 
@@ -46,11 +50,11 @@ class Mesh:
     def __init__(self, workdir: Path, port: int, env: dict[str, str]) -> None:
         self.workdir = workdir
         self.port = port
-        config = workdir / "nats.conf"
-        config.write_text('jetstream { store_dir: ".mesh/jetstream" }\n')
-        command = [sys.executable, "-m", "framework.cli", "up", "--port", str(port)]
-        command += ["--no-color", "--config", str(config)]
-        command += [f"--service=services.{name}:service" for name in SERVICES]
+        (workdir / "nats.conf").write_text('jetstream { store_dir: ".mesh/jetstream" }\n')
+        services = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mesh"]["services"]
+        listed = ", ".join(f'"{spec}"' for spec in services)
+        (workdir / "mesh.toml").write_text(f'services = [{listed}]\nnats_config = "nats.conf"\n')
+        command = [sys.executable, "-m", "framework.cli", "up", "--port", str(port), "--no-color"]
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             command,
@@ -130,20 +134,23 @@ def request(n: int) -> tuple[CreateOrder, str]:
     return CreateOrder(customer_id=f"cust-{n % 40}", items=lines, idempotency_key=f"k-{n}"), kind
 
 
-async def place(client: Any, run: Run, n: int) -> None:
-    """orders.create, retried with the same idempotency key while NATS restarts."""
+async def place(http: httpx.AsyncClient, client: Any, run: Run, n: int) -> None:
+    """`POST /orders` at the gateway, retried with the same idempotency key while NATS
+    restarts (the gateway answers 503/504 then, or the connection drops)."""
     req, kind = request(n)
     for _ in range(60):
         try:
-            order = await client.call("orders.create", req, returns=Order, timeout=5)
+            response = await http.post("/orders", json=msgspec.to_builtins(req))
+        except httpx.HTTPError:
+            response = None
+        if response is not None and response.status_code == 202:
             break
-        except BadRequest:
-            raise
-        except Exception:  # the connection is lost while NATS restarts, a timeout: again
-            run.retries += 1
-            await anyio.sleep(0.5)
+        assert response is None or response.status_code in (502, 503, 504), response.text
+        run.retries += 1
+        await anyio.sleep(0.5)
     else:
         raise AssertionError(f"order {n} could not be placed")
+    order = await client.call("orders.get", GetOrder(response.json()["id"]), returns=Order)
     run.placed[n] = order
     run.kinds[order.id] = kind
 
@@ -151,7 +158,10 @@ async def place(client: Any, run: Run, n: int) -> None:
 async def test_shop_under_load_and_faults(tmp_path: Path) -> None:
     port = free_port()
     ledger, outbox = tmp_path / "ledger.jsonl", tmp_path / "outbox.jsonl"
+    gateway_port = free_port()
     env = {
+        "GATEWAY_PORT": str(gateway_port),
+        "DASHBOARD_PORT": str(free_port()),
         "ORDER_TIMEOUT": str(ORDER_TIMEOUT),
         "PAYMENTS_FAILURE_RATE": "0.1",
         "PAYMENTS_LEDGER": str(ledger),
@@ -162,8 +172,12 @@ async def test_shop_under_load_and_faults(tmp_path: Path) -> None:
     run = Run()
     try:
         await eventually(lambda: mesh.said("mesh: ready"), 90, "mesh ready")
-        async with connect(url, max_reconnect_attempts=-1) as client:
-            await place_with_faults(client, mesh, run)
+        gateway = f"http://127.0.0.1:{gateway_port}"
+        async with (
+            connect(url, max_reconnect_attempts=-1) as client,
+            httpx.AsyncClient(base_url=gateway, timeout=10) as http,
+        ):
+            await place_with_faults(http, client, mesh, run)
             finals = await all_final(client, run)
             await check_invariants(client, run, finals, ledger, outbox)
     finally:
@@ -172,7 +186,7 @@ async def test_shop_under_load_and_faults(tmp_path: Path) -> None:
     assert code == 0
 
 
-async def place_with_faults(client: Any, mesh: Mesh, run: Run) -> None:
+async def place_with_faults(http: httpx.AsyncClient, client: Any, mesh: Mesh, run: Run) -> None:
     payments_pid = mesh.child("services.payments:service")[0]
     outage_end = 0.0
     for n in range(ORDERS):
@@ -186,7 +200,7 @@ async def place_with_faults(client: Any, mesh: Mesh, run: Run) -> None:
             os.kill(mesh.child("services.inventory:service")[0], signal.SIGKILL)
         if n == RESTART_NATS_AT:
             await anyio.to_thread.run_sync(mesh.restart_nats)
-        await place(client, run, n)
+        await place(http, client, run, n)
         if outage_end:
             run.during_outage.add(run.placed[n].id)
         await anyio.sleep(0.08)
@@ -235,13 +249,14 @@ async def check_invariants(
     assert deadline, "the payments outage left no order to the deadline"
     kinds = Counter(run.kinds[oid] for oid in cancelled)
     print(
-        f"\nshop e2e: {ORDERS} orders ({run.retries} create retries during the NATS restart): "
+        f"\nshop e2e: {ORDERS} orders through the gateway ({run.retries} retried during the NATS "
+        "restart): "
         f"{len(confirmed)} confirmed, {len(cancelled)} cancelled "
         f"(sold-out {kinds['sold-out']}, above limit {kinds['declined']}, "
         f"declined/out of stock otherwise {kinds['normal'] - len(deadline)}, "
         f"deadline {len(deadline)}, {len(deadline & run.during_outage)} placed in the outage); "
         f"{charges} charges, {refunded} refunded once; {released} reservations released once; "
-        f"{sold} items sold; {notes} notifications"
+        f"{sold} items sold; {notes} notifications ({len(confirmed)} of them receipts)"
     )
 
 
@@ -294,11 +309,13 @@ async def check_stock_events(client: Any, finals: dict[str, Order], confirmed: s
 
 
 async def check_notifications(outbox: Path, finals: dict[str, Order], confirmed: set[str]) -> int:
-    """One notification per final order, of its outcome."""
-    await eventually(lambda: len(outbox_lines(outbox)) >= ORDERS, 90, "notifications")
+    """One notification per final order, of its outcome; one receipt per confirmed order."""
+    everything = ORDERS + len(confirmed)
+    await eventually(lambda: len(outbox_lines(outbox)) >= everything, 90, "notifications")
     await anyio.sleep(1.0)
     sent = Counter((n["order_id"], n["kind"]) for n in outbox_lines(outbox))
     expected = {(oid, f"order_{o.status}") for oid, o in finals.items()}
+    expected |= {(oid, "receipt") for oid in confirmed}
     assert set(sent) == expected, set(sent) ^ expected
     assert set(sent.values()) == {1}, [key for key, count in sent.items() if count > 1]
     return sum(sent.values())
