@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -18,7 +19,8 @@ def compose() -> dict:  # type: ignore[type-arg]
 def test_every_service_command_loads_a_framework_service():
     services = compose()["services"]
     app_services = {name: spec for name, spec in services.items() if name != "nats"}
-    assert set(app_services) == {"orders", "payments", "notifications", "inventory"}
+    mesh_up = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mesh"]["services"]
+    assert set(app_services) == {load_service(spec).name for spec in mesh_up}  # as `just up`
     for name, spec in app_services.items():
         command = spec["command"]
         assert command[:2] == ["mesh", "run"], command
@@ -46,5 +48,5 @@ def test_files_the_compose_file_names_exist():
     dockerfile = (ROOT / "Dockerfile").read_text()
     for copied in ("pyproject.toml", "framework", "services"):
         assert copied in dockerfile and (ROOT / copied).exists()
-    for name in ("orders", "payments", "notifications", "inventory"):
+    for name in ("orders", "payments", "notifications", "inventory", "receipts", "gateway"):
         assert spec["services"][name]["build"] == "."
