@@ -112,11 +112,17 @@ def expect_sequence(
         out[h.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT] = guard_subject(event_type, key)
 
 
-def _producer_span(subject: str, out: dict[str, str], event_id: str, parent: Context | None) -> Any:
-    """The PRODUCER span of one event, its context injected into the event's headers."""
+def _producer_span(
+    event_type: str, out: dict[str, str], event_id: str, parent: Context | None
+) -> Any:
+    """The PRODUCER span of one event, its context injected into the event's headers.
+
+    Named after the type's subject, without an event key: span names stay low-cardinality
+    (the consumer's `process events.<type>` matches it), the event id identifies the event.
+    """
     span = telemetry.start_send_span(
         "publish",
-        subject,
+        event_subject(event_type),
         out.get(h.PRODUCER),
         telemetry.SpanKind.PRODUCER,
         parent.span if parent is not None else None,
@@ -195,7 +201,7 @@ async def publish_event(
         key=key,
     )
     expect_sequence(out, event_type, key, expected_last_subject_sequence)
-    span = _producer_span(subject, out, event_id, parent)
+    span = _producer_span(event_type, out, event_id, parent)
     try:
         _check_size(client, data, out)
         try:
@@ -286,7 +292,7 @@ class BatchPublisher:
         if self._flushed:
             self._flushed = False
             self.acks, self.failures = [], []
-        span = _producer_span(subject, out, event_id, None)  # ends when the ack comes
+        span = _producer_span(event_type, out, event_id, None)  # ends when the ack comes
         try:
             _check_size(self._client, data, out)
         except PublishError as exc:
