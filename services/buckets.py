@@ -19,8 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 from nats.js.errors import KeyNotFoundError
 
-from framework import Client, NotFound
-from framework.events.idempotency import open_bucket
+from framework import Client, NotFound, open_bucket
 
 T = TypeVar("T")
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's err_codes of a failed revision check

@@ -156,18 +156,18 @@ async def test_an_unkeyed_event_is_not_mistaken_for_a_key(client: Any) -> None:
 
 
 async def test_history_of_a_domain_without_a_stream_is_a_clear_error(client: Any) -> None:
-    from framework.events.history import HistoryError
+    from framework import JetStreamError
 
-    with pytest.raises(HistoryError, match=r"no stream captures events\.nothing"):
+    with pytest.raises(JetStreamError, match=r"no stream captures events\.nothing"):
         await client.history("nothing", "k")
 
 
 async def test_history_needs_direct_gets_on_the_stream(client: Any) -> None:
     from nats.js import api
 
-    from framework.events.history import HistoryError
+    from framework import JetStreamError
 
     await client.js.add_stream(api.StreamConfig(name="PLAIN", subjects=["events.plain.>"]))
     await client.publish("plain.made.v1", Happened(1), key="k")
-    with pytest.raises(HistoryError, match="stream PLAIN"):
+    with pytest.raises(JetStreamError, match="stream PLAIN"):
         await client.history("plain", "k", timeout=1.0)

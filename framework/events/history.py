@@ -23,23 +23,20 @@ import anyio
 import msgspec
 from nats.js.errors import NotFoundError
 
+from ..errors import JetStreamError
 from ..transport import headers as h
 from ..transport.names import EVENT_PREFIX, check_event_type, event_domain, key_subjects
 
 if TYPE_CHECKING:
     from ..client import Client
 
-__all__ = ["EventRecord", "HistoryError", "read_history"]
+__all__ = ["EventRecord", "read_history"]
 
 T = TypeVar("T")
 PAGE = 256  # messages per direct-get batch
 DEFAULT_LIMIT = 10_000
 
 _streams: weakref.WeakKeyDictionary[Client, dict[str, str]] = weakref.WeakKeyDictionary()
-
-
-class HistoryError(RuntimeError):
-    """A key's history could not be read (no stream, no direct get, no answer in time)."""
 
 
 class EventRecord(msgspec.Struct, frozen=True):
@@ -106,7 +103,7 @@ async def _stream_of(client: Client, domain: str, subject: str) -> str:
         try:
             stream = str(await client.js.find_stream_name_by_subject(subject))
         except NotFoundError:
-            raise HistoryError(f"no stream captures {subject}: nothing was ever stored") from None
+            raise JetStreamError(f"no stream captures {subject}: nothing was ever stored") from None
         known[domain] = stream
     return stream
 
@@ -153,9 +150,9 @@ async def _page(
     finally:
         await sub.unsubscribe()
     if not done.is_set():
-        raise HistoryError(f"no answer from stream {stream} within {timeout:g}s for {subject}")
+        raise JetStreamError(f"no answer from stream {stream} within {timeout:g}s for {subject}")
     if failure:
-        raise HistoryError(f"stream {stream} refused to read {subject}: {failure[0]}")
+        raise JetStreamError(f"stream {stream} refused to read {subject}: {failure[0]}")
     pending = int(messages[-1].headers.get("Nats-Num-Pending", "0")) if messages else 0
     return messages, pending
 

@@ -16,23 +16,27 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import APIError
 
-from ..context import Context
-from ..errors import ConcurrencyConflict, NoStream, PermissionDenied, PublishError
+from ..errors import PublishError
 from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport.codec import encode_payload
 from ..transport.names import check_event_key, check_event_type, event_subject, guard_subject
+from ..transport.wire_errors import PubAck, api_error, publish_error
+from ..transport.wire_errors import decode_pub_ack as _decode_pub_ack
 
 if TYPE_CHECKING:
     from ..client import Client
+    from ..context import Context
 
 __all__ = ["BatchPublisher", "PublishAck", "build_event", "publish_error", "publish_event"]
 
 
 class PublishAck(msgspec.Struct, frozen=True):
+    """Where JetStream stored an event: `stream` and `seq`; `duplicate` when the event
+    id was stored before (within the duplicate window) and this publish added nothing."""
+
     stream: str
     seq: int
     event_id: str
@@ -144,31 +148,6 @@ def _check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
         )
 
 
-WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed expected-sequence check
-
-
-def publish_error(subject: str, exc: BaseException, expected: int | None = None) -> PublishError:
-    if isinstance(exc, APIError) and exc.err_code == WRONG_LAST_SEQUENCE:
-        actual = (exc.description or "").rpartition(":")[2].strip()
-        return ConcurrencyConflict(
-            f"{subject} not stored: expected last sequence {expected}, "
-            f"the server has {actual or 'another'} ({exc.description})",
-            subject=subject,
-            expected=expected if expected is not None else -1,
-            actual=int(actual) if actual.isdigit() else None,
-        )
-    if isinstance(exc, NoStreamResponseError | NoRespondersError):
-        return NoStream(
-            f"no stream captures {subject}: declare a Stream for its domain or start a "
-            "service that subscribes to it (the event was not stored)"
-        )
-    if isinstance(exc, PermissionDenied):
-        return PublishError(f"permission denied, the event was not stored: {exc}")
-    if isinstance(exc, NatsTimeoutError | TimeoutError):
-        return PublishError(f"no acknowledgement from JetStream for {subject} (not known stored)")
-    return PublishError(f"publish to {subject} failed: {exc}")
-
-
 async def publish_event(
     client: Client,
     event_type: str,
@@ -184,12 +163,33 @@ async def publish_event(
 ) -> PublishAck:
     """Publish and wait for the JetStream ack; the same event id is stored once.
 
-    `key` (an entity id) goes into the subject, `events.<type>.<key>`, so the key's
-    events can be read back in order (`Client.history`). With
-    `expected_last_subject_sequence` the event is stored only if the key's last event
-    (in the type's domain; without a key, the subject's) has that stream sequence (0:
-    none yet); otherwise `ConcurrencyConflict` is raised and nothing is stored.
+    Args:
+        event_type: `[domain.]entity.action.vN`, e.g. `order.created.v1`; the subject
+            is `events.<event_type>`, stored by the domain's stream.
+        event: the payload: anything msgspec encodes as JSON; bytes are sent as they are.
+        event_id: the event's id, sent as `Nats-Msg-Id` (default: a new one); the same
+            id published again within the stream's duplicate window is stored once.
+        headers: extra headers to send.
+        correlation_id: the conversation to join (default: the event starts one).
+        timeout: seconds to wait for JetStream's ack.
+        parent: the handler's context (what `ctx.publish` passes): its correlation
+            id, trace and message id (as `Causation-Id`) carry over.
+        key: an entity id (one subject token) put into the subject,
+            `events.<event_type>.<key>`, so the entity's events can be read back in order
+            (`Client.history`); subscribers of the type receive keyed events as well.
+        expected_last_subject_sequence: store the event only if the key's last event
+            (of any type of the domain; without a key, the subject's last) has this
+            stream sequence, 0 for none yet: optimistic concurrency for event sourcing.
+
+    Raises:
+        ConcurrencyConflict: `expected_last_subject_sequence` did not match; nothing
+            was stored (read the history again, decide again).
+        NoStream: no stream captures the subject; nothing was stored.
+        PublishError: not stored, or not known to be (no ack in time, not permitted,
+            larger than the server's max_payload).
+        ClientClosed: the client is closed.
     """
+    client.check_open()
     subject, data, out, event_id = build_event(
         client,
         event_type,
@@ -204,34 +204,32 @@ async def publish_event(
     span = _producer_span(event_type, out, event_id, parent)
     try:
         _check_size(client, data, out)
-        try:
-            mux = await client.mux()  # nats-py's js.publish: a request and json.loads
-            reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
-            ack = _decode_pub_ack(reply.data)
-            if ack.error is not None:
-                raise APIError.from_error(ack.error)
-        except Exception as exc:
-            error = publish_error(subject, exc, expected_last_subject_sequence)
-            telemetry.record_error(span, error)
-            raise error from None
+        ack = await _send(client, subject, data, out, timeout, span)
         return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
     finally:
         span.end()
 
 
+async def _send(
+    client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float, span: Any
+) -> PubAck:
+    """One JetStream publish and its ack; every failure as a `PublishError`."""
+    try:
+        mux = await client.mux()  # nats-py's js.publish: a request and json.loads
+        reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
+        ack = _decode_pub_ack(reply.data)
+        if ack.error is not None:
+            raise APIError.from_error(ack.error)
+    except Exception as exc:
+        error = publish_error(subject, exc, out.get(h.EXPECTED_LAST_SUBJECT_SEQUENCE))
+        telemetry.record_error(span, error)
+        raise error from None
+    return ack
+
+
 def _end(span: Any, error: BaseException) -> None:
     telemetry.record_error(span, error)
     span.end()
-
-
-class _PubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: dict[str, Any] | None = None
-
-
-_decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
 
 
 class BatchPublisher:
@@ -278,7 +276,13 @@ class BatchPublisher:
         correlation_id: str | None = None,
         key: str | None = None,
     ) -> str:
-        """Send one event (to `events.<type>.<key>` with a `key`); its ack comes later."""
+        """Send one event without waiting for its ack; returns its event id.
+
+        Waits only while `max_outstanding` events are unacknowledged. Arguments are
+        those of `Client.publish` (`key` too); failures are collected for `flush()`
+        (`failures`), except those known at once (too large, no slot in time), raised here.
+        """
+        self._client.check_open()
         subject, data, out, event_id = build_event(
             self._client,
             event_type,
@@ -298,7 +302,14 @@ class BatchPublisher:
         except PublishError as exc:
             _end(span, exc)
             raise
-        await self._listen()
+        await self._ack_inbox()
+        await self._send(subject, data, out, event_id, span)
+        return event_id
+
+    async def _send(
+        self, subject: str, data: bytes, out: dict[str, str], event_id: str, span: Any
+    ) -> None:
+        """Take a slot, then publish with this batch's reply subject for the ack."""
         try:
             await self._take_slot(event_id)
         except PublishError as exc:
@@ -315,10 +326,9 @@ class BatchPublisher:
             error = publish_error(subject, exc)
             _end(span, error)
             raise error from None
-        return event_id
 
-    async def _listen(self) -> None:
-        """The wildcard inbox the acks of this publisher come back on."""
+    async def _ack_inbox(self) -> None:
+        """The wildcard inbox the acks of this batch come back on, subscribed once."""
         if self._sub is None:
             nc = self._client.nc
             self._prefix = nc.new_inbox() + "."
@@ -370,7 +380,7 @@ class BatchPublisher:
                 self._failed(event_id, span, PublishError(f"unreadable ack: {exc}"))
             else:
                 if ack.error:
-                    error = PublishError(f"publish to {subject} failed: {ack.error}")
+                    error = publish_error(subject, api_error(ack.error))
                     self._failed(event_id, span, error)
                 else:
                     self.acks.append(PublishAck(ack.stream, ack.seq, event_id, ack.duplicate))
