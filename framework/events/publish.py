@@ -69,14 +69,14 @@ def build_event(
     client: Client,
     event_type: str,
     event: Any,
-    *,
     event_id: str | None,
     headers: Mapping[str, str] | None,
     correlation_id: str | None,
     parent: Context | None,
     key: str | None = None,
 ) -> tuple[str, bytes, dict[str, str], str]:
-    """Subject, body, headers and event id of an event about to be published."""
+    """Subject, body, headers and event id of an event about to be published (the
+    arguments are `publish_event`'s)."""
     check_event_type(event_type)
     if key is not None:
         check_event_key(key)
@@ -174,32 +174,21 @@ async def publish_event(
         timeout: seconds to wait for JetStream's ack.
         parent: the handler's context (what `ctx.publish` passes): its correlation
             id, trace and message id (as `Causation-Id`) carry over.
-        key: an entity id (one subject token) put into the subject,
-            `events.<event_type>.<key>`, so the entity's events can be read back in order
-            (`Client.history`); subscribers of the type receive keyed events as well.
-        expected_last_subject_sequence: store the event only if the key's last event
-            (of any type of the domain; without a key, the subject's last) has this
-            stream sequence, 0 for none yet: optimistic concurrency for event sourcing.
+        key: an entity id (one subject token): the subject is `events.<event_type>.<key>`,
+            and `Client.history` reads the entity's events back in order.
+        expected_last_subject_sequence: store only if the key's last event of the domain
+            (without a key: the subject's) has this stream sequence (0: none yet).
 
     Raises:
-        ConcurrencyConflict: `expected_last_subject_sequence` did not match; nothing
-            was stored (read the history again, decide again).
+        ConcurrencyConflict: the expected sequence did not match; nothing was stored.
         NoStream: no stream captures the subject; nothing was stored.
         PublishError: not stored, or not known to be (no ack in time, not permitted,
             larger than the server's max_payload).
         ClientClosed: the client is closed.
     """
     client.check_open()
-    subject, data, out, event_id = build_event(
-        client,
-        event_type,
-        event,
-        event_id=event_id,
-        headers=headers,
-        correlation_id=correlation_id,
-        parent=parent,
-        key=key,
-    )
+    built = build_event(client, event_type, event, event_id, headers, correlation_id, parent, key)
+    subject, data, out, event_id = built
     expect_sequence(out, event_type, key, expected_last_subject_sequence)
     span = _producer_span(event_type, out, event_id, parent)
     try:
@@ -283,16 +272,10 @@ class BatchPublisher:
         (`failures`), except those known at once (too large, no slot in time), raised here.
         """
         self._client.check_open()
-        subject, data, out, event_id = build_event(
-            self._client,
-            event_type,
-            event,
-            event_id=event_id,
-            headers=headers,
-            correlation_id=correlation_id,
-            parent=None,
-            key=key,
+        built = build_event(
+            self._client, event_type, event, event_id, headers, correlation_id, None, key
         )
+        subject, data, out, event_id = built
         if self._flushed:
             self._flushed = False
             self.acks, self.failures = [], []
