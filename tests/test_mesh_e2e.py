@@ -26,8 +26,8 @@ from services.contracts import CreateOrder, GetOrder, Order, OrderItem
 
 pytestmark = pytest.mark.slow
 
-# what this repository's pyproject.toml lists under [tool.mesh]; a test's workdir says it
-# in a mesh.toml of its own
+# the shop's services this test is about (the whole `[tool.mesh]` set, receipts and the
+# HTTP processes too, runs in tests/test_shop_e2e.py); its workdir says so in a mesh.toml
 SAMPLE_MESH_TOML = """\
 services = [
     "services.orders:service",
