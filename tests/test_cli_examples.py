@@ -25,10 +25,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from framework import connect
+from framework import connect, list_dead_letters
 from framework.cli.main import build_parser
 from framework.dev.devserver import free_port
-from framework.events.deadletter import list_dead_letters
 from framework.testing import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +84,8 @@ def sample_project(directory: Path) -> Path:
 def shell_env(url: str, cwd: Path) -> dict[str, str]:
     env = {**os.environ, "NATS_URL": url, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     env["MESH_OUTBOX"] = str(cwd / "outbox.jsonl")
+    # the shop's HTTP processes: ports of their own, so two meshes (and other tests) can run
+    env["GATEWAY_PORT"], env["DASHBOARD_PORT"] = str(free_port()), str(free_port())
     env.pop("PYTHONPATH", None)
     return env
 

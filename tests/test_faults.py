@@ -24,10 +24,17 @@ import anyio.to_thread
 import msgspec
 import pytest
 
-from framework import Client, Context, PublishError, Service, ServiceError, connect
+from framework import (
+    BatchPublisher,
+    Client,
+    Context,
+    PublishError,
+    Service,
+    ServiceError,
+    connect,
+    list_dead_letters,
+)
 from framework.dev.devserver import NatsServer, free_port, wait_jetstream_ready
-from framework.events.deadletter import list_dead_letters
-from framework.events.publish import BatchPublisher
 from framework.streams import ensure_streams
 from framework.testing import eventually as wait_until
 

@@ -16,23 +16,27 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import APIError
 
-from ..context import Context
-from ..errors import NoStream, PermissionDenied, PublishError
+from ..errors import PublishError
 from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport.codec import encode_payload
-from ..transport.names import check_event_type, event_subject
+from ..transport.names import check_event_key, check_event_type, event_subject, guard_subject
+from ..transport.wire_errors import PubAck, api_error, publish_error
+from ..transport.wire_errors import decode_pub_ack as _decode_pub_ack
 
 if TYPE_CHECKING:
     from ..client import Client
+    from ..context import Context
 
 __all__ = ["BatchPublisher", "PublishAck", "build_event", "publish_error", "publish_event"]
 
 
 class PublishAck(msgspec.Struct, frozen=True):
+    """Where JetStream stored an event: `stream` and `seq`; `duplicate` when the event
+    id was stored before (within the duplicate window) and this publish added nothing."""
+
     stream: str
     seq: int
     event_id: str
@@ -65,14 +69,17 @@ def build_event(
     client: Client,
     event_type: str,
     event: Any,
-    *,
     event_id: str | None,
     headers: Mapping[str, str] | None,
     correlation_id: str | None,
     parent: Context | None,
+    key: str | None = None,
 ) -> tuple[str, bytes, dict[str, str], str]:
-    """Subject, body, headers and event id of an event about to be published."""
+    """Subject, body, headers and event id of an event about to be published (the
+    arguments are `publish_event`'s)."""
     check_event_type(event_type)
+    if key is not None:
+        check_event_key(key)
     event_id = h.check_id(h.MSG_ID, event_id) if event_id else h.new_id()
     out = dict(headers) if headers else {}
     out[h.MSG_ID] = event_id
@@ -89,14 +96,37 @@ def build_event(
         out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id)
     else:
         out[h.CORRELATION_ID] = event_id  # checked above, or made here
-    return event_subject(event_type), encode_payload(event), out, event_id
+    return event_subject(event_type, key), encode_payload(event), out, event_id
 
 
-def _producer_span(subject: str, out: dict[str, str], event_id: str, parent: Context | None) -> Any:
-    """The PRODUCER span of one event, its context injected into the event's headers."""
+def expect_sequence(
+    out: dict[str, str], event_type: str, key: str | None, expected: int | None
+) -> None:
+    """Optimistic concurrency: stored only if the key's last sequence is `expected`.
+
+    With a key, the guard covers the key's events of the whole domain (what
+    `history(domain, key)` reads), not only this type's; 0 means "no event yet".
+    """
+    if expected is None:
+        return
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        raise ValueError(f"expected_last_subject_sequence must be an int >= 0, not {expected!r}")
+    out[h.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected)
+    if key is not None:
+        out[h.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT] = guard_subject(event_type, key)
+
+
+def _producer_span(
+    event_type: str, out: dict[str, str], event_id: str, parent: Context | None
+) -> Any:
+    """The PRODUCER span of one event, its context injected into the event's headers.
+
+    Named after the type's subject, without an event key: span names stay low-cardinality
+    (the consumer's `process events.<type>` matches it), the event id identifies the event.
+    """
     span = telemetry.start_send_span(
         "publish",
-        subject,
+        event_subject(event_type),
         out.get(h.PRODUCER),
         telemetry.SpanKind.PRODUCER,
         parent.span if parent is not None else None,
@@ -118,19 +148,6 @@ def _check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
         )
 
 
-def publish_error(subject: str, exc: BaseException) -> PublishError:
-    if isinstance(exc, NoStreamResponseError | NoRespondersError):
-        return NoStream(
-            f"no stream captures {subject}: declare a Stream for its domain or start a "
-            "service that subscribes to it (the event was not stored)"
-        )
-    if isinstance(exc, PermissionDenied):
-        return PublishError(f"permission denied, the event was not stored: {exc}")
-    if isinstance(exc, NatsTimeoutError | TimeoutError):
-        return PublishError(f"no acknowledgement from JetStream for {subject} (not known stored)")
-    return PublishError(f"publish to {subject} failed: {exc}")
-
-
 async def publish_event(
     client: Client,
     event_type: str,
@@ -141,48 +158,67 @@ async def publish_event(
     correlation_id: str | None = None,
     timeout: float = 5.0,
     parent: Context | None = None,
+    key: str | None = None,
+    expected_last_subject_sequence: int | None = None,
 ) -> PublishAck:
-    """Publish and wait for the JetStream ack; the same event id is stored once."""
-    subject, data, out, event_id = build_event(
-        client,
-        event_type,
-        event,
-        event_id=event_id,
-        headers=headers,
-        correlation_id=correlation_id,
-        parent=parent,
-    )
-    span = _producer_span(subject, out, event_id, parent)
+    """Publish and wait for the JetStream ack; the same event id is stored once.
+
+    Args:
+        event_type: `[domain.]entity.action.vN`, e.g. `order.created.v1`; the subject
+            is `events.<event_type>`, stored by the domain's stream.
+        event: the payload: anything msgspec encodes as JSON; bytes are sent as they are.
+        event_id: the event's id, sent as `Nats-Msg-Id` (default: a new one); the same
+            id published again within the stream's duplicate window is stored once.
+        headers: extra headers to send.
+        correlation_id: the conversation to join (default: the event starts one).
+        timeout: seconds to wait for JetStream's ack.
+        parent: the handler's context (what `ctx.publish` passes): its correlation
+            id, trace and message id (as `Causation-Id`) carry over.
+        key: an entity id (one subject token): the subject is `events.<event_type>.<key>`,
+            and `Client.history` reads the entity's events back in order.
+        expected_last_subject_sequence: store only if the key's last event of the domain
+            (without a key: the subject's) has this stream sequence (0: none yet).
+
+    Raises:
+        ConcurrencyConflict: the expected sequence did not match; nothing was stored.
+        NoStream: no stream captures the subject; nothing was stored.
+        PublishError: not stored, or not known to be (no ack in time, not permitted,
+            larger than the server's max_payload).
+        ClientClosed: the client is closed.
+    """
+    client.check_open()
+    built = build_event(client, event_type, event, event_id, headers, correlation_id, parent, key)
+    subject, data, out, event_id = built
+    expect_sequence(out, event_type, key, expected_last_subject_sequence)
+    span = _producer_span(event_type, out, event_id, parent)
     try:
         _check_size(client, data, out)
-        try:
-            mux = await client.mux()  # nats-py's js.publish: a request and json.loads
-            reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
-            ack = _decode_pub_ack(reply.data)
-            if ack.error is not None:
-                raise APIError.from_error(ack.error)
-        except Exception as exc:
-            error = publish_error(subject, exc)
-            telemetry.record_error(span, error)
-            raise error from None
+        ack = await _send(client, subject, data, out, timeout, span)
         return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
     finally:
         span.end()
 
 
+async def _send(
+    client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float, span: Any
+) -> PubAck:
+    """One JetStream publish and its ack; every failure as a `PublishError`."""
+    try:
+        mux = await client.mux()  # nats-py's js.publish: a request and json.loads
+        reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
+        ack = _decode_pub_ack(reply.data)
+        if ack.error is not None:
+            raise APIError.from_error(ack.error)
+    except Exception as exc:
+        error = publish_error(subject, exc, out.get(h.EXPECTED_LAST_SUBJECT_SEQUENCE))
+        telemetry.record_error(span, error)
+        raise error from None
+    return ack
+
+
 def _end(span: Any, error: BaseException) -> None:
     telemetry.record_error(span, error)
     span.end()
-
-
-class _PubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: dict[str, Any] | None = None
-
-
-_decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
 
 
 class BatchPublisher:
@@ -227,29 +263,36 @@ class BatchPublisher:
         event_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         correlation_id: str | None = None,
+        key: str | None = None,
     ) -> str:
-        subject, data, out, event_id = build_event(
-            self._client,
-            event_type,
-            event,
-            event_id=event_id,
-            headers=headers,
-            correlation_id=correlation_id,
-            parent=None,
+        """Send one event without waiting for its ack; returns its event id.
+
+        Waits only while `max_outstanding` events are unacknowledged. Arguments are
+        those of `Client.publish` (`key` too); failures are collected for `flush()`
+        (`failures`), except those known at once (too large, no slot in time), raised here.
+        """
+        self._client.check_open()
+        built = build_event(
+            self._client, event_type, event, event_id, headers, correlation_id, None, key
         )
+        subject, data, out, event_id = built
         if self._flushed:
             self._flushed = False
             self.acks, self.failures = [], []
-        span = _producer_span(subject, out, event_id, None)  # ends when the ack comes
+        span = _producer_span(event_type, out, event_id, None)  # ends when the ack comes
         try:
             _check_size(self._client, data, out)
         except PublishError as exc:
             _end(span, exc)
             raise
-        if self._sub is None:
-            nc = self._client.nc
-            self._prefix = nc.new_inbox() + "."
-            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        await self._ack_inbox()
+        await self._send(subject, data, out, event_id, span)
+        return event_id
+
+    async def _send(
+        self, subject: str, data: bytes, out: dict[str, str], event_id: str, span: Any
+    ) -> None:
+        """Take a slot, then publish with this batch's reply subject for the ack."""
         try:
             await self._take_slot(event_id)
         except PublishError as exc:
@@ -266,7 +309,13 @@ class BatchPublisher:
             error = publish_error(subject, exc)
             _end(span, error)
             raise error from None
-        return event_id
+
+    async def _ack_inbox(self) -> None:
+        """The wildcard inbox the acks of this batch come back on, subscribed once."""
+        if self._sub is None:
+            nc = self._client.nc
+            self._prefix = nc.new_inbox() + "."
+            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
 
     async def _take_slot(self, event_id: str) -> None:
         try:
@@ -314,7 +363,7 @@ class BatchPublisher:
                 self._failed(event_id, span, PublishError(f"unreadable ack: {exc}"))
             else:
                 if ack.error:
-                    error = PublishError(f"publish to {subject} failed: {ack.error}")
+                    error = publish_error(subject, api_error(ack.error))
                     self._failed(event_id, span, error)
                 else:
                     self.acks.append(PublishAck(ack.stream, ack.seq, event_id, ack.duplicate))

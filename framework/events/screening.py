@@ -14,17 +14,17 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup
 from nats.aio.msg import Msg
 
+from ..observability.logging import get_logger
 from .delivery import Delivery, read_delivery
 from .idempotency import ProcessedIds
 from .pull import hand_back
 
 __all__ = ["Screening"]
 
-_log = structlog.get_logger("framework.events.subscriber")
+_log = get_logger("framework.events.subscriber")
 
 
 class Screening:

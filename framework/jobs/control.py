@@ -16,13 +16,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import structlog
 from nats.errors import NoRespondersError
 from nats.js.errors import APIError
 
 from ..errors import BadRequest, NotFound, PublishError, ServiceError
 from ..events.deadletter import REPLAY_OF
 from ..events.publish import publish_error
+from ..observability.logging import get_logger
 from ..transport import headers as h
 from .backend import Backend
 from .messages import (
@@ -50,7 +50,7 @@ __all__ = [
     "stored_publish",
 ]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 JOB_SCHEDULE = "Job-Schedule"
 SCHEDULE_TIME_ZONE = "Nats-Schedule-Time-Zone"

@@ -20,16 +20,16 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import structlog
 from anyio.abc import TaskGroup
 
+from ..observability.logging import get_logger
 from .run import RunningJob
 from .status import JobStatus
 from .store import StatusStore
 
 __all__ = ["Settler"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 # what happens once an outcome is (or is not) recorded: the ack and the counts
 Recorded = Callable[[RunningJob, Any, bool], Awaitable[None]]

@@ -16,14 +16,17 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from ..observability.stats import HandlerStats
+from ..types import Msg
 
 __all__ = [
+    "Divergence",
     "EndpointInfo",
     "EndpointStats",
     "InfoResponse",
     "PingResponse",
     "Responder",
     "StatsResponse",
+    "divergences",
     "gather",
 ]
 
@@ -31,6 +34,8 @@ VERBS = ("PING", "INFO", "STATS")
 
 
 class PingResponse(msgspec.Struct, kw_only=True):
+    """One instance answering `$SRV.PING`: its service `name`, instance `id`, `version`."""
+
     name: str
     id: str
     version: str
@@ -39,6 +44,9 @@ class PingResponse(msgspec.Struct, kw_only=True):
 
 
 class EndpointInfo(msgspec.Struct, kw_only=True):
+    """An endpoint or subscriber in `$SRV.INFO`: `metadata` holds its `kind`
+    (`rpc`/`subscriber`) and JSON schemas (JSON-encoded strings, per ADR-32)."""
+
     name: str
     subject: str
     queue_group: str = ""
@@ -46,6 +54,8 @@ class EndpointInfo(msgspec.Struct, kw_only=True):
 
 
 class InfoResponse(msgspec.Struct, kw_only=True):
+    """One instance answering `$SRV.INFO`: its identity and every endpoint it serves."""
+
     name: str
     id: str
     version: str
@@ -56,6 +66,9 @@ class InfoResponse(msgspec.Struct, kw_only=True):
 
 
 class EndpointStats(msgspec.Struct, kw_only=True):
+    """Counters of one endpoint or subscriber (times in nanoseconds, per ADR-32); `data`
+    has the extras (`in_flight`; for subscribers consumer lag, redeliveries, dead letters)."""
+
     name: str
     subject: str
     queue_group: str = ""
@@ -68,6 +81,8 @@ class EndpointStats(msgspec.Struct, kw_only=True):
 
 
 class StatsResponse(msgspec.Struct, kw_only=True):
+    """One instance answering `$SRV.STATS`: when it `started` and its endpoints' counters."""
+
     name: str
     id: str
     version: str
@@ -139,7 +154,7 @@ class Responder:
     def _callback(self, nc: NATS, verb: str) -> Any:
         build = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}[verb]
 
-        async def answer(msg: Any) -> None:
+        async def answer(msg: Msg) -> None:
             if not msg.reply:
                 return
             if verb == "STATS":
@@ -221,3 +236,70 @@ async def gather(
     finally:
         await sub.unsubscribe()
     return sorted(replies, key=lambda r: (r.name, r.id))
+
+
+class Divergence(msgspec.Struct, kw_only=True):
+    """Instances of one service that advertise different versions or endpoint schemas:
+    not replicas of one program, though the queue group shares requests between them."""
+
+    service: str
+    versions: dict[str, str]
+    """Every instance's id, with its version."""
+    differs: list[str]
+    """What differs: "version", or "<endpoint>.<field>" (subject, request_schema,
+    response_schema, event_schema; an endpoint some instances lack differs in subject)."""
+    groups: list[list[str]]
+    """Instance ids grouped by what they advertise: each group agrees within itself."""
+
+    def describe(self) -> str:
+        """One line for a terminal, naming the instances of each group."""
+        groups = " vs ".join(
+            "[" + ", ".join(f"{i} {self.versions[i]}" for i in group) + "]" for group in self.groups
+        )
+        return f"{self.service}: instances differ in {', '.join(self.differs)}: {groups}"
+
+
+_ADVERTISED = ("request_schema", "response_schema", "event_schema")
+
+
+def _advertised(info: InfoResponse) -> dict[str, str]:
+    """What replicas of one program agree on: version, subjects and schemas."""
+    face = {"version": info.version}
+    for endpoint in info.endpoints:
+        face[f"{endpoint.name}.subject"] = endpoint.subject
+        metadata = endpoint.metadata or {}
+        for key in _ADVERTISED:
+            if key in metadata:
+                face[f"{endpoint.name}.{key}"] = metadata[key]
+    return face
+
+
+def divergences(infos: Sequence[InfoResponse]) -> list[Divergence]:
+    """The services among `$SRV.INFO` answers (`Client.info()`) whose instances differ.
+
+    Replicas of one program advertise the same version and schemas; anything else means
+    two programs share a service name (or an upgrade is rolling out), and requests to
+    the name are answered by either.
+    """
+    by_service: dict[str, list[InfoResponse]] = {}
+    for info in infos:
+        by_service.setdefault(info.name, []).append(info)
+    found: list[Divergence] = []
+    for service, instances in sorted(by_service.items()):
+        faces = [(info.id, _advertised(info)) for info in instances]
+        keys = sorted({key for _, face in faces for key in face}, key=lambda k: (k != "version", k))
+        differs = [k for k in keys if len({face.get(k) for _, face in faces}) > 1]
+        if not differs:
+            continue
+        groups: dict[tuple[str | None, ...], list[str]] = {}
+        for instance, face in faces:
+            groups.setdefault(tuple(face.get(k) for k in differs), []).append(instance)
+        found.append(
+            Divergence(
+                service=service,
+                versions={info.id: info.version for info in instances},
+                differs=differs,
+                groups=list(groups.values()),
+            )
+        )
+    return found
