@@ -173,3 +173,29 @@ async def test_the_settler_writes_a_burst_and_acks_only_what_is_recorded(client)
     }  # fmt: skip
     info = await client.js.consumer_info("SETTLE_T", "settle_t")
     assert info.num_ack_pending == 1  # the cancelled one's was not acked here
+
+
+async def test_the_dashboard_counts_and_lists_jobs_queued_without_a_record(serve, client):
+    from framework.web.dashboard.jobs import JobsWatch
+    from framework.web.dashboard.sampler import Hub
+
+    watch = JobsWatch(client, Hub(), declared=lambda: ["reports.render"])
+
+    def counts() -> dict[str, int]:
+        return {k["kind"]: k["counts"] for k in watch.view()["kinds"]}.get("reports.render", {})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run)
+        for n in range(3):
+            await client.enqueue("reports.render", Render(n), job_id=f"d-{n}")
+        await eventually(lambda: counts() == {"queued": 3}, what="3 queued jobs in the view")
+        rows = {row["id"]: row for row in watch.view()["jobs"]}
+        assert rows["d-1"]["state"] == "queued" and rows["d-1"]["kind"] == "reports.render"
+        assert await client.job("reports.render", "d-0").cancel() is True
+        service, runs = reports()
+        await serve(service)
+        await eventually(
+            lambda: counts() == {"succeeded": 2, "cancelled": 1}, what="the jobs' records"
+        )
+        tg.cancel_scope.cancel()
+    assert sorted(runs) == ["d-1", "d-2"]
