@@ -4,7 +4,8 @@ Started and stopped with its service like a subscriber, listed in `$SRV.INFO` (w
 the payload and result schemas) and `$SRV.STATS` (with the job counts). Replicas of
 the service share the kind's three durable pull consumers (one per priority), so each
 job goes to one of them. At most `max_concurrency` handlers run at once here; the
-puller takes no more messages than the worker can start soon. Long handlers keep
+puller takes no more messages than the worker can start soon (nor any while too many
+successes wait for their records, `settle`). Long handlers keep
 their messages with in-progress acks (every third of `ack_wait`), so `ack_wait` is
 only how long a crashed worker's job waits before another worker takes it over.
 """
