@@ -281,7 +281,8 @@ def run_demo(
     try:
         placed, results = anyio.run(shop, where, orders, wait, tracer, backend="asyncio")
     except (httpx.HTTPError, SSEError, DemoFailed) as error:
-        print(f"demo: {error!r} at {where.gateway} (is the mesh up? `just up`)", file=sys.stderr)
+        why = f"{type(error).__name__}: {error}"
+        print(f"demo: {where.gateway}: {why} (is the mesh up? `just up`)", file=sys.stderr)
         return 1
     report(results)
     if provider is not None and results:

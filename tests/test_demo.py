@@ -73,6 +73,25 @@ def test_the_baskets_buy_from_the_seed_catalog() -> None:
     assert short and len(short) < len(BASKETS)
 
 
+def test_demo_says_when_there_is_no_gateway(tmp_path: Path) -> None:
+    """No mesh: the gateway is where `just up` would put it (GATEWAY_PORT), and not there."""
+    gateway_port = free_port()
+    env = {**os.environ, "NATS_URL": f"nats://127.0.0.1:{free_port()}"}
+    env["GATEWAY_PORT"] = str(gateway_port)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    where = f"http://127.0.0.1:{gateway_port}"
+    assert done.stdout.startswith(f"shop gateway: {where} (the default of `just up`)")
+    assert f"demo: {where}: ConnectError" in done.stderr and "`just up`" in done.stderr
+
+
 @pytest.mark.slow
 async def test_demo_orders_through_the_gateway(tmp_path: Path) -> None:
     port, gateway_port, dashboard_port = free_port(), free_port(), free_port()
