@@ -103,10 +103,12 @@ def _gateway_app() -> Any:
 
 
 def _dashboard_app() -> Any:
-    from framework.web.dashboard.app import create_app
+    from framework.web import create_dashboard
 
     trace_file = os.environ.get("MESH_TRACE_FILE")
-    return create_app(host=dashboard.host, trace_file=Path(trace_file) if trace_file else None)
+    return create_dashboard(
+        host=dashboard.host, trace_file=Path(trace_file) if trace_file else None
+    )
 
 
 gateway = HttpService(
