@@ -1,0 +1,328 @@
+"""Nemeses for the fault tests: pauses, partitions, full disks and slow links.
+
+Jepsen's NATS analysis used process pauses (SIGSTOP), network partitions, disk faults
+and slow links; these are the same faults on one machine, aimed only at loopback and at
+processes the tests started themselves:
+
+- `paused(pid)`: SIGSTOP, then SIGCONT when the block exits (however it exits).
+- `DelayProxy`: a TCP proxy in the test's event loop that delays every chunk by a fixed
+  latency each way, so a client's link to the server is slow without being throttled.
+- `PartitionableCluster` and `partition()`: a 3-node cluster whose one node runs with a
+  group id of its own, so iptables' `owner` match can cut that node's route traffic
+  (and only that) while its clients stay connected to it.
+- `tmpfs()`: a small tmpfs mounted for a server's store, to fill up and free.
+
+Each nemesis says plainly why it cannot run (`why_not_*`), so a test skips with that
+reason instead of failing for a missing tool or privilege.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from framework.dev.devserver import LOOPBACK, NatsServer, _free_ports, wait_jetstream_ready
+from framework.testing import eventually
+
+HERE = Path(__file__).parent
+FIGURES = HERE / "fault_figures.json"
+PARTITION_GID = 47017  # the group the partitioned node runs as (any unused gid)
+
+
+# -- figures ---------------------------------------------------------------------------
+
+
+def record_figures(name: str, **figures: Any) -> None:
+    """Print one line for the test log and merge the figures into fault_figures.json."""
+    print(f"figures: {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+    try:
+        data = json.loads(FIGURES.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[name] = figures
+    FIGURES.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+async def stats_of(client: Any, name: str) -> Any:
+    """$SRV.STATS of the one running instance of `name` (polled: a busy machine answers late)."""
+    found: list[Any] = []
+
+    async def answered() -> bool:
+        found[:] = await client.stats(name, timeout=0.5)
+        return len(found) == 1
+
+    await eventually(answered, 15, f"{name} to answer $SRV.STATS")
+    return found[0]
+
+
+async def wait_for_r3_placement(client: Any, timeout: float = 20.0) -> None:
+    """A meta leader answers before every peer has joined; R3 needs all three."""
+    from nats.js.errors import BadRequestError, ServiceUnavailableError
+
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                await client.js.add_stream(name="R3_PROBE", subjects=["r3probe"], num_replicas=3)
+            except (BadRequestError, ServiceUnavailableError):  # no suitable peers (yet)
+                await anyio.sleep(0.1)
+                continue
+            await client.js.delete_stream("R3_PROBE")
+            return
+
+
+# -- pauses ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """SIGSTOP `pid` for the block; SIGCONT on the way out, whatever happens inside."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+# -- slow links ------------------------------------------------------------------------
+
+
+class DelayProxy:
+    """`127.0.0.1:<port>` forwards to `target_port`, each chunk `delay` seconds late, each way.
+
+    Latency without a bandwidth limit: a chunk is read as soon as it arrives, stamped,
+    and written when its time comes, so back-to-back chunks keep their spacing. The
+    queue per direction is bounded (a full one stops reading: TCP back-pressure).
+    """
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port = target_port
+        self.delay = delay
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"nats://{LOOPBACK}:{self.port}"
+
+    async def __aenter__(self) -> DelayProxy:
+        self._server = await asyncio.start_server(self._accept, LOOPBACK, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(LOOPBACK, self.target_port)
+        except OSError:
+            writer.close()
+            return
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(1024)
+
+        async def send() -> None:
+            while True:
+                due, chunk = await queue.get()
+                if not chunk:
+                    break
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                dst.write(chunk)
+                await dst.drain()
+
+        sender = loop.create_task(send())
+        try:
+            while chunk := await src.read(65536):
+                await queue.put((loop.time() + self.delay, chunk))
+            await queue.put((0.0, b""))
+            await sender
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            sender.cancel()
+            dst.close()
+
+
+# -- partitions ------------------------------------------------------------------------
+
+
+def why_not_iptables() -> str | None:
+    """None if iptables can add rules here; else why not, said plainly."""
+    if os.geteuid() != 0:
+        return "the partition test needs root (iptables rules on loopback)"
+    if shutil.which("iptables") is None:
+        return "iptables is not installed (Debian: apt-get install -y iptables; .ci/run does it)"
+    if shutil.which("setpriv") is None:
+        return "setpriv (util-linux) is missing: the partitioned node runs with its own gid"
+    probe = subprocess.run(["iptables", "-S", "OUTPUT"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"iptables does not work here: {probe.stderr.strip()}"
+    return None
+
+
+class _GidServer(NatsServer):
+    """A nats-server run with group id `gid`, so iptables can match its packets."""
+
+    def __init__(self, *args: Any, gid: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gid = gid
+
+    def args(self) -> list[str]:
+        return ["setpriv", f"--regid={self.gid}", "--clear-groups", "--", *super().args()]
+
+
+class PartitionableCluster:
+    """Three nodes n1..n3 on loopback; n1 runs with `PARTITION_GID`, so it can be cut off.
+
+    Built like `framework.dev.devserver.NatsCluster`; `cluster_ports` are what a
+    partition drops.
+    """
+
+    def __init__(self, base_dir: Path, size: int = 3) -> None:
+        ports = _free_ports(2 * size)
+        self.client_ports, self.cluster_ports = ports[:size], ports[size:]
+        self.nodes: list[NatsServer] = []
+        for i in range(size):
+            routes = [f"nats://{LOOPBACK}:{p}" for j, p in enumerate(self.cluster_ports) if j != i]
+            kwargs: dict[str, Any] = {
+                "store_dir": base_dir / f"n{i + 1}",
+                "server_name": f"n{i + 1}",
+                "cluster_name": "mesh",
+                "cluster_port": self.cluster_ports[i],
+                "routes": routes,
+            }
+            if i == 0:
+                self.nodes.append(_GidServer(self.client_ports[i], gid=PARTITION_GID, **kwargs))
+            else:
+                self.nodes.append(NatsServer(self.client_ports[i], **kwargs))
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    async def start(self) -> None:
+        for node in self.nodes:
+            await anyio.to_thread.run_sync(node.start)
+        await wait_jetstream_ready(self.urls, 30, replicas=len(self.nodes))
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+
+def _iptables(*args: str) -> None:
+    subprocess.run(["iptables", "-w", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def partition(cluster: PartitionableCluster) -> Iterator[None]:
+    """Cut n1's routes to n2 and n3 (both directions) for the block; clients are untouched.
+
+    Routes are TCP connections between cluster ports: those accepted by n1 (dropped on
+    the way in to n1's cluster port and on the way out of it) and those n1 opened (n1's
+    packets, matched by its gid, to the others' cluster ports). The rules live in a chain
+    of their own, removed on the way out however the block ends.
+    """
+    chain = f"MESHPART{os.getpid()}"
+    mine = str(cluster.cluster_ports[0])
+    others = ",".join(str(p) for p in cluster.cluster_ports[1:])
+    hooks = {"INPUT": ("-i", chain + "I"), "OUTPUT": ("-o", chain + "O")}
+    try:
+        for _, name in hooks.values():
+            _iptables("-N", name)
+        # the owner match is allowed only on the way out, hence two chains
+        _iptables("-A", chain + "I", "-p", "tcp", "--dport", mine, "-j", "DROP")
+        _iptables("-A", chain + "O", "-p", "tcp", "--sport", mine, "-j", "DROP")
+        _iptables(
+            "-A", chain + "O", "-p", "tcp", "-m", "owner", "--gid-owner", str(PARTITION_GID),
+            "-m", "multiport", "--dports", others, "-j", "DROP",
+        )  # fmt: skip
+        for hook, (flag, name) in hooks.items():
+            _iptables("-I", hook, flag, "lo", "-j", name)
+        yield
+    finally:
+        for hook, (flag, name) in hooks.items():
+            for step in (("-D", hook, flag, "lo", "-j", name), ("-F", name), ("-X", name)):
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    _iptables(*step)
+
+
+# -- full disks ------------------------------------------------------------------------
+
+
+def why_not_tmpfs() -> str | None:
+    """None if a tmpfs can be mounted here; else why not."""
+    if os.geteuid() != 0:
+        return "the full-disk test needs root to mount a small tmpfs for the server's store"
+    with tempfile.TemporaryDirectory() as probe:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", probe],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            return f"cannot mount a tmpfs here: {result.stderr.strip()}"
+        subprocess.run(["umount", probe], check=False)
+    return None
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of `size_mb` MB mounted at `path` for the block."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], check=True
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path, leave_bytes: int = 0) -> Path:
+    """A file that takes the free space of `path`'s file system, but `leave_bytes`."""
+    filler = path / "filler"
+    free = shutil.disk_usage(path).free - leave_bytes
+    with filler.open("wb") as fh:
+        chunk = b"\0" * (1 << 20)
+        while free > 0:
+            try:
+                fh.write(chunk[: min(len(chunk), free)])
+                fh.flush()
+            except OSError:
+                break
+            free -= len(chunk)
+    return filler
+
+
+@contextlib.asynccontextmanager
+async def running(*cms: Any) -> AsyncIterator[list[Any]]:
+    """Enter several async context managers, exit them in reverse (a short AsyncExitStack)."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(cm) for cm in cms]
