@@ -108,7 +108,8 @@ def instrumentation_us(iterations: int = 20000) -> float:
     """
     import time
 
-    from framework import metrics, telemetry
+    from framework.observability import metrics
+    from framework.observability import tracing as telemetry
 
     attributes = telemetry.handler_attributes("bench", "bench.echo", "bench")
     stats = metrics.stats_for("bench", "echo", "rpc")

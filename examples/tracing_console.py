@@ -18,7 +18,7 @@ import uuid
 import msgspec
 from opentelemetry import trace
 
-from framework import Context, Service, configure_logging, connect, telemetry
+from framework import Context, Service, configure_logging, configure_telemetry, connect
 
 
 class Checkout(msgspec.Struct):
@@ -80,9 +80,8 @@ async def run() -> None:
 def main() -> None:
     configure_logging(level="WARNING")
     os.environ.setdefault("MESH_TRACE_CONSOLE", "1")
-    configure = getattr(telemetry, "configure_telemetry", None)
-    if configure is None or not configure("tracing-example"):
-        print("tracing skipped (no OpenTelemetry SDK or configure_telemetry); ids still flow")
+    if not configure_telemetry("tracing-example"):
+        print("tracing skipped (no OpenTelemetry SDK); ids still flow")
     asyncio.run(run())
     provider = trace.get_tracer_provider()
     getattr(provider, "force_flush", lambda: None)()  # print the last spans before exiting

@@ -11,8 +11,8 @@ import structlog
 
 from .client import Client
 from .context import Context
-from .events.idempotency import DEFAULT_TTL
-from .events.subscriber import DEFAULT_BACKOFF, Subscriber
+from .events.options import SUBSCRIBE_DEFAULTS, SubscribeOptions
+from .events.subscriber import Subscriber
 from .rpc.discovery import Responder
 from .rpc.endpoint import RpcEndpoint
 from .transport.headers import new_id
@@ -97,52 +97,61 @@ class Service:
         event_type: str,
         *,
         name: str | None = None,
-        max_deliver: int = 5,
-        backoff: Sequence[float] = DEFAULT_BACKOFF,
-        ack_wait: float = 30.0,
-        max_concurrency: int = 16,
-        max_processing_time: float | None = 300.0,
-        deliver: Literal["all", "new"] = "all",
-        idempotent: bool = True,
-        idempotency_ttl: float = DEFAULT_TTL,
-        dead_letter: bool = True,
-        ordered_by: Callable[[Any], Hashable] | None = None,
-        max_ack_pending: int | None = None,
+        max_deliver: int = SUBSCRIBE_DEFAULTS.max_deliver,
+        backoff: Sequence[float] = SUBSCRIBE_DEFAULTS.backoff,
+        ack_wait: float = SUBSCRIBE_DEFAULTS.ack_wait,
+        max_concurrency: int = SUBSCRIBE_DEFAULTS.max_concurrency,
+        max_processing_time: float | None = SUBSCRIBE_DEFAULTS.max_processing_time,
+        deliver: Literal["all", "new"] = SUBSCRIBE_DEFAULTS.deliver,
+        idempotent: bool = SUBSCRIBE_DEFAULTS.idempotent,
+        idempotency_ttl: float = SUBSCRIBE_DEFAULTS.idempotency_ttl,
+        dead_letter: bool = SUBSCRIBE_DEFAULTS.dead_letter,
+        ordered_by: Callable[[Any], Hashable] | None = SUBSCRIBE_DEFAULTS.ordered_by,
+        max_ack_pending: int | None = SUBSCRIBE_DEFAULTS.max_ack_pending,
     ) -> Callable[[F], F]:
         """Handle every `event_type` event through a durable consumer shared by replicas.
 
-        `backoff[i]` is the delay before attempt i + 2 (the last value repeats);
-        after `max_deliver` attempts the event is dead-lettered.
+        The handler takes the event (a type msgspec decodes) and optionally a `Context`.
+        Options, with their defaults; one out of bounds raises `ValueError` here:
+
+        - `name` (the function's name): the subscriber; its consumer is `<service>_<name>`.
+        - `max_deliver` (5, >= 1): attempts before the event is dead-lettered.
+        - `backoff` ((1, 5, 15, 60) s, each >= 0): `backoff[i]` is the delay before attempt
+          i + 2; the last value repeats; empty: retry at once.
+        - `ack_wait` (30 s, > 0): a delivery not acked by then is redelivered; a running
+          handler's event is kept alive by in-progress acks every third of it.
+        - `max_concurrency` (16, >= 1): handlers running at once in one replica.
+        - `max_processing_time` (300 s, > 0; None: no limit): a handler running longer is
+          cancelled and the attempt fails (`ProcessingTimeExceeded`).
+        - `deliver` ("all", or "new"): where a new consumer starts, the stream's oldest event
+          or the next one published; an existing consumer keeps its position.
+        - `idempotent` (True): an event whose id this subscriber already handled is acked
+          without running the handler (ids kept in a key-value bucket).
+        - `idempotency_ttl` (7 days, > 0): how long a handled event id is remembered.
+        - `dead_letter` (True): an event given up on is copied to the `DEADLETTER` stream
+          before it is terminated; False: only terminated.
+        - `ordered_by` (None, any function of the event returning a hashable key): events
+          with equal keys run one at a time, in stream order, within one replica.
+        - `max_ack_pending` (None: max(1000, 4 * max_concurrency); >= 1): deliveries the
+          consumer leaves unacked at once, all replicas together.
         """
         check_event_type(event_type)
+        # every keyword but `name` is a SubscribeOptions field, defaults read from it
+        options = SubscribeOptions.pick(locals())
+        return lambda handler: self._add_subscriber(event_type, name, options, handler)
 
-        def decorate(fn: F) -> F:
-            handler_name = check_endpoint_name(name or fn.__name__)
-            if any(s.name == handler_name for s in self.subscribers):
-                raise ValueError(f"{self.name} already has a subscriber named {handler_name!r}")
-            self.subscribers.append(
-                Subscriber(
-                    self.name,
-                    handler_name,
-                    event_type,
-                    fn,
-                    read_signature(fn, Context),
-                    max_deliver=max_deliver,
-                    backoff=backoff,
-                    ack_wait=ack_wait,
-                    max_concurrency=max_concurrency,
-                    max_processing_time=max_processing_time,
-                    deliver=deliver,
-                    idempotent=idempotent,
-                    idempotency_ttl=idempotency_ttl,
-                    dead_letter=dead_letter,
-                    ordered_by=ordered_by,
-                    max_ack_pending=max_ack_pending,
-                )
-            )
-            return fn
-
-        return decorate
+    def _add_subscriber(
+        self, event_type: str, name: str | None, options: SubscribeOptions, handler: F
+    ) -> F:
+        """`subscribe`'s decorator: the handler's signature is checked as it is declared."""
+        subscriber_name = check_endpoint_name(name or handler.__name__)
+        if any(s.name == subscriber_name for s in self.subscribers):
+            raise ValueError(f"{self.name} already has a subscriber named {subscriber_name!r}")
+        signature = read_signature(handler, Context)
+        self.subscribers.append(
+            Subscriber(self.name, subscriber_name, event_type, handler, signature, options)
+        )
+        return handler
 
     @asynccontextmanager
     async def serve(

@@ -662,7 +662,7 @@ def test_no_sdk_is_seen_at_once_when_a_provider_is_installed():
         """
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
-        from framework import telemetry
+        from framework.observability import tracing as telemetry
         assert telemetry._no_sdk()
         trace.set_tracer_provider(TracerProvider())
         assert not telemetry._no_sdk()

@@ -2,6 +2,7 @@
 
 A dead letter is a copy of the original message (payload and headers) in the
 `DEADLETTER` stream at `deadletter.<service>.<handler>`, with headers saying why.
+(`handler` here, on the wire and in `DeadLetter`, is the subscriber's name.)
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ _OWN = frozenset(
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
+    """A dead letter as stored: why, where the original was, and its payload and headers."""
+
     id: int  # sequence in the DEADLETTER stream
     service: str
-    handler: str
-    reason: str  # max_deliver | undecodable | rejected | invalid_headers
+    handler: str  # the subscriber's name
+    reason: str  # max_deliver | undecodable | rejected | invalid_headers | invalid_key
     error: str
     attempts: int
     subject: str

@@ -177,7 +177,7 @@ class _Bucket:
 
 
 class ProcessedIds(_Bucket):
-    """Event ids one (service, handler) has handled, kept for `ttl` seconds.
+    """Event ids one (service, subscriber) has handled, kept for `ttl` seconds.
 
     `seen` calls of one event-loop iteration share one batched direct get (up to
     `BATCH_KEYS` keys a request); a server older than 2.11 refuses the batch and is
@@ -206,11 +206,12 @@ class ProcessedIds(_Bucket):
 
     @classmethod
     async def open(
-        cls, client: Client, service: str, handler: str, ttl: float = DEFAULT_TTL
+        cls, client: Client, service: str, subscriber: str, ttl: float = DEFAULT_TTL
     ) -> ProcessedIds:
-        bucket = f"processed_{service}_{handler}"
+        """The subscriber's bucket `processed_<service>_<subscriber>`, created if missing."""
+        bucket = f"processed_{service}_{subscriber}"
         kv = await open_bucket(
-            client, bucket, ttl, f"event ids handled by {service}.{handler}", fast_ingest=True
+            client, bucket, ttl, f"event ids handled by {service}.{subscriber}", fast_ingest=True
         )
         status = await kv.status()
         direct = bool(status.stream_info.config.allow_direct)

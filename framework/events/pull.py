@@ -1,0 +1,208 @@
+"""Pulling with flow control: ask the consumer for exactly the capacity that is free.
+
+nats-py's `fetch` spawns a task per message and asks for a fixed batch; here each pull
+request (to the subscriber's own inbox) asks for what the workers can take, so a slow
+handler never over-fetches into ack timeouts and redelivery storms. The puller also
+reads the server's status replies (a pull that expired, a deleted consumer, idle
+heartbeats), notices pulls lost with a connection, and keeps long handlers' messages
+alive with in-progress acks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .consumer import Consumer
+
+__all__ = ["PULL_EXPIRES", "PULL_HEARTBEAT", "Puller", "hand_back"]
+
+_log = structlog.get_logger("framework.events.subscriber")
+
+PULL_EXPIRES = 10.0  # seconds a pull request waits on the server for messages
+PULL_HEARTBEAT = 2.0  # seconds between the server's idle heartbeats to a waiting pull
+
+Submit = Callable[[Msg], Awaitable[None]]  # to the worker pool, waits when it is full
+Arrive = Callable[[Msg], None]  # to screening, which looks a pull's events up together
+
+
+class Puller:
+    """Pull requests, deliveries and status replies of one subscriber's inbox.
+
+    `taken` counts deliveries not yet settled (the workers call `release`); `active`
+    holds those being handled, for their in-progress acks.
+    """
+
+    def __init__(self, consumer: Consumer, check_consumer: Callable[[], Awaitable[None]]) -> None:
+        """`check_consumer` recreates the consumer if a server lost it."""
+        max_concurrency = consumer.options.max_concurrency
+        self._consumer = consumer
+        self._min_pull = max(1, max_concurrency // 2)
+        self._capacity = 2 * max_concurrency  # in flight plus one batch waiting
+        self._keep_alive_every = max(0.1, consumer.options.ack_wait / 3)
+        self._check_consumer = check_consumer
+        self.taken = 0  # delivered to us and not yet settled
+        self._outstanding = 0  # asked for and not yet delivered or expired
+        self.active: dict[int, tuple[Msg, float]] = {}  # id(msg): (msg, last in-progress ack)
+        self._nc: NATS | None = None
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._submit: Submit | None = None
+        self._arrive: Arrive | None = None
+        self._wake: anyio.Event | None = None
+        self._last_activity = 0.0
+        self._reconnects = -1
+        self._consumer_check_due = False
+        self._scope: anyio.CancelScope | None = None  # built in `start`: it needs a loop
+        self._stopping = False
+
+    async def start(self, nc: NATS, submit: Submit, arrive: Arrive | None) -> None:
+        """Subscribe to the inbox; deliveries go to `arrive` when given, else to `submit`."""
+        self._nc, self._submit, self._arrive = nc, submit, arrive
+        self._scope = anyio.CancelScope()
+        self._stopping = False
+        self._wake = anyio.Event()
+        self.taken = self._outstanding = 0
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(self._inbox, cb=self._on_delivery)
+
+    async def run(self) -> None:
+        """Pull and keep alive until `stop`."""
+        assert self._scope is not None, "started"
+        with self._scope:
+            async with anyio.create_task_group() as loops:
+                loops.start_soon(self._pull_loop)
+                loops.start_soon(self._keep_alive_loop)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop pulling; what is already on its way is handed back, for another replica."""
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+        if self._sub is not None:
+            # drain, not unsubscribe: what is already on its way is handed back (nak)
+            # for another replica now, instead of waiting out ack_wait
+            with anyio.move_on_after(timeout), contextlib.suppress(Exception):
+                await self._sub.drain()  # type: ignore[no-untyped-call]
+
+    def release(self, key: int) -> None:
+        """The delivery `key` (its `id`) is settled: room for another."""
+        del self.active[key]
+        self.taken -= 1
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        self._last_activity = time.monotonic()
+        if not msg.reply:
+            self._on_status(msg)
+            return
+        self._outstanding = max(0, self._outstanding - 1)
+        if self._stopping:
+            await hand_back(msg)
+            return
+        self.taken += 1
+        if self._arrive is not None:
+            self._arrive(msg)
+            return
+        assert self._submit is not None
+        await self._submit(msg)
+
+    async def _pull_loop(self) -> None:
+        nc = self._nc
+        assert nc is not None
+        pull_subject = self._consumer.pull_subject
+        request = {
+            "batch": 0,
+            "expires": int(PULL_EXPIRES * 1e9),
+            "idle_heartbeat": int(PULL_HEARTBEAT * 1e9),
+        }
+        self._last_activity = time.monotonic()
+        while True:
+            self._wake = anyio.Event()
+            self._check_stale(nc)
+            free = self._capacity - self.taken - self._outstanding
+            if free >= self._min_pull and nc.is_connected:
+                request["batch"] = free
+                try:
+                    await nc.publish(pull_subject, json.dumps(request).encode(), reply=self._inbox)
+                    self._outstanding += free
+                except Exception as exc:
+                    _log.warning(
+                        "pull request failed", consumer=self._consumer.durable, error=str(exc)
+                    )
+            with anyio.move_on_after(PULL_HEARTBEAT / 2):
+                await self._wake.wait()
+
+    def _check_stale(self, nc: NATS) -> None:
+        """Pull requests die with a connection or a server; forget them and ask again."""
+        reconnects = nc.stats.get("reconnects", 0)
+        silent = time.monotonic() - self._last_activity > 2.5 * PULL_HEARTBEAT
+        if reconnects != self._reconnects or (silent and self._outstanding):
+            self._reconnects = reconnects
+            self._outstanding = 0
+            self._last_activity = time.monotonic()
+            if silent:
+                self._consumer_check_due = True  # lost with a server's state? recreated
+
+    def _on_status(self, msg: Msg) -> None:
+        """A pull's end (404/408/409, with what it left unfilled) or a heartbeat (100)."""
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        if status not in ("404", "408", "409"):
+            return
+        try:
+            unfilled = int(headers.get("Nats-Pending-Messages", "0"))
+        except ValueError:
+            unfilled = 0
+        self._outstanding = max(0, self._outstanding - unfilled)
+        description = headers.get("Description", "")
+        if status == "409" and "Consumer Deleted" in description:
+            self._outstanding = 0
+            self._consumer_check_due = True
+        elif status == "409" and "Exceeded MaxWaiting" not in description:
+            _log.info(
+                "pull ended",
+                consumer=self._consumer.durable,
+                status=status,
+                description=description,
+            )
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _keep_alive_loop(self) -> None:
+        """In-progress acks for long handlers (a third of ack_wait), deferred consumer checks."""
+        every = self._keep_alive_every
+        while True:
+            await anyio.sleep(every / 2)
+            if self._consumer_check_due:
+                self._consumer_check_due = False
+                await self._recreate_consumer()
+            now = time.monotonic()
+            for key, (msg, touched) in list(self.active.items()):
+                if now - touched >= every and key in self.active:
+                    self.active[key] = (msg, now)
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+    async def _recreate_consumer(self) -> None:
+        """A consumer lost with a server's state is recreated (best effort, logged)."""
+        try:
+            await self._check_consumer()
+        except Exception as exc:
+            _log.warning("consumer check failed", consumer=self._consumer.durable, error=str(exc))
+
+
+async def hand_back(msg: Msg) -> None:
+    """A stopping replica naks what it will not handle: another one takes it now,
+    instead of after ack_wait."""
+    with contextlib.suppress(Exception):
+        await msg.nak()
