@@ -21,6 +21,7 @@ __all__ = [
     "Reject",
     "RemoteError",
     "ServiceError",
+    "StreamUnavailable",
     "error_from_code",
 ]
 
@@ -129,3 +130,12 @@ class PermissionDenied(Exception):
 
 class NoStream(PublishError):
     """No stream captures the event's subject: nothing was stored."""
+
+
+class StreamUnavailable(PublishError):
+    """The stream exists but could not store the event now: it has no leader reachable
+    from this server (an election, a network partition), or JetStream itself cannot be
+    reached from it. Retryable: the publish was retried until its timeout; publishing
+    again with the same event id is safe (the stream stores it once)."""
+
+    retryable = True

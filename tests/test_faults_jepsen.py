@@ -11,8 +11,10 @@ with the reason.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +23,26 @@ import anyio.to_thread
 import pytest
 from faultkit import (
     EVENT,
+    KV_STREAM,
+    LEDGER_DURABLE,
+    STREAM,
     ConsumerProcess,
     OrderCreated,
+    PartitionableCluster,
     Traffic,
     consumer_info,
     count_lines,
     lines,
+    move_leader,
+    partition,
     paused,
     publish_batch,
     record_figures,
+    wait_for_r3_placement,
+    why_not_iptables,
 )
 
-from framework import Context, Service
+from framework import Client, Context, PublishError, Service, connect
 from framework.dev.devserver import NatsServer
 from framework.streams import ensure_streams
 from framework.testing import eventually as wait_until
@@ -172,3 +182,147 @@ async def test_server_paused_past_ack_wait_loses_nothing_and_runs_nothing_twice(
     assert expected <= set(handled)
     assert info.state.messages == total
     assert sum(n - 1 for n in runs.values()) == 0, runs.most_common(3)
+
+
+# -- one node of a 3-node cluster partitioned from the others -------------------------------
+
+
+class SidePublisher:
+    """Publishes `<prefix>-<n>` events one at a time, retrying each (same id) until
+    acknowledged; records every error with its class, message and time."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.acked: list[str] = []
+        self.ack_times: list[float] = []
+        self.errors: list[tuple[float, str, str]] = []
+        self.stop = anyio.Event()
+
+    async def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            event_id = f"{self.prefix}-{n}"
+            while not self.stop.is_set():
+                try:
+                    await self.client.publish(
+                        EVENT, OrderCreated(event_id, n), event_id=event_id, timeout=2.0
+                    )
+                except PublishError as exc:
+                    self.errors.append((time.monotonic(), type(exc).__name__, str(exc)))
+                    await anyio.sleep(0.1)
+                    continue
+                self.acked.append(event_id)
+                self.ack_times.append(time.monotonic())
+                n += 1
+                break
+            await anyio.sleep(0.02)
+
+    def first_ack_after(self, moment: float) -> float | None:
+        later = [t for t in self.ack_times if t > moment]
+        return round(later[0] - moment, 2) if later else None
+
+
+def recording_ledger(handled: list[tuple[str, str]], replica: str) -> Service:
+    ledger = Service("ledger")
+
+    @ledger.subscribe(EVENT, ack_wait=ACK_WAIT, backoff=[0.2], max_concurrency=IN_FLIGHT)
+    async def on_order_created(event: OrderCreated, ctx: Context) -> None:
+        handled.append((replica, ctx.event_id or ""))
+        await anyio.sleep(0.02)
+
+    return ledger
+
+
+async def test_partitioned_node_loses_nothing_and_its_publishers_get_retryable_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n1 (leading the stream, the marker bucket and the consumer) is cut off from n2 and
+    n3 for 15 s by iptables, while a publisher and a consumer replica sit on each side."""
+    if reason := why_not_iptables():
+        pytest.skip(f"cannot partition a node here: {reason}")
+    monkeypatch.setenv("MESH_REPLICAS", "3")
+    partition_s = 15.0
+    cluster = PartitionableCluster(tmp_path / "cluster")
+    handled: list[tuple[str, str]] = []
+    try:
+        await cluster.start()
+        n1, n2 = cluster.nodes[0], cluster.nodes[1]
+        async with AsyncExitStack() as stack:
+            isolated = await stack.enter_async_context(connect([n1.url], name="isolated"))
+            healthy = await stack.enter_async_context(connect([n2.url], name="healthy"))
+            await wait_for_r3_placement(healthy)
+            for node, replica in ((n1, "isolated"), (n2, "healthy")):
+                services = await Client.open([node.url], name=f"ledger-{replica}")
+                stack.push_async_callback(services.close)
+                await stack.enter_async_context(recording_ledger(handled, replica).serve(services))
+            for api in (
+                f"STREAM.LEADER.STEPDOWN.{STREAM}",
+                f"STREAM.LEADER.STEPDOWN.{KV_STREAM}",
+                f"CONSUMER.LEADER.STEPDOWN.{STREAM}.{LEDGER_DURABLE}",
+            ):
+                await move_leader(healthy, api, "n1")
+            leaders = await _leaders(healthy)
+            sides = [SidePublisher(isolated, "iso"), SidePublisher(healthy, "ok")]
+            async with anyio.create_task_group() as tg:
+                for side in sides:
+                    tg.start_soon(side.run)
+                await wait_until(lambda: all(len(s.acked) >= 100 for s in sides), 60, "traffic")
+                cut_at = time.monotonic()
+                with partition(cluster):
+                    await anyio.sleep(partition_s)
+                healed_at = time.monotonic()
+                await wait_until(
+                    lambda: all(s.first_ack_after(healed_at + 1) for s in sides), 60, "recovery"
+                )
+                for side in sides:
+                    side.stop.set()
+            expected = {i for s in sides for i in s.acked}
+            await wait_until(
+                lambda: expected <= {i for _, i in handled}, 60, "every acked event handled"
+            )
+            await wait_until(lambda: drained(healthy), 60, "consumer drained", interval=0.2)
+    finally:
+        cluster.cleanup()
+
+    iso, ok = sides
+    during = [e for e in iso.errors if cut_at <= e[0] <= healed_at]
+    runs = Counter(i for _, i in handled)
+    record_figures(
+        "partition_one_node",
+        published=len(expected),
+        handled=len(set(runs) & expected),
+        lost=len(expected - set(runs)),
+        handler_runs_twice=sum(n - 1 for n in runs.values()),
+        partition_s=partition_s,
+        cut_off_node_led=leaders,
+        isolated_publish_errors=dict(Counter(kind for _, kind, _ in iso.errors)),
+        isolated_first_error=during[0][2] if during else None,
+        healthy_publish_errors=dict(Counter(kind for _, kind, _ in ok.errors)),
+        healthy_publish_gap_s=_longest_gap(ok.ack_times, cut_at),
+        isolated_recovered_after_heal_s=iso.first_ack_after(healed_at),
+        healthy_recovered_after_heal_s=ok.first_ack_after(healed_at),
+    )
+    assert not expected - set(runs), "acknowledged events lost"
+    assert sum(n - 1 for n in runs.values()) <= IN_FLIGHT  # the cut-off replica's in flight
+    assert during, "the isolated publisher saw no error during the partition"
+    assert {kind for _, kind, _ in iso.errors + ok.errors} <= {"StreamUnavailable"}
+    assert all("retry" in text for _, _, text in during), during[0]
+    recovered = iso.first_ack_after(healed_at)
+    assert recovered is not None and recovered < 15.0
+
+
+async def _leaders(client: Any) -> dict[str, str]:
+    stream = await client.js.stream_info(STREAM)
+    kv = await client.js.stream_info(KV_STREAM)
+    consumer = await consumer_info(client)
+    return {
+        "stream": stream.cluster.leader,
+        "markers": kv.cluster.leader,
+        "consumer": consumer.cluster.leader,
+    }
+
+
+def _longest_gap(times: list[float], since: float) -> float:
+    later = [since, *(t for t in times if t > since)]
+    return round(max(b - a for a, b in itertools.pairwise(later)), 2) if len(later) > 1 else 0.0

@@ -20,7 +20,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
 
 from ..context import Context
-from ..errors import NoStream, PermissionDenied, PublishError
+from ..errors import NoStream, PermissionDenied, PublishError, StreamUnavailable
 from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport.codec import encode_payload
@@ -119,6 +119,8 @@ def _check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
 
 
 def publish_error(subject: str, exc: BaseException) -> PublishError:
+    if isinstance(exc, PublishError):
+        return exc
     if isinstance(exc, NoStreamResponseError | NoRespondersError):
         return NoStream(
             f"no stream captures {subject}: declare a Stream for its domain or start a "
@@ -128,7 +130,95 @@ def publish_error(subject: str, exc: BaseException) -> PublishError:
         return PublishError(f"permission denied, the event was not stored: {exc}")
     if isinstance(exc, NatsTimeoutError | TimeoutError):
         return PublishError(f"no acknowledgement from JetStream for {subject} (not known stored)")
+    if isinstance(exc, APIError) and exc.err_code == _NO_STORAGE:
+        return PublishError(
+            f"JetStream has no storage left for {subject} (insufficient resources): the event "
+            "was not stored; free space on the server or raise its max_file_store"
+        )
     return PublishError(f"publish to {subject} failed: {exc}")
+
+
+ATTEMPT_TIMEOUT = 2.0  # an unanswered publish is sent again (same id) after this long
+PAUSES = (0.05, 0.1, 0.2, 0.5)  # between attempts a stream without a leader refused
+# "JetStream system temporarily unavailable"; "duplicate message id is in process" (a
+# retried publish whose first attempt the leader has not committed yet)
+_TRANSIENT = frozenset({10008, 10158})
+_NO_STORAGE = 10023  # "insufficient resources": the server's store is full
+
+
+async def _store(
+    client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float
+) -> _PubAck:
+    """Publish until JetStream acknowledges, within `timeout` seconds.
+
+    A timeout or a "no responders" on a cluster is what a stream without a reachable
+    leader looks like (an election, a partition): retried with the same `Nats-Msg-Id`,
+    so it is stored once. Raises `NoStream` when no stream captures the subject,
+    `StreamUnavailable` when it exists but did not store the event in time.
+    """
+    mux = await client.mux()  # nats-py's js.publish: a request and json.loads
+    deadline = anyio.current_time() + timeout
+    attempts, why = 0, ""
+    while True:
+        attempts += 1
+        left = deadline - anyio.current_time()
+        try:
+            request = mux.request(subject, data, min(left, ATTEMPT_TIMEOUT), out)
+            ack = _decode_pub_ack((await client.refusable(subject, request)).data)
+            if ack.error is None:
+                return ack
+            if ack.error.get("err_code") not in _TRANSIENT:
+                raise APIError.from_error(ack.error)
+            failure: Exception = APIError(description=ack.error.get("description"))
+        except (NatsTimeoutError, NoRespondersError) as exc:
+            failure = exc
+        clustered = bool(client.nc._server_info.get("cluster"))
+        if not clustered and not isinstance(failure, NatsTimeoutError):
+            raise failure  # one server: no stream captures it (or JetStream is off)
+        if not why:
+            why = await _why_not_stored(mux, subject, failure, clustered)
+        left = deadline - anyio.current_time()
+        if left <= 0.01:
+            break
+        if not isinstance(failure, NatsTimeoutError):
+            await anyio.sleep(min(left, PAUSES[min(attempts, len(PAUSES)) - 1]))
+    if not clustered:
+        raise failure
+    raise StreamUnavailable(
+        f"{subject}: {why}; {attempts} attempt(s) in {timeout:g} s. The event was not stored "
+        "(or not known stored): retry, publishing again with the same event id is safe, "
+        "it is stored once"
+    )
+
+
+async def _why_not_stored(mux: Any, subject: str, failure: Exception, clustered: bool) -> str:
+    """Ask JetStream which stream captures `subject`: `NoStream` if none does, else why
+    that stream did not answer, in words."""
+    probe = b'{"subject":' + msgspec.json.encode(subject) + b"}"
+    try:
+        reply = await mux.request("$JS.API.STREAM.NAMES", probe, 0.5)
+        names = msgspec.json.decode(reply.data or b"{}")
+    except Exception:
+        if not clustered:
+            return "no acknowledgement from JetStream"
+        return (
+            "JetStream did not answer from this server: no leader reachable "
+            "(a network partition or an election)"
+        )
+    if names.get("error"):
+        return f"JetStream is unavailable: {names['error'].get('description', names['error'])}"
+    streams = names.get("streams") or []
+    if not streams:
+        raise NoStreamResponseError
+    if isinstance(failure, NatsTimeoutError):
+        return (
+            f"stream {streams[0]} did not acknowledge in time (no reachable leader: an "
+            "election, a network partition, or an overloaded server)"
+        )
+    return (
+        f"stream {streams[0]} has no leader reachable from this server "
+        "(an election or a network partition)"
+    )
 
 
 async def publish_event(
@@ -156,11 +246,7 @@ async def publish_event(
     try:
         _check_size(client, data, out)
         try:
-            mux = await client.mux()  # nats-py's js.publish: a request and json.loads
-            reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
-            ack = _decode_pub_ack(reply.data)
-            if ack.error is not None:
-                raise APIError.from_error(ack.error)
+            ack = await _store(client, subject, data, out, timeout)
         except Exception as exc:
             error = publish_error(subject, exc)
             telemetry.record_error(span, error)
