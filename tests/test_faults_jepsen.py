@@ -12,6 +12,7 @@ with the reason.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -38,13 +39,16 @@ from faultkit import (
     paused,
     publish_batch,
     record_figures,
+    stats_of,
+    tmpfs,
     wait_for_r3_placement,
     why_not_iptables,
+    why_not_tmpfs,
 )
 
 from framework import Client, Context, PublishError, Service, connect
 from framework.dev.devserver import NatsServer
-from framework.streams import ensure_streams
+from framework.streams import Stream, ensure_streams
 from framework.testing import eventually as wait_until
 
 pytestmark = pytest.mark.slow
@@ -326,3 +330,107 @@ async def _leaders(client: Any) -> dict[str, str]:
 def _longest_gap(times: list[float], since: float) -> float:
     later = [since, *(t for t in times if t > since)]
     return round(max(b - a for a, b in itertools.pairwise(later)), 2) if len(later) > 1 else 0.0
+
+
+# -- the server's store fills up, then is freed ------------------------------------------------
+
+
+FILLER = Stream("FILLER", ["filler.>"], description="takes the store's space")
+
+
+async def fill_store(client: Any) -> str:
+    """Store 60 kB messages until JetStream refuses one; its error, in its words."""
+    chunk = b"x" * 60_000
+    for _ in range(5000):
+        reply = await client.nc.request("filler.x", chunk, timeout=5.0)
+        if b'"error"' in reply.data:
+            return str(json.loads(reply.data)["error"])
+    raise AssertionError("the store never filled up")
+
+
+def log_lines(path: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a consumer process whose `event` is `event`."""
+    found = []
+    for line in lines(path):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == event:
+            found.append(record)
+    return found
+
+
+async def test_full_store_refuses_publishes_at_once_and_the_stuck_consumer_warns_then_recovers(
+    tmp_path: Path,
+) -> None:
+    """The server's store, a 64 MB tmpfs, fills up (JetStream's own limit: 75 % of the disk
+    it found): publishes fail at once with the server's reason; a consumer whose markers
+    cannot be stored warns within 10 s and shows it in $SRV.STATS; once space is freed
+    (the filler stream purged) both go on, with no restart of anything."""
+    if reason := why_not_tmpfs():
+        pytest.skip(f"cannot fill a store here: {reason}")
+    total = 200
+    with tmpfs(tmp_path / "store", 64) as store:
+        server = NatsServer(store_dir=store / "js", log_file=tmp_path / "nats.log")
+        with server:
+            async with connect(server.url) as client:
+                await ensure_streams(client, [FILLER], [EVENT])
+                consumer = ConsumerProcess(
+                    server.url,
+                    tmp_path / "ledger",
+                    *("--max-concurrency", str(IN_FLIGHT), "--ack-wait", str(ACK_WAIT)),
+                    *("--sleep", "0.01", "--no-effects"),
+                )
+                consumer.start()
+                try:
+                    await stats_of(client, "ledger")  # its consumer and bucket exist
+                    with paused(consumer.pid):  # the events wait until the store is full
+                        assert await publish_batch(client, range(total)) == total
+                        fill_error = await fill_store(client)
+                        started = time.monotonic()
+                        with pytest.raises(PublishError) as refused:
+                            await client.publish(EVENT, OrderCreated("late", 1), event_id="late")
+                        refused_after = time.monotonic() - started
+                    resumed = time.monotonic()
+                    await wait_until(
+                        lambda: log_lines(consumer.log, "subscriber stalled"), 15, "a warning"
+                    )
+                    warned_after = time.monotonic() - resumed
+                    stalled = (await stats_of(client, "ledger")).endpoints[0].data
+                    freed = time.monotonic()
+                    await client.js.purge_stream("FILLER")
+                    later = await client.publish(EVENT, OrderCreated("later", 2), event_id="later")
+                    expected = {f"e-{i}" for i in range(total)} | {"later"}
+                    await wait_until(
+                        lambda: expected <= set(lines(consumer.attempts)), 60, "all handled"
+                    )
+                    await wait_until(lambda: drained(client), 60, "drained", interval=0.2)
+                    recovered_after = time.monotonic() - freed
+                    healthy = (await stats_of(client, "ledger")).endpoints[0].data
+                    consumer.assert_alive()
+                finally:
+                    consumer.stop()
+
+    runs = Counter(lines(consumer.attempts))
+    record_figures(
+        "store_full",
+        published=total + 1,
+        handled=len(set(runs) & expected),
+        lost=len(expected - set(runs)),
+        handler_runs_twice=sum(n - 1 for n in runs.values()),
+        server_said=fill_error,
+        publish_error=str(refused.value),
+        publish_refused_after_s=round(refused_after, 3),
+        consumer_warned_after_s=round(warned_after, 1),
+        stall_reason=stalled["stall_reason"],
+        recovered_after_free_s=round(recovered_after, 1),
+    )
+    assert "insufficient resources" in fill_error
+    assert "no storage left" in str(refused.value)
+    assert refused_after < 1.0  # the server said why: no wait for a timeout
+    assert warned_after < 10.0
+    assert stalled["stalled_since"] and "insufficient resources" in stalled["stall_reason"]
+    assert later.seq > 0 and not expected - set(runs)
+    assert healthy["stalled_since"] is None and healthy["stalls"] >= 1
+    assert log_lines(consumer.log, "subscriber resumed")

@@ -55,7 +55,10 @@ class Health:
             return
         if self._stalled_at is not None:
             lasted = time.monotonic() - self._stalled_at + self._stall_after
-            _log.info("subscriber resumed", consumer=self._consumer, stalled_for_s=round(lasted, 1))
+            # at the stall's level, so whoever saw it start sees it end
+            _log.warning(
+                "subscriber resumed", consumer=self._consumer, stalled_for_s=round(lasted, 1)
+            )
             self._stalled_at = self._stalled_since = None
             self._reason = ""
 
