@@ -33,6 +33,7 @@ from faultkit import (
     Traffic,
     consumer_info,
     count_lines,
+    fill,
     lines,
     move_leader,
     partition,
@@ -434,3 +435,89 @@ async def test_full_store_refuses_publishes_at_once_and_the_stuck_consumer_warns
     assert later.seq > 0 and not expected - set(runs)
     assert healthy["stalled_since"] is None and healthy["stalls"] >= 1
     assert log_lines(consumer.log, "subscriber resumed")
+
+
+async def test_disk_filled_behind_the_servers_back_needs_a_server_restart_not_a_service_one(
+    tmp_path: Path,
+) -> None:
+    """Something else fills the disk under a JetStream limit that would allow more: the
+    server's write fails with ENOSPC, and nats-server keeps that stream's write error
+    (its log: "Critical write error ... no space left on device") and stops answering
+    its publishes until it is restarted. The consumer warns; once space is freed and the
+    server restarted, services go on without a restart of their own."""
+    if reason := why_not_tmpfs():
+        pytest.skip(f"cannot fill a disk here: {reason}")
+    total = 100
+    with tmpfs(tmp_path / "store", 64) as store:
+        config = tmp_path / "nats.conf"
+        config.write_text("jetstream { max_file_store: 1GB }\n")  # more than the disk
+        server = NatsServer(
+            store_dir=store / "js", config_file=config, log_file=tmp_path / "nats.log"
+        )
+        with server:
+            async with connect(server.url) as client:
+                await ensure_streams(client, [], [EVENT])
+                consumer = ConsumerProcess(
+                    server.url,
+                    tmp_path / "ledger",
+                    *("--max-concurrency", str(IN_FLIGHT), "--ack-wait", str(ACK_WAIT)),
+                    *("--sleep", "0.01", "--no-effects"),
+                )
+                consumer.start()
+                try:
+                    ids_before = {(await stats_of(client, "ledger")).id}
+                    assert await publish_batch(client, range(total)) == total
+                    await wait_until(lambda: count_lines(consumer.attempts) >= total, 30, "all")
+                    filler = fill(store)
+                    extra, refused_after, refused = 0, 0.0, None
+                    while refused is None:  # what fits in the blocks' last pages still goes
+                        assert extra < 5000, "the full disk took every publish"
+                        started = time.monotonic()
+                        try:
+                            await client.publish(
+                                EVENT, OrderCreated(f"x-{extra}", 1), event_id=f"x-{extra}"
+                            )
+                            extra += 1
+                        except PublishError as exc:
+                            refused, refused_after = exc, time.monotonic() - started
+                    await wait_until(
+                        lambda: "no space left on device" in server.log_tail(200), 10, "ENOSPC"
+                    )
+                    server_said = next(
+                        line[line.index("Filestore") :]
+                        for line in server.log_tail(200).splitlines()
+                        if "Critical write error" in line
+                    ).replace(str(store), "<store>")
+                    filler.unlink()
+                    with pytest.raises(PublishError):  # freed, yet the stream stays broken
+                        await client.publish(EVENT, OrderCreated("y", 2), event_id="y", timeout=2)
+                    restarted = time.monotonic()
+                    await anyio.to_thread.run_sync(server.restart)
+                    later = await client.publish(EVENT, OrderCreated("z", 3), event_id="z")
+                    expected = {f"e-{i}" for i in range(total)} | {"z"}
+                    expected |= {f"x-{i}" for i in range(extra)}
+                    await wait_until(
+                        lambda: expected <= set(lines(consumer.attempts)), 60, "handled again"
+                    )
+                    recovered_after = time.monotonic() - restarted
+                    ids_after = {(await stats_of(client, "ledger")).id}
+                    consumer.assert_alive()
+                finally:
+                    consumer.stop()
+
+    runs = Counter(lines(consumer.attempts))
+    record_figures(
+        "disk_full_enospc",
+        published=len(expected),
+        handled=len(set(runs) & expected),
+        lost=len(expected - set(runs)),
+        handler_runs_twice=sum(n - 1 for n in runs.values()),
+        server_said=server_said,
+        publish_error=str(refused),
+        publish_failed_after_s=round(refused_after, 1),
+        recovered_after_server_restart_s=round(recovered_after, 1),
+    )
+    assert "no space left on device" in server_said
+    assert later.seq > 0 and not expected - set(runs)
+    assert sum(n - 1 for n in runs.values()) == 0
+    assert ids_after == ids_before  # the service was not restarted
