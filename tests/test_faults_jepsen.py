@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -21,13 +23,17 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import msgspec
 import pytest
 from faultkit import (
     EVENT,
+    HERE,
     KV_STREAM,
     LEDGER_DURABLE,
+    ROOT,
     STREAM,
     ConsumerProcess,
+    DelayProxy,
     OrderCreated,
     PartitionableCluster,
     Traffic,
@@ -47,8 +53,8 @@ from faultkit import (
     why_not_tmpfs,
 )
 
-from framework import Client, Context, PublishError, Service, connect
-from framework.dev.devserver import NatsServer
+from framework import Client, Context, DeadlineExceeded, PublishError, Service, connect
+from framework.dev.devserver import NatsServer, free_port
 from framework.streams import Stream, ensure_streams
 from framework.testing import eventually as wait_until
 
@@ -521,3 +527,185 @@ async def test_disk_filled_behind_the_servers_back_needs_a_server_restart_not_a_
     assert later.seq > 0 and not expected - set(runs)
     assert sum(n - 1 for n in runs.values()) == 0
     assert ids_after == ids_before  # the service was not restarted
+
+
+# -- slow links: 100 ms added each way between every client and the server ---------------------
+
+
+class Nap(msgspec.Struct):
+    seconds: float
+
+
+def slow_link_services(handled: list[str], deadlines: list[float | None]) -> list[Service]:
+    orders = Service("orders", publishes=[EVENT])
+
+    @orders.rpc()
+    async def echo(req: Nap) -> Nap:
+        return req
+
+    @orders.rpc()
+    async def relay(req: Nap, ctx: Context) -> Nap:
+        reply: Nap = await ctx.call("orders.nap", req, returns=Nap)  # the deadline goes on
+        return reply
+
+    @orders.rpc()
+    async def nap(req: Nap, ctx: Context) -> Nap:
+        deadlines.append(ctx.remaining())
+        await anyio.sleep(req.seconds)
+        return req
+
+    return [orders, slow_ledger(handled, 0.01)]
+
+
+async def test_slow_links_lose_nothing_and_deadlines_hold(nats_server: NatsServer) -> None:
+    delay, total, singles = 0.1, 500, 20
+    handled: list[str] = []
+    deadlines: list[float | None] = []
+    async with DelayProxy(nats_server.port, delay) as proxy, AsyncExitStack() as stack:
+        client = await stack.enter_async_context(connect(proxy.url))
+        for service in slow_link_services(handled, deadlines):
+            await stack.enter_async_context(service.serve(proxy.url))
+        started = time.monotonic()
+        await client.call("orders.echo", Nap(0), returns=Nap, timeout=5.0)
+        rtt = time.monotonic() - started
+        assert await publish_batch(client, range(total)) == total
+        for i in range(singles):
+            await client.publish(EVENT, OrderCreated(f"s-{i}", i), event_id=f"s-{i}")
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await client.call("orders.relay", Nap(3.0), returns=Nap, timeout=1.0)
+        deadline_s = time.monotonic() - started
+        expected = {f"e-{i}" for i in range(total)} | {f"s-{i}" for i in range(singles)}
+        await wait_until(lambda: expected <= set(handled), 60, "every event handled")
+        await wait_until(lambda: drained(client), 30, "consumer drained", interval=0.2)
+
+    runs = Counter(handled)
+    record_figures(
+        "slow_links_100ms",
+        published=len(expected),
+        handled=len(set(runs) & expected),
+        lost=len(expected - set(runs)),
+        handler_runs_twice=sum(n - 1 for n in runs.values()),
+        added_latency_each_way_s=delay,
+        rpc_round_trip_s=round(rtt, 3),
+        deadline_1s_raised_after_s=round(deadline_s, 2),
+        remaining_at_the_second_hop_s=round(deadlines[0], 2) if deadlines[0] else None,
+    )
+    assert rtt >= 4 * delay  # the request and its reply each crossed two slow links
+    assert not expected - set(runs)
+    assert sum(n - 1 for n in runs.values()) == 0
+    assert 1.0 <= deadline_s < 1.0 + 4 * delay + 0.5  # the caller's deadline, not the nap's
+    assert deadlines and deadlines[0] is not None and deadlines[0] < 1.0  # passed on, spent
+
+
+# -- a publisher killed mid-batch, restarted with the same ids ----------------------------------
+
+
+async def test_publisher_killed_mid_batch_and_restarted_with_the_same_ids_stores_each_once(
+    nats_server: NatsServer, client: Any, tmp_path: Path
+) -> None:
+    total = 3000
+    handled: list[str] = []
+    acked = tmp_path / "acked.log"
+    command = [sys.executable, str(HERE / "batch_publisher.py"), "--url", nats_server.url]
+    command += ["--acked", str(acked), "--total", str(total)]
+    async with slow_ledger(handled, 0.0).serve(nats_server.url):
+        first = subprocess.Popen(command, cwd=ROOT)
+        try:
+            await wait_until(lambda: count_lines(acked) >= total // 3, 60, "a third acked")
+        finally:
+            first.kill()  # SIGKILL: a batch is in flight, its acks never read
+            first.wait(10)
+        acked_before_kill = count_lines(acked)
+        stored_at_kill = (await client.js.stream_info(STREAM)).state.messages
+        second = await anyio.run_process(command, cwd=ROOT, check=False)
+        assert second.returncode == 0, second.stderr
+        expected = {f"e-{i}" for i in range(total)}
+        await wait_until(lambda: expected <= set(handled), 60, "every event handled")
+        await wait_until(lambda: drained(client), 30, "consumer drained", interval=0.2)
+        info = await client.js.stream_info(STREAM)
+
+    runs = Counter(handled)
+    record_figures(
+        "publisher_killed_mid_batch",
+        published=total,
+        acked_before_kill=acked_before_kill,
+        stored_at_kill=stored_at_kill,
+        stored=info.state.messages,
+        handled=len(set(runs) & expected),
+        lost=len(expected - set(runs)),
+        handler_runs_twice=sum(n - 1 for n in runs.values()),
+    )
+    assert acked_before_kill < total  # killed mid-way
+    assert info.state.messages == total  # the restart's duplicates were deduplicated
+    assert set(runs) == expected
+    assert sum(n - 1 for n in runs.values()) == 0
+
+
+# -- the sample shop with a service paused past its ack_wait ------------------------------------
+
+
+async def test_shop_with_payments_paused_past_ack_wait_charges_once_and_notifies_once(
+    tmp_path: Path,
+) -> None:
+    """`mesh up`'s shop (orders, payments, notifications); payments is SIGSTOPped for 35 s,
+    past its 30 s ack_wait, while orders keep coming; then it resumes."""
+    from test_mesh_e2e import DECLINED_EVERY, MeshProcess, _request
+
+    from services.contracts import GetOrder, Order
+
+    orders_total, pause = 30, 35.0
+    port = free_port()
+    mesh = MeshProcess(tmp_path, port)
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        await wait_until(lambda: mesh.said("mesh: ready"), 60, "mesh ready")
+        placed: list[Order] = []
+        async with connect(url) as client:
+            for n in range(orders_total // 3):
+                placed.append(await client.call("orders.create", _request(n), returns=Order))
+            with paused(mesh.child("payments")):
+                for n in range(orders_total // 3, orders_total):
+                    placed.append(await client.call("orders.create", _request(n), returns=Order))
+                await anyio.sleep(pause)
+            final: dict[str, str] = {}
+
+            async def all_final() -> bool:
+                for order in placed:
+                    if order.id not in final:
+                        now = await client.call("orders.get", GetOrder(order.id), returns=Order)
+                        if now.status in ("confirmed", "cancelled"):
+                            final[order.id] = now.status
+                return len(final) == len(placed)
+
+            await wait_until(all_final, 120, "every order final", interval=0.3)
+        await wait_until(
+            lambda: count_lines(mesh.outbox) >= orders_total, 30, "every customer notified"
+        )
+        await anyio.sleep(1.0)  # anything sent twice would have arrived by now
+    finally:
+        assert mesh.stop() == 0
+
+    expected = {
+        order.id: "cancelled" if n % DECLINED_EVERY == 0 else "confirmed"
+        for n, order in enumerate(placed)
+    }
+    notes = Counter(json.loads(line)["order_id"] for line in lines(mesh.outbox))
+    charges = [json.loads(line) for line in lines(mesh.ledger)]
+    keys: dict[str, set[str]] = {}
+    for charge in charges:
+        keys.setdefault(charge["order_id"], set()).add(charge["key"])
+    record_figures(
+        "shop_payments_paused",
+        published=orders_total,
+        handled=len(final),
+        lost=orders_total - len(final),
+        paused_s=pause,
+        ack_wait_s=30.0,
+        provider_charge_calls=len(charges),
+        orders_charged_twice=sum(len(k) > 1 for k in keys.values()),
+        customers_notified_twice=sum(n > 1 for n in notes.values()),
+    )
+    assert final == expected
+    assert all(len(k) == 1 for k in keys.values()), keys
+    assert set(notes) == set(expected) and set(notes.values()) == {1}, notes
