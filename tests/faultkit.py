@@ -436,13 +436,21 @@ class PartitionableCluster:
     """Three nodes n1..n3 on loopback; n1 runs with `PARTITION_GID`, so it can be cut off.
 
     Built like `framework.dev.devserver.NatsCluster`; `cluster_ports` are what a
-    partition drops.
+    partition drops. `route_ping` (seconds) sets the routes' ping interval, as the
+    committed `nats-cluster/` configs do: a silently dropped route is then found dead
+    and redialled within seconds, instead of waiting for TCP's retransmission backoff
+    after the heal.
     """
 
-    def __init__(self, base_dir: Path, size: int = 3) -> None:
+    def __init__(self, base_dir: Path, size: int = 3, route_ping: float | None = None) -> None:
         ports = _free_ports(2 * size)
         self.client_ports, self.cluster_ports = ports[:size], ports[size:]
         self.nodes: list[NatsServer] = []
+        config = None
+        if route_ping is not None:
+            base_dir.mkdir(parents=True, exist_ok=True)
+            config = base_dir / "routes.conf"
+            config.write_text(f'cluster {{ ping_interval: "{route_ping:g}s", ping_max: 3 }}\n')
         for i in range(size):
             routes = [f"nats://{LOOPBACK}:{p}" for j, p in enumerate(self.cluster_ports) if j != i]
             kwargs: dict[str, Any] = {
@@ -451,6 +459,7 @@ class PartitionableCluster:
                 "cluster_name": "mesh",
                 "cluster_port": self.cluster_ports[i],
                 "routes": routes,
+                "config_file": config,
             }
             if i == 0:
                 self.nodes.append(_GidServer(self.client_ports[i], gid=PARTITION_GID, **kwargs))

@@ -459,6 +459,17 @@ def test_cluster_configs_are_valid() -> None:
     assert len(stores) == 3  # distinct store dirs
 
 
+def test_configs_state_their_durability() -> None:
+    """nats.conf says how often it fsyncs (the default, stated); the cluster fsyncs always."""
+    import re
+
+    local = re.search(r"^\s*sync_interval:\s*(\S+)", (ROOT / "nats.conf").read_text(), re.M)
+    assert local is not None and local.group(1).strip('"') == "2m"
+    for conf in sorted(CLUSTER_DIR.glob("n*.conf")):
+        found = re.search(r"^\s*sync_interval:\s*(\S+)", conf.read_text(), re.M)
+        assert found is not None and found.group(1) == "always", conf.name
+
+
 @pytest.mark.slow
 async def test_cluster_configs_form_a_jetstream_cluster(tmp_path: Path) -> None:
     """The committed configs, on free ports and a temp store, elect a leader and hold R3."""

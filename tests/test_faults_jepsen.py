@@ -62,6 +62,7 @@ pytestmark = pytest.mark.slow
 
 ACK_WAIT = 2.0
 IN_FLIGHT = 16
+ROUTE_PING = 2.0  # the cluster's route ping interval, as in nats-cluster/*.conf
 
 
 async def drained(client: Any) -> bool:
@@ -254,7 +255,7 @@ async def test_partitioned_node_loses_nothing_and_its_publishers_get_retryable_e
         pytest.skip(f"cannot partition a node here: {reason}")
     monkeypatch.setenv("MESH_REPLICAS", "3")
     partition_s = 15.0
-    cluster = PartitionableCluster(tmp_path / "cluster")
+    cluster = PartitionableCluster(tmp_path / "cluster", route_ping=ROUTE_PING)
     handled: list[tuple[str, str]] = []
     try:
         await cluster.start()
@@ -311,6 +312,7 @@ async def test_partitioned_node_loses_nothing_and_its_publishers_get_retryable_e
         isolated_first_error=during[0][2] if during else None,
         healthy_publish_errors=dict(Counter(kind for _, kind, _ in ok.errors)),
         healthy_publish_gap_s=_longest_gap(ok.ack_times, cut_at),
+        route_ping_s=ROUTE_PING,
         isolated_recovered_after_heal_s=iso.first_ack_after(healed_at),
         healthy_recovered_after_heal_s=ok.first_ack_after(healed_at),
     )

@@ -114,8 +114,7 @@ class Processor:
         self._processed = processed
         self._inflight = (inflight or InFlight()) if processed is not None else None
         self._health = health or Health(consumer.durable)
-        self._ack_wait = options.ack_wait
-        self._retry_delay = options.backoff[0]
+        self._ack_wait, self._retry_delay = options.ack_wait, options.backoff[0]
         self._locks = _KeyLocks()
         self._span_name = f"process {consumer.subject}"
         self._span_attributes = telemetry.handler_attributes(
@@ -123,20 +122,26 @@ class Processor:
         )
         limit = options.max_processing_time
         self._watchdog = Watchdog(limit) if limit is not None else None
-        self._settlement: Settlement | None = None  # idempotent: mark, then ack
-        if processed is not None:
-            self._settlement = Settlement(
-                processed,
-                task_group,
-                self.settled,
-                consumer=consumer.durable,
-                give_up_after=limit or 60.0,
-                nak_delay=options.backoff[0],
-                health=self._health,
-            )
+        self._settlement = self._settling(processed, task_group, limit or 60.0)
         self.deferred: set[int] = set()  # handled, in the settlement's hands
         self.duplicates = 0  # events skipped as already handled (or handled here now)
         self.expired = 0  # deliveries dropped unrun: held here past ack_wait
+
+    def _settling(
+        self, processed: ProcessedIds | None, task_group: TaskGroup, give_up_after: float
+    ) -> Settlement | None:
+        """An idempotent subscriber's mark-then-ack pipeline (None: ack at once)."""
+        if processed is None:
+            return None
+        return Settlement(
+            processed,
+            task_group,
+            self.settled,
+            consumer=self._consumer.durable,
+            give_up_after=give_up_after,
+            nak_delay=self._retry_delay,
+            health=self._health,
+        )
 
     async def process(self, item: Msg | Delivery) -> None:
         """One delivery, whatever happens: the worker always lives on."""
