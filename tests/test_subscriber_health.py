@@ -1,4 +1,4 @@
-"""The in-flight table and the stall tracker on their own (no server needed).
+"""The in-flight table and the stall tracker: their rules on their own, and their cost.
 
 The fault tests (`test_faults_jepsen.py`) show what they do under pauses, partitions
 and full disks; these pin down their rules.
@@ -7,9 +7,20 @@ and full disks; these pin down their rules.
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import msgspec
+import pytest
+
+from framework import Context, Service
 from framework.events.health import Health
-from framework.events.inflight import Claim, InFlight
+from framework.events.idempotency import ProcessedIds
+from framework.events.inflight import REMEMBER, Claim, InFlight
+from framework.testing import eventually
+
+
+class Created(msgspec.Struct):
+    order_id: str
 
 
 def test_an_id_is_claimed_once_until_its_outcome_is_settled() -> None:
@@ -72,3 +83,33 @@ def test_a_stall_is_noticed_by_the_periodic_check_while_an_attempt_still_waits()
     time.sleep(0.06)
     health.check()
     assert health.stalled and health.stats()["stall_reason"].startswith("pulls:")
+
+
+async def test_screened_lookups_are_trusted_not_asked_again_per_event(
+    serve: Any, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-flight table adds no round trip: an event looked up with its pull runs on
+    that answer (more events than the table remembers, so its stamps must advance)."""
+    asked: list[str] = []
+    seen = ProcessedIds.seen
+
+    async def counting(self: ProcessedIds, event_id: str) -> bool:
+        asked.append(event_id)
+        return await seen(self, event_id)
+
+    monkeypatch.setattr(ProcessedIds, "seen", counting)
+    total = 3 * REMEMBER
+    handled: list[str] = []
+    svc = Service("tally")
+
+    @svc.subscribe("order.created.v1", max_concurrency=32)
+    async def on_created(event: Created, ctx: Context) -> None:
+        handled.append(ctx.event_id or "")
+
+    await serve(svc)
+    async with client.batch() as batch:
+        for i in range(total):
+            await batch.publish("order.created.v1", Created(f"o-{i}"), event_id=f"e-{i}")
+    await eventually(lambda: len(handled) >= total, 30, "every event handled")
+    assert len(handled) == total
+    assert asked == []

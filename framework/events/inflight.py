@@ -25,11 +25,12 @@ REMEMBER = 1024  # marked ids kept per subscriber (~100 kB)
 
 
 class Claim(Enum):
-    """What `InFlight.claim` found."""
+    """What claiming an event id for a delivery found."""
 
     CLAIMED = "claimed"  # nobody here has it: run the handler
     BUSY = "busy"  # a delivery of this id is being handled or settled here
-    MARKED = "marked"  # this process marked it handled a moment ago
+    MARKED = "marked"  # this process marked it handled a moment ago (or the bucket has it)
+    EXPIRED = "expired"  # this delivery was held here past ack_wait: the server took it back
 
 
 class InFlight:

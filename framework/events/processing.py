@@ -112,7 +112,9 @@ class Processor:
         self._release = puller.release
         self._readmit = readmit or _no_admission
         self._processed = processed
-        self._inflight = (inflight or InFlight()) if processed is not None else None
+        if processed is not None and inflight is None:
+            inflight = InFlight()
+        self._inflight = inflight if processed is not None else None
         self._health = health or Health(consumer.durable)
         self._ack_wait, self._retry_delay = options.ack_wait, options.backoff[0]
         self._locks = _KeyLocks()
@@ -242,24 +244,16 @@ class Processor:
         delivery: Delivery | None,
     ) -> None:
         inflight = self._inflight
-        if inflight is not None and not await self._claim(msg, headers, ack, delivery):
-            return
+        if inflight is not None:
+            claim = self._claim(msg, headers, ack, delivery)
+            if claim is None:
+                claim = await self._claim_after_look_up(headers, ack)
+            if claim is not Claim.CLAIMED:
+                return await self._skip(msg, claim, headers.event_id, ack.sequence)
         settling = False  # the claim is released by the settlement, or below
         started = time.perf_counter_ns()
         span = self._span(msg, headers, ack)
-        consumer = self._consumer
-        ctx = Context(
-            self._client,
-            service=consumer.service,
-            handler=consumer.name,
-            subject=consumer.subject,
-            correlation_id=headers.correlation_id,
-            causation_id=headers.causation_id,
-            event_id=headers.event_id,
-            attempt=ack.attempt,
-            headers=msg.headers,
-            span=span,
-        )
+        ctx = self._context(msg, headers, ack, span)
         token = telemetry.activate(span)  # user code and ctx.call/publish nest under it
         try:
             await self._invoke(event, ctx)
@@ -282,34 +276,63 @@ class Processor:
             telemetry.deactivate(token)
             span.end()
 
-    async def _claim(
+    def _context(self, msg: Msg, headers: EventHeaders, ack: AckInfo, span: Any) -> Context:
+        """What the handler gets: the event's ids, its attempt, its span and a client."""
+        consumer = self._consumer
+        return Context(
+            self._client,
+            service=consumer.service,
+            handler=consumer.name,
+            subject=consumer.subject,
+            correlation_id=headers.correlation_id,
+            causation_id=headers.causation_id,
+            event_id=headers.event_id,
+            attempt=ack.attempt,
+            headers=msg.headers,
+            span=span,
+        )
+
+    def _claim(
         self, msg: Msg, headers: EventHeaders, ack: AckInfo, delivery: Delivery | None
-    ) -> bool:
-        """Whether the handler may run for this delivery: the id is not handled yet, nor
-        held by another delivery here, and this delivery is still ours (not past ack_wait).
-        A delivery that may not run is acked (handled), nak'd (another copy of the id is
-        running here) or left to the server's redelivery (same delivery, or expired)."""
+    ) -> Claim | None:
+        """Claim the event id for this delivery if the handler may run: the id is not
+        handled yet, nor held by another delivery here, and this delivery is still ours
+        (not held past ack_wait). None: the bucket must be asked first (no lookup, or
+        one too old to trust). Synchronous: the common case costs no await."""
         inflight = self._inflight
-        assert inflight is not None and self._processed is not None
-        event_id = headers.event_id
+        assert inflight is not None
         seen: bool | None = None
         if delivery is not None:
             if self._expired(msg):
-                return False
+                return Claim.EXPIRED
             fresh = time.monotonic() - delivery.arrived < self._ack_wait / 2
             if fresh and inflight.covers(delivery.marks):
                 seen = delivery.seen  # None if screening could not look it up
-        if seen is None and inflight.holder(event_id) is None:
-            seen = await self._look_up(event_id)
-        claim = Claim.MARKED if seen else inflight.claim(event_id, ack.sequence)
-        if claim is Claim.CLAIMED:
-            return True
+        if seen:
+            return Claim.MARKED
+        if seen is None and inflight.holder(headers.event_id) is None:
+            return None
+        return inflight.claim(headers.event_id, ack.sequence)
+
+    async def _claim_after_look_up(self, headers: EventHeaders, ack: AckInfo) -> Claim:
+        """`_claim` once the bucket has said whether the id was handled."""
+        assert self._inflight is not None
+        if await self._look_up(headers.event_id):
+            return Claim.MARKED
+        return self._inflight.claim(headers.event_id, ack.sequence)
+
+    async def _skip(self, msg: Msg, claim: Claim, event_id: str, sequence: int) -> None:
+        """A delivery whose handler may not run: acked if its id was handled, nak'd if
+        another message with its id runs here now (it comes back once that one settled);
+        a redelivery of the one running here, or an expired one, is left to the server."""
+        assert self._inflight is not None
+        if claim is Claim.EXPIRED:
+            return
         self.duplicates += 1
         if claim is Claim.MARKED:
             await msg.ack()
-        elif inflight.holder(event_id) != ack.sequence:  # another message with this id
-            await msg.nak(delay=self._retry_delay)  # back once the one here settles
-        return False  # a redelivery of the one being handled here: that one settles it
+        elif self._inflight.holder(event_id) != sequence:
+            await msg.nak(delay=self._retry_delay)
 
     def _expired(self, msg: Msg) -> bool:
         """Held here past ack_wait since the server last heard of it (a pause): the
