@@ -391,8 +391,8 @@ class BatchPublisher:
             return  # expired already
         self._slots.release()
         event_id, subject, _, span = entry
-        if not msg.data:  # a status instead of an ack: 503, no stream captures it
-            self._failed(event_id, span, publish_error(subject, NoRespondersError()))
+        if not msg.data:  # a status instead of an ack: 503, no stream answered
+            self._failed(event_id, span, self._unanswered(subject))
         else:
             try:
                 ack = _decode_pub_ack(msg.data)
@@ -407,6 +407,17 @@ class BatchPublisher:
                     span.end()
         if not self._pending:
             self._settled.set()
+
+    def _unanswered(self, subject: str) -> PublishError:
+        """No stream answered: on one server none captures the subject; on a cluster
+        that is also what a stream without a reachable leader looks like."""
+        if not self._client.nc._server_info.get("cluster"):
+            return publish_error(subject, NoRespondersError())
+        return StreamUnavailable(
+            f"{subject}: no stream answered: its stream has no leader reachable from this "
+            "server (an election, a network partition), or no stream captures it. Not "
+            "stored: retry with the same event id (it is stored once)"
+        )
 
     async def flush(self) -> list[PublishAck]:
         """Every ack, or `PublishError` listing what was not stored (`failures`)."""
