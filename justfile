@@ -1,7 +1,7 @@
 # Recipes for the local mesh. Everything runs from the project's virtual environment.
 set shell := ["bash", "-cu"]
 
-# start NATS (nats.conf) and the sample services; Ctrl-C stops everything
+# start NATS (nats.conf) and the sample services ([tool.mesh] in pyproject.toml); Ctrl-C stops everything
 up:
     mesh up
 
@@ -15,7 +15,7 @@ down:
 
 # place a few orders against a running mesh and show their final states and a trace
 demo:
-    mesh demo
+    python -m services.demo
 
 # the whole test suite against real nats-server processes
 test *args:

@@ -52,6 +52,12 @@ def _service_of(subject: str) -> str:
     return subject.split(".", 1)[0]
 
 
+def _answers_requests(endpoint: Mapping[str, Any]) -> bool:
+    """An ADR-32 endpoint that is request-reply: ours say `kind: rpc`; others say nothing."""
+    metadata = endpoint.get("metadata") or {}
+    return bool(metadata.get("kind", "rpc") == "rpc")
+
+
 def raise_for_error(msg_headers: Mapping[str, str] | None, subject: str) -> None:
     """Turn ADR-32 error headers back into the typed error the handler raised."""
     if not msg_headers:
@@ -344,10 +350,13 @@ class Client:
         try:
             mux = await self.mux()
             reply = await mux.request(f"$SRV.INFO.{service}", b"", 0.25)
-            endpoints = [e.get("subject") for e in msgspec.json.decode(reply.data)["endpoints"]]
+            listed = msgspec.json.decode(reply.data)["endpoints"]
+            endpoints = [e.get("subject") for e in listed]
+            # only what answers requests: a subscriber's subject takes events, not calls
+            answering = [e.get("subject") for e in listed if _answers_requests(e)]
         except Exception:
             return NoResponders(f"no responders: nothing serves {subject}", service=service), False
-        known = ", ".join(str(e) for e in endpoints if e) or "none"
+        known = ", ".join(str(e) for e in answering if e) or "none"
         error = NotFound(
             f"{service} has no endpoint {subject} (it serves: {known})", service=service
         )

@@ -229,6 +229,6 @@ class Service:
 
     def run(self, url: str | Sequence[str] | None = None, *, grace: float = DEFAULT_GRACE) -> None:
         """Run from `__main__` until SIGTERM or SIGINT, then shut down gracefully."""
-        from .runner import run_services
+        from .transport.process import run_services
 
         run_services([self], url, grace=grace)

@@ -1,4 +1,6 @@
-"""`mesh demo`: place a few orders on a running mesh and show where each one ended.
+"""`python -m services.demo` (`just demo`): place a few orders on a running mesh.
+
+Shows where each order ended, and one order's trace across the services.
 
 Some orders are above the payment provider's limit and get declined, so the demo shows
 both paths: pending -> confirmed (payment captured, customer notified) and
@@ -7,6 +9,7 @@ pending -> cancelled (payment declined, customer notified).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -18,7 +21,7 @@ import anyio
 from framework import ServiceError, configure_logging, connect
 from services.contracts import CreateOrder, GetOrder, Order, OrderItem
 
-__all__ = ["run_demo"]
+__all__ = ["main", "run_demo"]
 
 TRACE_FILE = Path(os.environ.get("MESH_TRACE_FILE") or ".mesh/traces.jsonl")
 _TRACE_IDS: dict[str, str] = {}
@@ -137,3 +140,21 @@ def run_demo(url: str | None = None, *, orders: int = 6) -> int:
         )
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: `python -m services.demo [--url URL] [--orders N]`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m services.demo",
+        description="Place orders on a running mesh (`just up`) and show what happened.",
+    )
+    parser.add_argument(
+        "--url", default=None, help="NATS server URL (default: $NATS_URL, else local)"
+    )
+    parser.add_argument("--orders", type=int, default=6, help="how many orders (default: 6)")
+    args = parser.parse_args(argv)
+    return run_demo(args.url, orders=args.orders)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

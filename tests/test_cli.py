@@ -23,7 +23,9 @@ import msgspec
 import pytest
 
 import framework.cli.main as cli
+import framework.cli.services as cli_services
 from framework import BadRequest, Service, ServiceError
+from framework.cli._common import table
 from framework.cli.main import ExitCode, build_parser, main
 from framework.dev.devserver import free_port
 
@@ -129,7 +131,7 @@ def test_extension_module_registers_commands(monkeypatch, capsys):
 
 
 def test_table_aligns_columns():
-    text = cli._table([("a", 1, None), ("longer", 22, "x y\nz")], ("NAME", "N", "NOTE"))
+    text = table([("a", 1, None), ("longer", 22, "x y\nz")], ("NAME", "N", "NOTE"))
     assert text.splitlines() == [
         "NAME    N   NOTE",
         "a       1   -",
@@ -188,6 +190,38 @@ async def test_unknown_endpoint_exits_3(serve, nats_url, capsys):
     assert await mesh("--url", nats_url, "call", "greeter.nope") == ExitCode.NOT_FOUND
     err = capsys.readouterr().err
     assert err.startswith("error 404: ") and "greeter.hello" in err
+
+
+@pytest.mark.parametrize(
+    "subject, suggestion",
+    [
+        ("events.payment.captured.v1", "mesh publish payment.captured.v1 JSON"),
+        ("events.order.created.v1.o-1", "mesh publish order.created.v1 JSON"),  # keyed
+        ("events.Bad", "mesh publish TYPE JSON"),
+        ("events", "mesh publish TYPE JSON"),
+    ],
+)
+def test_call_refuses_event_subjects_and_points_to_publish(subject, suggestion, capsys):
+    """A request to `events.>` would store a raw, headerless event: refused before connecting."""
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens: the refusal comes first
+    assert main(["--url", url, "call", subject, "{}"]) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert f"mesh: {subject} is an event subject" in err
+    assert suggestion in err
+
+
+async def test_not_found_lists_only_request_reply_endpoints(serve, nats_url, capsys):
+    svc = greeter()
+
+    @svc.subscribe("greeting.sent.v1")
+    async def on_greeting_sent(event: Greeting) -> None:
+        return None
+
+    await serve(svc)
+    assert await mesh("--url", nats_url, "call", "greeter.nope") == ExitCode.NOT_FOUND
+    err = capsys.readouterr().err
+    assert err.startswith("error 404: ") and "greeter.hello" in err and "greeter.slow" in err
+    assert "events." not in err and "greeting.sent" not in err
 
 
 async def test_bad_request_exits_5(serve, nats_url, capsys):
@@ -294,7 +328,7 @@ def test_subscriber_columns_appear_when_reported(monkeypatch, capsys):
     def fake_with_client(args, body):
         return anyio.run(body, FakeClient(), backend="asyncio")
 
-    monkeypatch.setattr(cli, "with_client", fake_with_client)
+    monkeypatch.setattr(cli_services, "with_client", fake_with_client)
     assert main(["stats"]) == 0
     header, send, on_order = capsys.readouterr().out.splitlines()
     assert header.split()[6:] == ["PENDING", "REDELIVERED", "DEAD-LETTERED", "LAST", "ERROR"]

@@ -26,6 +26,13 @@ from services.contracts import CreateOrder, GetOrder, Order, OrderItem
 
 pytestmark = pytest.mark.slow
 
+# what this repository's pyproject.toml lists under [tool.mesh]; a test's workdir says it
+# in a mesh.toml of its own
+SAMPLE_MESH_TOML = """\
+services = ["services.orders:service", "services.payments:service", "services.notifications:service"]
+nats_config = "nats.conf"
+"""
+
 ORDERS = 50
 DECLINED_EVERY = 5  # every fifth order is above the provider's limit
 
@@ -52,6 +59,7 @@ class MeshProcess:
     def __init__(self, workdir: Path, port: int) -> None:
         config = workdir / "nats.conf"
         config.write_text('listen: 127.0.0.1:4222\njetstream { store_dir: ".mesh/jetstream" }\n')
+        (workdir / "mesh.toml").write_text(SAMPLE_MESH_TOML)
         self.outbox = workdir / "outbox.jsonl"
         self.ledger = workdir / "ledger.jsonl"
         env = {
@@ -181,6 +189,7 @@ def test_detached_mesh_runs_in_the_background_until_down(tmp_path: Path):
     """`just up-detached` / `just down`: the mesh outlives the command that started it."""
     port = free_port()
     (tmp_path / "nats.conf").write_text('jetstream { store_dir: ".mesh/jetstream" }\n')
+    (tmp_path / "mesh.toml").write_text(SAMPLE_MESH_TOML)
     env = {**os.environ, "MESH_OUTBOX": str(tmp_path / "outbox.jsonl")}
 
     def mesh(*args: str) -> subprocess.CompletedProcess[str]:

@@ -5,21 +5,11 @@
     mesh dlq show ID [--json]
     mesh dlq replay ID [ID ...] | --all [--service NAME] [--json]
 
-Plugged into `mesh` by `framework.cli.main`, which imports this module and calls
-`register(subparsers)`. Exit codes are the `mesh` table:
-
-    publish      0 stored, or a duplicate of an event already stored (same event id);
-                 1 JetStream did not store it (no acknowledgement, permission, ...);
-                 2 invalid event type, JSON, header or id; 3 no stream captures the type
-    dlq ls       0 also when there are no dead letters ("no dead letters" on stderr)
-    dlq show     3 no dead letter with that ID
-    dlq replay   0 every one replayed; 1 at least one replay failed (the others are still
-                 replayed); else 3 when an ID does not exist (the others are still replayed)
-
-Every command also takes `--url` and `--timeout` (for `publish`: seconds to wait for the
-JetStream acknowledgement, default 5; for `dlq`: seconds each operation may take,
-default 10), and exits 7 when NATS cannot be reached (`dlq`: 4 on a timeout; for
-`publish` a missing acknowledgement is a publish failure, 1).
+Registered by `framework.cli.main` (`register(subparsers)`). Exit codes are the one `mesh`
+table; each command's `--help` says what a code means for it (e.g. `publish` exits 3 when
+no stream captures the event type, `dlq replay` exits 1 when any replay failed, the others
+still being replayed). `publish` waits `--timeout` seconds (default 5) for the JetStream
+acknowledgement; each `dlq` operation may take `--timeout` seconds (default 10).
 """
 
 from __future__ import annotations
@@ -35,16 +25,21 @@ import anyio
 import msgspec
 
 from ..errors import BadRequest, InvalidName, NoStream, NotFound, PublishError
-from .main import (
+from ._common import (
     CliError,
     ExitCode,
     Handler,
-    _parse_headers,
-    _read_payload,
-    _table,
+    Subparsers,
+    add_command,
     add_connection_options,
     check_service_name_arg,
+    discovery_timeout,
+    one_line,
+    parse_headers,
+    positive_int,
     print_json,
+    read_payload,
+    table,
     with_client,
 )
 
@@ -69,49 +64,52 @@ _RESERVED_HEADERS = {
     "producer": "it is set by mesh",
 }
 
-_PUBLISH_CODES = """\
-exit codes:
-  0    stored, or a duplicate of an event already stored (same event id)
-  1    failure: JetStream did not store the event (no acknowledgement, permission, ...)
-  2    usage: invalid event type, JSON payload, header or id
-  3    not found: no stream captures the event type (declare a Stream, or start a
-       service that subscribes to it)
-  7    no connection: NATS could not be reached at the URL
-  130  interrupted (Ctrl-C)
+_PUBLISH_CODES = (
+    ExitCode.OK,
+    ExitCode.FAILURE,
+    ExitCode.USAGE,
+    ExitCode.NOT_FOUND,
+    ExitCode.NO_CONNECTION,
+    ExitCode.INTERRUPTED,
+)
+_PUBLISH_NOTES = {
+    ExitCode.OK: "stored, or a duplicate of an event already stored (same event id)",
+    ExitCode.FAILURE: "JetStream did not store the event (no acknowledgement, permission, ...)",
+    ExitCode.USAGE: "invalid event type, JSON payload, header or id",
+    ExitCode.NOT_FOUND: "no stream captures the event type (declare a Stream, or start a "
+    "service that subscribes to it)",
+}
+_PUBLISH_EXAMPLES = (
+    "mesh publish order.created.v1 "
+    '\'{"order_id": "o-1", "customer_id": "c-1", "total_cents": 500}\'',
+    'echo \'{"order_id": "o-2", "customer_id": "c-1", "total_cents": 900}\' '
+    "| mesh publish order.created.v1 - --event-id order-o-2",
+)
 
-examples:
-  mesh publish order.created.v1 '{"order_id": "o-1", "amount_cents": 500}'
-  mesh publish order.created.v1 - --event-id order-o-1 < order.json
-"""
-
-_DLQ_CODES = """\
-exit codes:
-  0    ok (also: `dlq ls` that finds no dead letters; `dlq replay` that replayed all)
-  1    failure: an unexpected error; `dlq replay`: at least one replay failed
-  2    usage: bad arguments
-  3    not found: no dead letter with that ID (`show`, `replay`)
-  4    timeout: JetStream did not answer in time
-  7    no connection: NATS could not be reached at the URL
-  130  interrupted (Ctrl-C)
-"""
+_DLQ_CODES = (
+    ExitCode.OK,
+    ExitCode.FAILURE,
+    ExitCode.USAGE,
+    ExitCode.NOT_FOUND,
+    ExitCode.TIMEOUT,
+    ExitCode.NO_CONNECTION,
+    ExitCode.INTERRUPTED,
+)
+_DLQ_NOTES = {
+    ExitCode.OK: "(also: `dlq ls` that finds no dead letters; `dlq replay` that replayed all)",
+    ExitCode.FAILURE: "an unexpected error; `dlq replay`: at least one replay failed",
+    ExitCode.USAGE: "bad arguments",
+    ExitCode.NOT_FOUND: "no dead letter with that ID (`show`, `replay`)",
+    ExitCode.TIMEOUT: "JetStream did not answer in time",
+}
 
 
 # --- helpers -------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
-    return value
-
-
 def _dead_letter_id(text: str) -> int:
     try:
-        return _positive_int(text)
+        return positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"not a dead letter ID (a positive number, see `mesh dlq ls`): {text!r}"
@@ -130,16 +128,6 @@ def _check_id(option: str, value: str | None) -> str | None:
             f"invalid {option} {value!r}: use 1-{h.MAX_ID} letters, digits or ._:@/+=-",
             ExitCode.USAGE,
         ) from None
-
-
-def _timeout(args: argparse.Namespace, default: float) -> float:
-    value: float | None = getattr(args, "timeout", None)
-    return default if value is None else value
-
-
-def _one_line(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _age(since: float, now: float | None = None) -> str:
@@ -171,16 +159,33 @@ def _payload_text(data: str) -> str:
     return msgspec.json.format(data.encode(), indent=2).decode()
 
 
+def _no_dead_letters(service: str | None) -> None:
+    where = f" for service {service}" if service else ""
+    print(f"no dead letters{where}", file=sys.stderr)
+
+
 # --- publish -------------------------------------------------------------------------
 
 
 def _publish_headers(items: Sequence[str] | None) -> dict[str, str]:
-    headers = _parse_headers(items)
+    headers = parse_headers(items)
     for name in headers:
         why = _RESERVED_HEADERS.get(name.lower())
         if why is not None:
             raise CliError(f"header {name} is set by mesh publish: {why}", ExitCode.USAGE)
     return headers
+
+
+def _print_ack(ack: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(ack)
+    elif ack.duplicate:
+        print(
+            f"duplicate of seq {ack.seq} in {ack.stream} event {ack.event_id} "
+            f"(already stored, not stored again)"
+        )
+    else:
+        print(f"stored in {ack.stream} seq {ack.seq} event {ack.event_id}")
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -194,8 +199,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     event_id = _check_id("--event-id", args.event_id)
     correlation_id = _check_id("--correlation-id", args.correlation_id)
     headers = _publish_headers(args.header)
-    payload = _read_payload(EMPTY_PAYLOAD if args.payload is None else args.payload)
-    timeout = _timeout(args, PUBLISH_TIMEOUT)
+    payload = read_payload(EMPTY_PAYLOAD if args.payload is None else args.payload)
+    timeout = discovery_timeout(args, PUBLISH_TIMEOUT)
 
     async def body(client: Client) -> int:
         try:
@@ -214,15 +219,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             if event_id:
                 message += f" (publishing again with --event-id {event_id} stores it once)"
             raise CliError(message, ExitCode.FAILURE) from None
-        if args.json:
-            print_json(ack)
-        elif ack.duplicate:
-            print(
-                f"duplicate of seq {ack.seq} in {ack.stream} event {ack.event_id} "
-                f"(already stored, not stored again)"
-            )
-        else:
-            print(f"stored in {ack.stream} seq {ack.seq} event {ack.event_id}")
+        _print_ack(ack, args.json)
         return ExitCode.OK
 
     return with_client(args, body)
@@ -230,13 +227,39 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 # --- dlq -----------------------------------------------------------------------------
 
+_DLQ_HEADERS = (
+    "ID",
+    "SERVICE",
+    "HANDLER",
+    "REASON",
+    "ATTEMPTS",
+    "EVENT TYPE",
+    "EVENT ID",
+    "AGE",
+    "ERROR",
+)
+
+
+def _dlq_row(letter: DeadLetter, now: float) -> tuple[object, ...]:
+    return (
+        letter.id,
+        letter.service,
+        letter.handler,
+        letter.reason,
+        letter.attempts,
+        letter.event_type,
+        letter.event_id,
+        _age(letter.time, now),
+        one_line(letter.error, ERROR_WIDTH),
+    )
+
 
 def cmd_dlq_ls(args: argparse.Namespace) -> int:
     """The dead letters, oldest first."""
     from ..events.deadletter import list_dead_letters
 
     check_service_name_arg(args.service)
-    timeout = _timeout(args, DLQ_TIMEOUT)
+    timeout = discovery_timeout(args, DLQ_TIMEOUT)
 
     async def body(client: Client) -> int:
         with anyio.fail_after(timeout):
@@ -244,36 +267,10 @@ def cmd_dlq_ls(args: argparse.Namespace) -> int:
         if args.json:
             print_json(letters)
         elif not letters:
-            where = f" for service {args.service}" if args.service else ""
-            print(f"no dead letters{where}", file=sys.stderr)
+            _no_dead_letters(args.service)
         else:
             now = time.time()
-            rows = [
-                (
-                    letter.id,
-                    letter.service,
-                    letter.handler,
-                    letter.reason,
-                    letter.attempts,
-                    letter.event_type,
-                    letter.event_id,
-                    _age(letter.time, now),
-                    _one_line(letter.error, ERROR_WIDTH),
-                )
-                for letter in letters
-            ]
-            headers = (
-                "ID",
-                "SERVICE",
-                "HANDLER",
-                "REASON",
-                "ATTEMPTS",
-                "EVENT TYPE",
-                "EVENT ID",
-                "AGE",
-                "ERROR",
-            )
-            print(_table(rows, headers))
+            print(table([_dlq_row(letter, now) for letter in letters], _DLQ_HEADERS))
         return ExitCode.OK
 
     return with_client(args, body)
@@ -310,7 +307,7 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
     """One dead letter: why, where from, the original headers and payload."""
     from ..events.deadletter import get_dead_letter
 
-    timeout = _timeout(args, DLQ_TIMEOUT)
+    timeout = discovery_timeout(args, DLQ_TIMEOUT)
 
     async def body(client: Client) -> int:
         try:
@@ -336,51 +333,63 @@ class _Replayed(msgspec.Struct, omit_defaults=True):
     error: str | None = None
 
 
+async def _replay_one(
+    client: Client, letter_id: int, known: DeadLetter | None, timeout: float, quiet: bool
+) -> _Replayed:
+    """Replay one dead letter; a failure is reported and counted, never raised."""
+    from ..events.deadletter import get_dead_letter, replay_dead_letter
+
+    try:
+        with anyio.fail_after(timeout):
+            letter = known or await get_dead_letter(client, letter_id)
+            ack = await replay_dead_letter(client, letter_id)
+    except NotFound:
+        print(f"mesh: no dead letter {letter_id}", file=sys.stderr)
+        return _Replayed(letter_id, False, error="not found")
+    except TimeoutError:
+        error = f"replay of dead letter {letter_id} timed out after {timeout:g}s"
+    except PublishError as exc:
+        error = str(exc)
+    except Exception as exc:  # keep going with the rest; reported and counted
+        error = f"replay of dead letter {letter_id} failed: {type(exc).__name__}: {exc}"
+    else:
+        if not quiet:
+            print(f"replayed {letter_id} -> {letter.subject} seq {ack.seq}")
+        return _Replayed(letter_id, True, letter.subject, ack.stream, ack.seq)
+    print(f"mesh: {error}", file=sys.stderr)
+    return _Replayed(letter_id, False, error=error)
+
+
+async def _replay_todo(
+    client: Client, args: argparse.Namespace, timeout: float
+) -> list[tuple[int, DeadLetter | None]]:
+    """The IDs given, or with --all a snapshot (letters that die again are not redone)."""
+    from ..events.deadletter import list_dead_letters
+
+    if not args.all:
+        return [(letter_id, None) for letter_id in dict.fromkeys(args.ids)]
+    with anyio.fail_after(timeout):
+        letters = await list_dead_letters(client, service=args.service, limit=sys.maxsize)
+    if not letters:
+        _no_dead_letters(args.service)
+    return [(letter.id, letter) for letter in letters]
+
+
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
     """Re-publish dead letters to their original subjects; each is removed once stored."""
-    from ..events.deadletter import get_dead_letter, list_dead_letters, replay_dead_letter
-
     if args.all == bool(args.ids):
         raise CliError("give dead letter IDs or --all (not both)", ExitCode.USAGE)
     if args.service is not None and not args.all:
         raise CliError("--service goes with --all", ExitCode.USAGE)
     check_service_name_arg(args.service)
-    timeout = _timeout(args, DLQ_TIMEOUT)
-
-    async def replay_one(client: Client, letter_id: int, known: Any) -> _Replayed:
-        try:
-            with anyio.fail_after(timeout):
-                letter = known or await get_dead_letter(client, letter_id)
-                ack = await replay_dead_letter(client, letter_id)
-        except NotFound:
-            print(f"mesh: no dead letter {letter_id}", file=sys.stderr)
-            return _Replayed(letter_id, False, error="not found")
-        except TimeoutError:
-            error = f"replay of dead letter {letter_id} timed out after {timeout:g}s"
-        except PublishError as exc:
-            error = str(exc)
-        except Exception as exc:  # keep going with the rest; reported and counted
-            error = f"replay of dead letter {letter_id} failed: {type(exc).__name__}: {exc}"
-        else:
-            if not args.json:
-                print(f"replayed {letter_id} -> {letter.subject} seq {ack.seq}")
-            return _Replayed(letter_id, True, letter.subject, ack.stream, ack.seq)
-        print(f"mesh: {error}", file=sys.stderr)
-        return _Replayed(letter_id, False, error=error)
+    timeout = discovery_timeout(args, DLQ_TIMEOUT)
 
     async def body(client: Client) -> int:
-        todo: list[tuple[int, Any]]
-        if args.all:
-            # A snapshot: letters that die again during the replay are not replayed twice.
-            with anyio.fail_after(timeout):
-                letters = await list_dead_letters(client, service=args.service, limit=sys.maxsize)
-            if not letters:
-                where = f" for service {args.service}" if args.service else ""
-                print(f"no dead letters{where}", file=sys.stderr)
-            todo = [(letter.id, letter) for letter in letters]
-        else:
-            todo = [(letter_id, None) for letter_id in dict.fromkeys(args.ids)]
-        results = [await replay_one(client, letter_id, known) for letter_id, known in todo]
+        todo = await _replay_todo(client, args, timeout)
+        results = [
+            await _replay_one(client, letter_id, known, timeout, args.json)
+            for letter_id, known in todo
+        ]
         if args.json:
             print_json(results)
         return _replay_exit_code(results)
@@ -398,43 +407,22 @@ def _replay_exit_code(results: Sequence[_Replayed]) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
+    """`mesh dlq` alone: argparse asks for the subcommand first; this is the fallback."""
     raise CliError("missing dlq command: ls, show or replay", ExitCode.USAGE)
 
 
-# --- parser --------------------------------------------------------------------------
+# --- parsers -------------------------------------------------------------------------
 
 
-def _parser(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-    name: str,
-    help_text: str,
-    epilog: str,
-) -> argparse.ArgumentParser:
-    return subparsers.add_parser(
-        name,
-        help=help_text,
-        description=help_text,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
-def _dlq_options(parser: argparse.ArgumentParser) -> None:
-    add_connection_options(
-        parser,
-        timeout_help=f"seconds each dead-letter operation may take (default: {DLQ_TIMEOUT:g})",
-    )
-
-
-def register(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> Mapping[str, Handler]:
-    """Add `publish` and `dlq` to `mesh`."""
-    publish = _parser(
+def _add_publish(subparsers: Subparsers) -> None:
+    publish = add_command(
         subparsers,
         "publish",
         "publish a domain event and wait for JetStream to store it",
-        _PUBLISH_CODES,
+        codes=_PUBLISH_CODES,
+        notes=_PUBLISH_NOTES,
+        examples=_PUBLISH_EXAMPLES,
+        handler=cmd_publish,
     )
     publish.add_argument("event_type", metavar="TYPE", help="event type, e.g. order.created.v1")
     publish.add_argument(
@@ -460,39 +448,72 @@ def register(
         timeout_help="seconds to wait for the JetStream acknowledgement "
         f"(default: {PUBLISH_TIMEOUT:g})",
     )
-    publish.set_defaults(handler=cmd_publish)
 
-    dlq = _parser(
+
+def _dlq_command(
+    subparsers: Subparsers, name: str, help_text: str, handler: Handler, *examples: str
+) -> argparse.ArgumentParser:
+    command = add_command(
+        subparsers,
+        name,
+        help_text,
+        codes=_DLQ_CODES,
+        notes=_DLQ_NOTES,
+        examples=examples,
+        handler=handler,
+    )
+    add_connection_options(
+        command,
+        timeout_help=f"seconds each dead-letter operation may take (default: {DLQ_TIMEOUT:g})",
+    )
+    return command
+
+
+def _add_dlq(subparsers: Subparsers) -> None:
+    dlq = _dlq_command(
         subparsers,
         "dlq",
         "inspect and replay dead letters (events that could not be handled)",
-        _DLQ_CODES,
+        cmd_dlq,
     )
-    _dlq_options(dlq)
     commands = dlq.add_subparsers(dest="dlq_command", metavar="COMMAND", required=True)
-
-    ls = _parser(commands, "ls", "list dead letters, oldest first", _DLQ_CODES)
+    ls = _dlq_command(
+        commands,
+        "ls",
+        "list dead letters, oldest first",
+        cmd_dlq_ls,
+        "mesh dlq ls",
+        "mesh dlq ls --service payments --json",
+    )
     ls.add_argument("--service", metavar="NAME", help="only this service's handlers")
     ls.add_argument(
         "--limit",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_LIMIT,
         metavar="N",
         help=f"at most N dead letters (default: {DEFAULT_LIMIT})",
     )
     ls.add_argument("--json", action="store_true", help="print the dead letters as JSON")
-    ls.set_defaults(handler=cmd_dlq_ls)
-
-    show = _parser(commands, "show", "one dead letter with its headers and payload", _DLQ_CODES)
+    show = _dlq_command(
+        commands,
+        "show",
+        "one dead letter with its headers and payload",
+        cmd_dlq_show,
+        "mesh dlq show 1",
+    )
     show.add_argument("id", type=_dead_letter_id, metavar="ID", help="from `mesh dlq ls`")
     show.add_argument("--json", action="store_true", help="print the dead letter as JSON")
-    show.set_defaults(handler=cmd_dlq_show)
+    _add_replay(commands)
 
-    replay = _parser(
+
+def _add_replay(commands: Subparsers) -> None:
+    replay = _dlq_command(
         commands,
         "replay",
         "re-publish dead letters to their original subjects (each is removed once stored)",
-        _DLQ_CODES,
+        cmd_dlq_replay,
+        "mesh dlq replay 1",
+        "mesh dlq replay --all --service payments",
     )
     replay.add_argument(
         "ids", nargs="*", type=_dead_letter_id, metavar="ID", help="from `mesh dlq ls`"
@@ -500,8 +521,10 @@ def register(
     replay.add_argument("--all", action="store_true", help="every dead letter (see --service)")
     replay.add_argument("--service", metavar="NAME", help="with --all: only this service's")
     replay.add_argument("--json", action="store_true", help="print the results as JSON")
-    replay.set_defaults(handler=cmd_dlq_replay)
 
-    for command in (ls, show, replay):
-        _dlq_options(command)
+
+def register(subparsers: Subparsers) -> Mapping[str, Handler]:
+    """Add `publish` and `dlq` to `mesh`."""
+    _add_publish(subparsers)
+    _add_dlq(subparsers)
     return {"publish": cmd_publish, "dlq": cmd_dlq}

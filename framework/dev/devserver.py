@@ -417,6 +417,34 @@ def _server_list(url_or_urls: str | Sequence[str]) -> list[str]:
     return list(url_or_urls)
 
 
+async def _probe_jetstream(servers: list[str], timeout: float, replicas: int) -> None:
+    """One attempt: connect, ask for `account_info`, and for `replicas` > 1 place a probe."""
+    import nats
+    from nats.js import api
+
+    async def quiet(_: Exception) -> None:
+        return None
+
+    nc = await nats.connect(
+        servers=servers, connect_timeout=timeout, allow_reconnect=False, error_cb=quiet
+    )
+    try:
+        js = nc.jetstream(timeout=timeout)
+        await js.account_info()
+        if replicas > 1:
+            # a meta leader is not enough: an R3 stream needs three current peers
+            # ("no suitable peers for placement" otherwise), so place a probe
+            await js.add_stream(
+                name="READINESS_PROBE",
+                subjects=["readiness.probe"],
+                num_replicas=replicas,
+                storage=api.StorageType.MEMORY,
+            )
+            await js.delete_stream("READINESS_PROBE")
+    finally:
+        await nc.close()
+
+
 async def wait_jetstream_ready(
     url_or_urls: str | Sequence[str],
     timeout: float = 20.0,
@@ -429,49 +457,21 @@ async def wait_jetstream_ready(
     API answers only once a meta leader is elected. Streams created before that
     fail, so fixtures wait here instead of tests sleeping.
     """
-    import nats
-    from nats.js import api
-
     servers = _server_list(url_or_urls)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     last_error: BaseException | None = None
-
-    async def quiet(_: Exception) -> None:
-        return None
-
     while True:
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise TimeoutError(
                 f"JetStream not ready at {','.join(servers)} after {timeout}s: {last_error!r}"
             )
-        nc = None
         try:
-            nc = await nats.connect(
-                servers=servers,
-                connect_timeout=min(2.0, remaining),
-                allow_reconnect=False,
-                error_cb=quiet,
-            )
-            js = nc.jetstream(timeout=min(2.0, remaining))
-            await js.account_info()
-            if replicas > 1:
-                # a meta leader is not enough: an R3 stream needs three current peers
-                # ("no suitable peers for placement" otherwise), so place a probe
-                await js.add_stream(
-                    name="READINESS_PROBE",
-                    subjects=["readiness.probe"],
-                    num_replicas=replicas,
-                    storage=api.StorageType.MEMORY,
-                )
-                await js.delete_stream("READINESS_PROBE")
+            await _probe_jetstream(servers, min(2.0, remaining), replicas)
             return
         except Exception as exc:  # not ready yet: no leader, no responders, refused...
             last_error = exc
-        finally:
-            if nc is not None:
-                await nc.close()
         await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
 
 

@@ -1,8 +1,10 @@
 """`mesh up`: a local NATS server plus services as separate processes, one command.
 
-Children get colored `[name]` prefixes on their output, a readiness line appears
-once every service answers `$SRV.PING`, and Ctrl-C / SIGTERM stops everything:
-services first (they drain), then the server. No Docker needed.
+The services come from the project's configuration (`dev.project`) or `--service`
+flags; nothing here knows any particular service. Children get colored `[name]`
+prefixes on their output, a readiness line appears once every service answers
+`$SRV.PING`, a crashed service is restarted with backoff (`runner.Child`), and Ctrl-C /
+SIGTERM stops everything: services first (they drain), then the server. No Docker needed.
 """
 
 from __future__ import annotations
@@ -15,20 +17,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import anyio
-from anyio.abc import Process
 
+from ..runner import Child, say, supervise
+from ..transport.process import SUPERVISOR_PID_ENV
 from .devserver import NatsServer
 
-__all__ = ["DEFAULT_SERVICES", "MeshSpec", "down", "up", "up_detached"]
+__all__ = ["MESH_DIR", "MeshSpec", "down", "up", "up_detached"]
 
-DEFAULT_SERVICES = (
-    "services.orders:service",
-    "services.payments:service",
-    "services.notifications:service",
-)
 MESH_DIR = Path(".mesh")
 PID_FILE = MESH_DIR / "mesh.pid"
 LOG_FILE = MESH_DIR / "mesh.log"
@@ -38,38 +36,27 @@ _COLORS = ("36", "35", "33", "32", "34", "31")
 
 @dataclass(frozen=True)
 class MeshSpec:
-    services: Sequence[str] = DEFAULT_SERVICES
-    config: Path = Path("nats.conf")
+    """What `mesh up` starts, run from the project root (paths are relative to it).
+
+    `services`: `module:attr` of each service, one process each; `names`: their service
+    names, in the same order (for readiness and output prefixes); `config`: the
+    nats-server config file (None: JetStream stores under `.mesh/jetstream`); `port`:
+    the client port; `ready_timeout`: seconds to wait for every service to answer;
+    `grace`: seconds each service gets to drain on shutdown; `color`: colored prefixes.
+    """
+
+    services: Sequence[str]
+    names: Sequence[str]
+    config: Path | None = None
     port: int = 4222
     ready_timeout: float = 30.0
     grace: float = 10.0
     color: bool = True
 
 
-def _name(spec: str) -> str:
-    module = spec.partition(":")[0]
-    return module.rsplit(".", 1)[-1]
-
-
 def _prefix(name: str, index: int, color: bool, width: int) -> str:
     label = f"[{name}]".ljust(width + 2)
     return f"\033[{_COLORS[index % len(_COLORS)]}m{label}\033[0m " if color else f"{label} "
-
-
-def _say(text: str, out: IO[str]) -> None:
-    print(f"mesh: {text}", file=out, flush=True)
-
-
-async def _pump(stream: Any, prefix: str, out: IO[str]) -> None:
-    buffer = b""
-    async for chunk in stream:
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            out.write(prefix + line.decode("utf-8", "replace") + "\n")
-        out.flush()
-    if buffer:
-        out.write(prefix + buffer.decode("utf-8", "replace") + "\n")
 
 
 async def _wait_ready(url: str, names: set[str], timeout: float) -> bool:
@@ -85,115 +72,78 @@ async def _wait_ready(url: str, names: set[str], timeout: float) -> bool:
     return False
 
 
-class _Child:
-    """One service process, restarted when it dies unless the mesh is stopping."""
-
-    def __init__(self, spec: str, prefix: str, env: dict[str, str], out: IO[str]) -> None:
-        self.spec = spec
-        self.name = _name(spec)
-        self.prefix = prefix
-        self.env = env
-        self.out = out
-        self.process: Process | None = None
-        self.stopping = False
-
-    async def keep_running(self) -> None:
-        while not self.stopping:
-            self.process = await anyio.open_process(
-                [sys.executable, "-m", "framework.cli", "run", self.spec],
-                env=self.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
-            )
-            await _pump(self.process.stdout, self.prefix, self.out)
-            code = await self.process.wait()
-            if self.stopping:
-                return
-            _say(f"{self.name} exited with code {code}; restarting it in 1 s", self.out)
-            await anyio.sleep(1.0)
-
-
-async def _stop(children: Sequence[_Child], grace: float) -> None:
-    for child in children:
-        child.stopping = True
-    processes = [c.process for c in children if c.process is not None]
-    for process in processes:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-    with anyio.move_on_after(grace + 2):
-        for process in processes:
-            await process.wait()
-    for process in processes:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+def _children(spec: MeshSpec, url: str, out: IO[str]) -> list[Child]:
+    env = {**os.environ, "NATS_URL": url, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("LOG_FORMAT", "console")
+    # every service appends its spans here, so a demo can show one order's whole trace
+    env.setdefault("MESH_TRACE_FILE", str(TRACE_FILE.resolve()))
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())  # children stop if we die unannounced
+    labels = list(spec.names)
+    width = max(len(label) for label in labels)
+    return [
+        Child(
+            label,
+            [sys.executable, "-m", "framework.cli", "run", service],
+            env=env,
+            out=out,
+            prefix=_prefix(label, index, spec.color, width),
+        )
+        for index, (service, label) in enumerate(zip(spec.services, labels, strict=True))
+    ]
 
 
 async def _run(spec: MeshSpec, server: NatsServer, out: IO[str]) -> int:
-    env = {**os.environ, "NATS_URL": server.url, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("LOG_FORMAT", "console")
-    # every service appends its spans here, so `mesh demo` can show one order's whole trace
-    env.setdefault("MESH_TRACE_FILE", str(TRACE_FILE.resolve()))
-    env["MESH_SUPERVISOR_PID"] = str(os.getpid())  # children stop if we die unannounced
-    names = [_name(s) for s in spec.services]
-    width = max(len(n) for n in names)
-    children = [
-        _Child(service, _prefix(name, index, spec.color, width), env, out)
-        for index, (service, name) in enumerate(zip(spec.services, names, strict=True))
-    ]
+    children = _children(spec, server.url, out)
+    names = {child.name for child in children}
+
+    async def announce() -> None:
+        started = time.monotonic()
+        if await _wait_ready(server.url, names, spec.ready_timeout):
+            took = time.monotonic() - started
+            listed = ", ".join(child.name for child in children)
+            say(f"ready: {listed} answer $SRV.PING ({took:.1f}s); Ctrl-C stops", out)
+        else:
+            say(f"not every service answered within {spec.ready_timeout:g}s", out)
+
     try:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with anyio.create_task_group() as task_group:
-                for child in children:
-                    task_group.start_soon(child.keep_running)
-
-                async def announce() -> None:
-                    started = time.monotonic()
-                    if await _wait_ready(server.url, set(names), spec.ready_timeout):
-                        took = time.monotonic() - started
-                        _say(
-                            f"ready: {', '.join(names)} answer $SRV.PING ({took:.1f}s); Ctrl-C stops",
-                            out,
-                        )
-                    else:
-                        _say(f"not every service answered within {spec.ready_timeout:g}s", out)
-
-                task_group.start_soon(announce)
-                async for signum in signals:
-                    _say(f"{signal.Signals(signum).name}: stopping services, then NATS", out)
-                    break
-                await _stop(children, spec.grace)
-                task_group.cancel_scope.cancel()
+        await supervise(children, grace=spec.grace, out=out, started=announce)
     finally:
-        with anyio.CancelScope(shield=True):
-            await _stop(children, spec.grace)
         server.stop()
-        _say("stopped", out)
+        say("stopped", out)
     return 0
 
 
+def _server(spec: MeshSpec) -> NatsServer:
+    store = None if spec.config is not None else MESH_DIR / "jetstream"
+    return NatsServer(
+        spec.port,
+        config_file=spec.config,
+        store_dir=store,
+        log_file=MESH_DIR / "nats.log",
+        own_session=True,
+    )
+
+
 def up(spec: MeshSpec, out: IO[str] = sys.stdout) -> int:
+    """Start the server and the services; return once a signal has stopped them all."""
     from ..observability.logging import configure_logging
 
     configure_logging(level="WARNING")
     MESH_DIR.mkdir(exist_ok=True)
-    server = NatsServer(
-        spec.port, config_file=spec.config, log_file=MESH_DIR / "nats.log", own_session=True
-    )
+    server = _server(spec)
     server.start()
-    _say(f"nats-server ready at {server.url} (JetStream store under {MESH_DIR}/)", out)
+    say(f"nats-server ready at {server.url} (JetStream store under {MESH_DIR}/)", out)
     return anyio.run(_run, spec, server, out, backend="asyncio")
 
 
 def up_detached(spec: MeshSpec, args: Sequence[str], out: IO[str] = sys.stdout) -> int:
-    """Start `mesh up` in the background (output in .mesh/mesh.log) and wait for readiness."""
+    """Start `mesh up ARGS` in the background (output in .mesh/mesh.log), wait for readiness."""
     from ..observability.logging import configure_logging
 
     configure_logging(level="ERROR")  # connection attempts while NATS starts are expected
     MESH_DIR.mkdir(exist_ok=True)
     if PID_FILE.exists() and _alive(int(PID_FILE.read_text() or 0)):
-        _say(f"already running (pid {PID_FILE.read_text().strip()}); `mesh down` stops it", out)
+        say(f"already running (pid {PID_FILE.read_text().strip()}); `mesh down` stops it", out)
         return 1
     with LOG_FILE.open("ab") as log:
         process = subprocess.Popen(
@@ -205,11 +155,11 @@ def up_detached(spec: MeshSpec, args: Sequence[str], out: IO[str] = sys.stdout) 
         )
     PID_FILE.write_text(str(process.pid))
     url = f"nats://127.0.0.1:{spec.port}"
-    ready = anyio.run(_wait_after_start, url, {_name(s) for s in spec.services}, spec.ready_timeout)
-    if not ready:
-        _say(f"not ready within {spec.ready_timeout:g}s; see {LOG_FILE}", out)
+    names = set(spec.names)
+    if not anyio.run(_wait_after_start, url, names, spec.ready_timeout):
+        say(f"not ready within {spec.ready_timeout:g}s; see {LOG_FILE}", out)
         return 1
-    _say(f"mesh running in the background (pid {process.pid}); logs in {LOG_FILE}", out)
+    say(f"mesh running in the background (pid {process.pid}); logs in {LOG_FILE}", out)
     return 0
 
 
@@ -234,8 +184,9 @@ def _alive(pid: int) -> bool:
 
 
 def down(out: IO[str] = sys.stdout, timeout: float = 20.0) -> int:
+    """Stop the background mesh of this project (SIGTERM, SIGKILL after `timeout`)."""
     if not PID_FILE.exists():
-        _say("no background mesh (no .mesh/mesh.pid)", out)
+        say("no background mesh (no .mesh/mesh.pid)", out)
         return 0
     pid = int(PID_FILE.read_text().strip() or 0)
     if _alive(pid):
@@ -247,7 +198,7 @@ def down(out: IO[str] = sys.stdout, timeout: float = 20.0) -> int:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
     PID_FILE.unlink(missing_ok=True)
-    _say("stopped", out)
+    say("stopped", out)
     return 0
 
 
