@@ -14,6 +14,7 @@ from .errors import (
     Reject,
     RemoteError,
     ServiceError,
+    StreamUnavailable,
 )
 from .observability.logging import configure_logging
 from .observability.tracing import configure_telemetry
@@ -36,6 +37,7 @@ __all__ = [
     "Service",
     "ServiceError",
     "Stream",
+    "StreamUnavailable",
     "configure_logging",
     "configure_telemetry",
     "connect",

@@ -53,7 +53,15 @@ from faultkit import (
     why_not_tmpfs,
 )
 
-from framework import Client, Context, DeadlineExceeded, PublishError, Service, connect
+from framework import (
+    Client,
+    Context,
+    DeadlineExceeded,
+    PublishError,
+    Service,
+    StreamUnavailable,
+    connect,
+)
 from framework.dev.devserver import NatsServer, free_port
 from framework.streams import Stream, ensure_streams
 from framework.testing import eventually as wait_until
@@ -319,7 +327,9 @@ async def test_partitioned_node_loses_nothing_and_its_publishers_get_retryable_e
     assert not expected - set(runs), "acknowledged events lost"
     assert sum(n - 1 for n in runs.values()) <= IN_FLIGHT  # the cut-off replica's in flight
     assert during, "the isolated publisher saw no error during the partition"
-    assert {kind for _, kind, _ in iso.errors + ok.errors} <= {"StreamUnavailable"}
+    # retryable errors that say so, never NoStream (the stream exists all along)
+    assert {kind for _, kind, _ in iso.errors + ok.errors} <= {StreamUnavailable.__name__}
+    assert StreamUnavailable.retryable
     assert all("retry" in text for _, _, text in during), during[0]
     recovered = iso.first_ack_after(healed_at)
     assert recovered is not None and recovered < 15.0
