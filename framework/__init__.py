@@ -1,4 +1,5 @@
-"""Microservices on NATS: typed request-reply endpoints and durable JetStream subscribers."""
+"""Microservices on NATS: typed request-reply endpoints, durable JetStream subscribers and
+background jobs."""
 
 from .client import Client, connect
 from .context import Context
@@ -16,6 +17,10 @@ from .errors import (
     ServiceError,
     StreamUnavailable,
 )
+from .jobs.context import JobContext
+from .jobs.errors import JobCancelled, JobFailed
+from .jobs.handle import JobHandle
+from .jobs.status import JobState, JobStatus
 from .observability.logging import configure_logging
 from .observability.tracing import configure_telemetry
 from .service import Service
@@ -28,6 +33,12 @@ __all__ = [
     "Context",
     "DeadlineExceeded",
     "InvalidName",
+    "JobCancelled",
+    "JobContext",
+    "JobFailed",
+    "JobHandle",
+    "JobState",
+    "JobStatus",
     "NoResponders",
     "NoStream",
     "NotFound",

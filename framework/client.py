@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
@@ -29,6 +30,9 @@ from .errors import (
     error_from_code,
 )
 from .events.publish import BatchPublisher, publish_event
+from .jobs import enqueue as _jobs
+from .jobs import schedule as _schedules
+from .jobs.handle import JobHandle
 from .observability import tracing as telemetry
 from .rpc.discovery import InfoResponse, PingResponse, StatsResponse, gather
 from .transport import headers as h
@@ -381,6 +385,76 @@ class Client:
     def batch(self, *, max_outstanding: int = 256, timeout: float = 10.0) -> BatchPublisher:
         """Publish many events without waiting for each ack (`async with client.batch() as b`)."""
         return BatchPublisher(self, max_outstanding=max_outstanding, timeout=timeout)
+
+    # Background jobs live in `framework.jobs`; these are their doors on the client.
+
+    async def enqueue(
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        job_id: str | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        priority: str = "normal",
+        returns: Any = Any,
+        correlation_id: str | None = None,
+        parent: Context | None = None,
+    ) -> JobHandle[Any]:
+        """Enqueue a job of `kind` (`<service>.<name>`) and return its `JobHandle` at once.
+
+        `job_id` makes the job unique: while a job of that id is not finished, enqueueing
+        it again returns the existing job. `delay` (seconds) or `at` (an aware datetime)
+        hold it until then (a server message schedule). `priority`: "high", "normal" or
+        "low". `returns`: the type `handle.result()` decodes the result to. A payload the
+        kind's workers declared a schema for is validated here (`BadRequest`).
+        """
+        return await _jobs.enqueue(
+            self,
+            kind,
+            payload,
+            job_id=job_id,
+            delay=delay,
+            at=at,
+            priority=priority,
+            returns=returns,
+            correlation_id=correlation_id,
+            parent=parent,
+        )
+
+    def job(self, kind: str, job_id: str, *, returns: Any = Any) -> JobHandle[Any]:
+        """A handle to an existing job (no I/O until it is used)."""
+        return JobHandle(self, kind, job_id, returns)
+
+    async def schedule(
+        self,
+        kind: str,
+        payload: Any = None,
+        *,
+        cron: str | None = None,
+        every: float | str | None = None,
+        name: str | None = None,
+        priority: str = "normal",
+        time_zone: str | None = None,
+    ) -> str:
+        """Enqueue a job of `kind` on a recurring schedule kept by the server; returns its
+        name (`name`, or a new one). `cron`: "0 0 * * * *" (seconds first; 5 fields get
+        second 0) or "@hourly"/"@daily"/...; `every`: seconds or a duration like "1h".
+        The same name replaces the schedule; `unschedule` ends it."""
+        return await _schedules.schedule(
+            self,
+            kind,
+            payload,
+            cron=cron,
+            every=every,
+            name=name,
+            priority=priority,
+            time_zone=time_zone,
+        )
+
+    async def unschedule(self, kind: str, name: str) -> bool:
+        """End a recurring schedule; False when there was none of that name."""
+        return await _schedules.unschedule(self, kind, name)
 
     async def ping(self, name: str | None = None, *, timeout: float = 0.5) -> list[PingResponse]:
         return await gather(self._nc, "PING", name, PingResponse, timeout)

@@ -13,6 +13,8 @@ from .client import Client
 from .context import Context
 from .events.options import SUBSCRIBE_DEFAULTS, SubscribeOptions
 from .events.subscriber import Subscriber
+from .jobs import options as job_options
+from .jobs.worker import JobWorker
 from .rpc.discovery import Responder
 from .rpc.endpoint import RpcEndpoint
 from .transport.headers import new_id
@@ -54,6 +56,7 @@ class Service:
             self.metadata.setdefault("publishes", ",".join(self.publishes))
         self.endpoints: list[RpcEndpoint] = []
         self.subscribers: list[Subscriber] = []
+        self.jobs: list[JobWorker] = []
         self.instance_id = ""
         self.client: Client | None = None
 
@@ -153,6 +156,54 @@ class Service:
         )
         return handler
 
+    def job(
+        self,
+        name: str | None = None,
+        *,
+        max_concurrency: int = job_options.DEFAULT_MAX_CONCURRENCY,
+        timeout: float | None = None,
+        max_attempts: int = job_options.DEFAULT_MAX_ATTEMPTS,
+        backoff: Sequence[float] = job_options.DEFAULT_BACKOFF,
+        rate_limit: str | None = None,
+        schedule: str | None = None,
+        schedule_payload: Any = None,
+        ack_wait: float = job_options.DEFAULT_ACK_WAIT,
+    ) -> Callable[[F], F]:
+        """Run the decorated handler for jobs of kind `<service>.<name>` (background jobs).
+
+        The handler takes the payload and optionally a `JobContext`; its return value is
+        the job's result. `max_concurrency`: jobs run at once per replica. `timeout`:
+        seconds an attempt may take (None: no limit). `max_attempts`: attempts before the
+        job fails and is dead-lettered; `backoff[i]`: seconds before attempt i + 2 (the
+        last repeats). `rate_limit`: starts across all replicas, e.g. "20/s", "600/m".
+        `schedule`: run it recurrently, "@every 1h", "@hourly" or a cron expression
+        (seconds first), with `schedule_payload`. `ack_wait`: how long a crashed
+        worker's job waits before another worker runs it.
+        """
+        options = job_options.JobOptions.build(
+            max_concurrency=max_concurrency,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            rate_limit=rate_limit,
+            schedule=schedule,
+            schedule_payload=schedule_payload,
+            ack_wait=ack_wait,
+        )
+
+        def decorate(fn: F) -> F:
+            from .jobs.context import read_job_signature
+
+            job_name = check_endpoint_name(name or fn.__name__)
+            if any(j.name == job_name for j in self.jobs):
+                raise ValueError(f"{self.name} already has a job named {job_name!r}")
+            signature = read_job_signature(fn)
+            worker = JobWorker(self.name, job_name, fn, signature, options, version=self.version)
+            self.jobs.append(worker)
+            return fn
+
+        return decorate
+
     @asynccontextmanager
     async def serve(
         self,
@@ -174,7 +225,7 @@ class Service:
             self.version,
             self.description,
             self.metadata,
-            [*self.endpoints, *self.subscribers],
+            [*self.endpoints, *self.subscribers, *self.jobs],
         )
         try:
             await self._prepare(client)
@@ -199,7 +250,8 @@ class Service:
 
             event_types = [*self.publishes, *(s.event_type for s in self.subscribers)]
             await ensure_streams(client, self.streams, event_types)
-        handlers: list[RpcEndpoint | Subscriber] = [*self.endpoints, *self.subscribers]
+        handlers: list[RpcEndpoint | Subscriber | JobWorker]
+        handlers = [*self.endpoints, *self.subscribers, *self.jobs]
         for handler in handlers:
             await handler.prepare(client)
 
@@ -208,6 +260,9 @@ class Service:
             await endpoint.start(client, task_group)
         for subscriber in self.subscribers:
             await subscriber.start(client, task_group)
+        for worker in self.jobs:
+            worker.instance_id = self.instance_id
+            await worker.start(client, task_group)
         await responder.start(client.nc)
         # one round trip: the server has every subscription before serve() yields
         await client.nc.flush()
@@ -221,7 +276,7 @@ class Service:
             results.append(await handler.stop(grace))
 
         async with anyio.create_task_group() as stopping:
-            for handler in [*self.endpoints, *self.subscribers]:
+            for handler in [*self.endpoints, *self.subscribers, *self.jobs]:
                 stopping.start_soon(stop_one, handler)
         if not all(results):
             _log.warning("grace period over, cancelled in-flight handlers", service=self.name)

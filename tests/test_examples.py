@@ -37,6 +37,14 @@ EXPECTED: dict[str, list[str]] = {
         "printed on attempt 1",
         "replayed dead letter handled",
     ],
+    "background_jobs.py": [
+        "running    50% page 2 of 4",
+        "succeeded 100% page 4 of 4",
+        "same id while it exists unfinished -> the same job: True",
+        "delayed job is scheduled; cancelled: True",
+        "schedule fired every second, then stopped: True",
+        "failed after 2 attempts: ConnectionError: mail server down (attempt 2)",
+    ],
     "tracing_console.py": ["one correlation id across 3 handlers: True"],
     "plain_script_client.py": [
         "is confirmed",

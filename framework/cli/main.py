@@ -28,7 +28,9 @@ __doc__ = f"""`mesh`: run, call and inspect services from the command line.
     mesh call SUBJECT [JSON|-] [--timeout SECONDS] [--header K=V ...]
     mesh ls | info [NAME] | stats [NAME] [--json]
     mesh publish TYPE [JSON|-] ...;  mesh dlq ls | show ID | replay ID...|--all
+    mesh jobs ls | show | enqueue [--wait] | cancel | retry | schedules | unschedule
     mesh up [--service MODULE:ATTR ...] [--detach];  mesh down
+    mesh dashboard [--host HOST] [--port PORT];  mesh asyncapi [MODULE:ATTR ...] [-o FILE]
 
 Every command takes `--url` (default: `NATS_URL`, else nats://127.0.0.1:4222) and
 `--timeout`, before or after the command name.
@@ -51,7 +53,7 @@ them per (sub)parser (`handler=`), which wins. A handler takes the parsed
 __all__ = ["FAMILIES", "CliError", "ExitCode", "build_parser", "main"]
 
 # The command families, each a module of this package with a `register(subparsers)`.
-FAMILIES = ("services", "events", "mesh")
+FAMILIES = ("services", "events", "jobs", "mesh", "web")
 
 EXAMPLES = (
     "mesh run services.orders:service services.payments:service",

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from ..errors import NotFound, PublishError
 from ..streams import DEADLETTER_STREAM
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeadLetter",
+    "discard_dead_letter",
     "get_dead_letter",
     "list_dead_letters",
     "replay_dead_letter",
@@ -40,6 +41,7 @@ HANDLER = "Dead-Letter-Handler"
 TIME = "Dead-Letter-Time"
 EVENT_ID = "Dead-Letter-Event-Id"
 REPLAY_OF = "Replay-Of"
+_NO_MESSAGE_FOUND = 10057  # JetStream's err_code for deleting a sequence that is gone
 _OWN = frozenset(
     {REASON, ERROR, ATTEMPTS, SUBJECT, STREAM, SEQUENCE, SERVICE, HANDLER, TIME, EVENT_ID}
 )
@@ -183,3 +185,14 @@ async def replay_dead_letter(client: Client, dead_letter_id: int) -> Any:
         raise type(reason)(f"replay of dead letter {dead_letter_id} failed: {reason}") from exc
     await client.js.delete_msg(DEADLETTER_STREAM, dead_letter_id)
     return ack
+
+
+async def discard_dead_letter(client: Client, dead_letter_id: int) -> None:
+    """Delete a dead letter for good (its event is not handled); NotFound if it is gone."""
+    try:
+        await client.js.delete_msg(DEADLETTER_STREAM, dead_letter_id)
+    except APIError as error:
+        # a missing stream is 404; a missing message is code 500, err_code 10057
+        if isinstance(error, NotFoundError) or error.err_code == _NO_MESSAGE_FOUND:
+            raise NotFound(f"no dead letter {dead_letter_id}") from None
+        raise
