@@ -643,6 +643,7 @@ async def test_publisher_killed_mid_batch_and_restarted_with_the_same_ids_stores
         published=total,
         acked_before_kill=acked_before_kill,
         stored_at_kill=stored_at_kill,
+        stored_but_never_acked_to_it=stored_at_kill - acked_before_kill,
         stored=info.state.messages,
         handled=len(set(runs) & expected),
         lost=len(expected - set(runs)),
