@@ -109,15 +109,23 @@ class InvalidName(ValueError):
 
 
 class ConfigConflict(RuntimeError):
-    """An existing stream or consumer differs from the declared one; nothing was changed."""
+    """An existing stream or consumer differs from the declared one; nothing was changed.
 
-    def __init__(self, what: str, differences: dict[str, tuple[object, object]]) -> None:
+    `differences` maps each field to (existing, declared); `hint`, when given, says whose
+    the existing one is and how to resolve the conflict.
+    """
+
+    def __init__(
+        self, what: str, differences: dict[str, tuple[object, object]], *, hint: str = ""
+    ) -> None:
         self.what = what
         self.differences = differences
+        self.hint = hint
         lines = ", ".join(
             f"{k}: existing={a!r} declared={b!r}" for k, (a, b) in differences.items()
         )
-        super().__init__(f"{what} exists with a different configuration ({lines})")
+        message = f"{what} exists with a different configuration ({lines})"
+        super().__init__(f"{message}. {hint}" if hint else message)
 
 
 class PublishError(RuntimeError):

@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 WORKER_ENV = "MESH_WORKER"  # 1..N in each worker's environment, for its logs
+USAGE_EXIT = 2  # `mesh` exit codes that restarting cannot fix: bad arguments or specs,
+CONFIG_EXIT = 8  # and a configuration conflict (a consumer another program owns)
+NOT_RESTARTED = frozenset({USAGE_EXIT, CONFIG_EXIT})
 
 
 def load_service(spec: str) -> Servable:
@@ -112,6 +115,7 @@ class Child:
         out: IO[str],
         prefix: str | None = None,
         backoff: Backoff = Backoff(),  # frozen: one shared default is safe
+        fatal_codes: frozenset[int] = NOT_RESTARTED,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -119,6 +123,8 @@ class Child:
         self.out = out
         self.prefix = prefix
         self.backoff = backoff
+        self.fatal_codes = fatal_codes
+        self.failure: int | None = None  # the exit code that ended restarts, if any
         self.process: Process | None = None
         self.starts = 0
         self._stop = anyio.Event()
@@ -137,6 +143,13 @@ class Child:
                 began = time.monotonic()
                 code = await self._run_once()
                 if self.stopping:
+                    return
+                if code in self.fatal_codes:
+                    self.failure = code
+                    say(
+                        f"{self.name} exited with code {code}; not restarted (see its error)",
+                        self.out,
+                    )
                     return
                 crashes = 1 if time.monotonic() - began >= self.backoff.stable else crashes + 1
                 delay = self.backoff.delay(crashes)
@@ -198,29 +211,48 @@ async def supervise(
     out: IO[str],
     started: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> str:
-    """Keep `children` running until SIGTERM/SIGINT, then stop them all; return the signal.
+    """Keep `children` running until SIGTERM/SIGINT, then stop them all; return the reason.
 
-    `started`, when given, runs alongside (e.g. to announce readiness). A signal during
-    startup stops everything as well; children never outlive this call.
+    A child that exits with one of its `fatal_codes` (a configuration error restarting
+    cannot fix) stops the others too, instead of a crash loop. `started`, when given,
+    runs alongside (e.g. to announce readiness). Children never outlive this call.
     """
-    received = ""
+    reason = ""
+    done = anyio.Event()
+
+    def finish(why: str) -> None:
+        nonlocal reason
+        reason = reason or why
+        done.set()
+
+    async def watch(child: Child) -> None:
+        await child.finished.wait()
+        if child.failure is not None:
+            finish(f"{child.name} failed")
+
     try:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as task_group:
                 for child in children:
                     task_group.start_soon(child.keep_running)
+                    task_group.start_soon(watch, child)
                 if started is not None:
                     task_group.start_soon(started)
-                async for signum in signals:
-                    received = signal.Signals(signum).name
-                    break
-                say(f"{received}: stopping {', '.join(c.name for c in children)}", out)
+                task_group.start_soon(_first_signal, signals, finish)
+                await done.wait()
+                say(f"{reason}: stopping {', '.join(c.name for c in children)}", out)
                 await stop_children(children, grace)
                 task_group.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             await stop_children(children, grace)
-    return received
+    return reason
+
+
+async def _first_signal(signals: Any, finish: Callable[[str], None]) -> None:
+    async for signum in signals:
+        finish(signal.Signals(signum).name)
+        return
 
 
 # --- mesh run --workers ------------------------------------------------------------------
@@ -244,7 +276,8 @@ def run_workers(
     app_dir: str = ".",
     out: IO[str] = sys.stderr,
 ) -> int:
-    """Run `workers` processes of the services `specs` until SIGTERM/SIGINT; exit code 0.
+    """Run `workers` processes of the services `specs` until SIGTERM/SIGINT (exit code 0),
+    or until a worker exits with a code restarting cannot fix (that code).
 
     `url`: NATS server URL(s) passed on to each worker (default: their `NATS_URL`);
     `grace`: seconds each worker's in-flight work gets on shutdown; `app_dir`: where the
@@ -261,6 +294,7 @@ def run_workers(
         say(f"starting {workers} workers of {' '.join(specs)} (pid {os.getpid()})", out)
         await supervise(children, grace=grace, out=out)
         say("stopped", out)
-        return 0
+        failures = [c.failure for c in children if c.failure is not None]
+        return failures[0] if failures else 0
 
     return anyio.run(main, backend="asyncio")

@@ -12,6 +12,7 @@ import structlog
 from .client import Client
 from .context import Context
 from .events.options import SUBSCRIBE_DEFAULTS, SubscribeOptions
+from .events.ownership import takeover_from_env
 from .events.subscriber import Subscriber
 from .jobs import options as job_options
 from .jobs.worker import JobWorker
@@ -45,9 +46,23 @@ class Service:
         metadata: Mapping[str, str] | None = None,
         streams: Sequence[Stream] = (),
         publishes: Sequence[str] = (),
+        takeover: bool | None = None,
     ) -> None:
+        """`name` is what callers address and what replicas share; `version` (numbered,
+        e.g. "1.2.0") is advertised by discovery and recorded as the owner of the
+        service's consumers; `description` and `metadata` (string values) show in
+        `$SRV.INFO`; `streams` declares event streams; `publishes` lists the event types
+        the service publishes (their streams are ensured at start).
+
+        One service name, one program: a consumer set up by another program (another
+        event type or payload schema) is refused at start with `ConfigConflict`, and so
+        are other settings from the same or an older `version` (a newer one applies them,
+        logged). `takeover=True` takes the service's consumers over anyway, once per start
+        (None: the `MESH_TAKEOVER` environment variable, as `mesh run --takeover` sets).
+        """
         self.name = check_service_name(name)
         self.version = version
+        self.takeover = takeover
         self.description = description
         self.metadata = dict(metadata or {})
         self.streams = list(streams)
@@ -115,6 +130,8 @@ class Service:
         """Handle every `event_type` event through a durable consumer shared by replicas.
 
         The handler takes the event (a type msgspec decodes) and optionally a `Context`.
+        The consumer records this program as its owner: another program under this name is
+        refused, changed options need a newer version or a takeover (see `Service`).
         Options, with their defaults; one out of bounds raises `ValueError` here:
 
         - `name` (the function's name): the subscriber; its consumer is `<service>_<name>`.
@@ -250,6 +267,9 @@ class Service:
 
             event_types = [*self.publishes, *(s.event_type for s in self.subscribers)]
             await ensure_streams(client, self.streams, event_types)
+        takeover = takeover_from_env() if self.takeover is None else self.takeover
+        for subscriber in self.subscribers:
+            subscriber.owned_by(self.version, takeover=takeover)
         handlers: list[RpcEndpoint | Subscriber | JobWorker]
         handlers = [*self.endpoints, *self.subscribers, *self.jobs]
         for handler in handlers:

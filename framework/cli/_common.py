@@ -20,6 +20,7 @@ import anyio
 import msgspec
 
 from ..errors import BadRequest, InvalidName, ServiceError
+from ..runner import CONFIG_EXIT
 from ..transport.settings import DEFAULT_URL, split_urls
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class ExitCode(IntEnum):
     BAD_REQUEST = 5
     SERVICE_ERROR = 6
     NO_CONNECTION = 7
+    CONFIG_CONFLICT = CONFIG_EXIT
     INTERRUPTED = 130
 
 
@@ -94,6 +96,11 @@ EXIT_CODES: Mapping[ExitCode, tuple[str, str]] = {
         "any other error code a service answered with (500, 422, ...)",
     ),
     ExitCode.NO_CONNECTION: ("no connection", "NATS could not be reached at the URL"),
+    ExitCode.CONFIG_CONFLICT: (
+        "config conflict",
+        "a stream or consumer differs from, or belongs to another program than, the code "
+        "(ConfigConflict); restarting cannot fix it",
+    ),
     ExitCode.INTERRUPTED: ("interrupted", "(Ctrl-C)"),
 }
 

@@ -1,6 +1,7 @@
 """`mesh run|call|ls|info|stats`: run services, call them, see what runs.
 
 mesh run MODULE:ATTR [MODULE:ATTR ...] [--workers N|auto] [--grace SECONDS] [--app-dir DIR]
+         [--takeover]
 mesh call SUBJECT [JSON|-] [--timeout SECONDS] [--header K=V ...]
 mesh ls [--json]
 mesh info [NAME] [--json]
@@ -15,7 +16,8 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidName
+from ..errors import ConfigConflict, InvalidName
+from ..events.ownership import TAKEOVER_ENV
 from ._common import (
     CliError,
     ExitCode,
@@ -82,12 +84,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise CliError(f"a service is listed twice: {', '.join(names)}", ExitCode.USAGE)
     url = getattr(args, "url", None)
+    if args.takeover:
+        os.environ[TAKEOVER_ENV] = "1"  # read by each service as it starts, workers too
     if args.workers > 1:
         return run_workers(
             args.services, args.workers, url=url, grace=args.grace, app_dir=args.app_dir
         )
-    run_services(services, url, grace=args.grace)
+    try:
+        run_services(services, url, grace=args.grace)
+    except* ConfigConflict as conflicts:  # e.g. a consumer another program owns
+        raise CliError(str(_first(conflicts)), ExitCode.CONFIG_CONFLICT) from None
     return ExitCode.OK
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first error in a (nested) exception group: what a task group raised."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 # --- call -----------------------------------------------------------------------------
@@ -140,17 +155,32 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """One line per running service instance."""
+    """One line per running service instance; a `!` column and a line per service whose
+    instances advertise different versions or schemas (two programs under one name?)."""
+    from ..rpc.discovery import PingResponse, divergences
 
     async def body(client: Client) -> int:
-        responses = await client.ping(timeout=discovery_timeout(args))
+        infos = await client.info(timeout=discovery_timeout(args))
         if args.json:
-            print_json(responses)
-        elif not responses:
+            pings = [
+                PingResponse(name=i.name, id=i.id, version=i.version, metadata=i.metadata)
+                for i in infos
+            ]
+            print_json(pings)
+        elif not infos:
             print("no services", file=sys.stderr)
         else:
-            rows = [(r.name, r.id, r.version) for r in responses]
-            print(table(rows, ("NAME", "ID", "VERSION")))
+            found = divergences(infos)
+            flagged = {i for d in found for i in d.versions}
+            rows: list[Sequence[str]] = [
+                ("!" if i.id in flagged else "", i.name, i.id, i.version) for i in infos
+            ]
+            columns: Sequence[str] = ("!", "NAME", "ID", "VERSION")
+            if not found:  # the flag column only when there is something to flag
+                rows, columns = [row[1:] for row in rows], columns[1:]
+            print(table(rows, columns))
+            for divergence in found:
+                print(f"! {divergence.describe()}")
         return ExitCode.OK
 
     return with_client(args, body)
@@ -258,6 +288,8 @@ def _add_run(subparsers: Subparsers) -> None:
         notes={
             ExitCode.OK: "stopped by SIGTERM or SIGINT (every worker stopped)",
             ExitCode.USAGE: "bad arguments, a spec that does not load, a service listed twice",
+            ExitCode.CONFIG_CONFLICT: "a service could not start: its consumer belongs to another "
+            "program or its settings differ (see --takeover); workers are not restarted",
         },
         examples=(
             "mesh run services.orders:service services.payments:service",
@@ -286,6 +318,12 @@ def _add_run(subparsers: Subparsers) -> None:
         default=".",
         metavar="DIR",
         help="directory put first on sys.path to import MODULE from (default: .)",
+    )
+    run.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take over these services' consumers even if another program or an older "
+        f"version set them up ({TAKEOVER_ENV}=1; README: 'One service name, one program')",
     )
     add_connection_options(run)
 
@@ -322,7 +360,7 @@ def _add_discovery(subparsers: Subparsers) -> None:
     ls = add_command(
         subparsers,
         "ls",
-        "list running service instances (NAME, ID, VERSION)",
+        "list running service instances (! marks instances of one service that differ)",
         codes=(c for c in _DISCOVERY_CODES if c != ExitCode.NOT_FOUND),
         notes={ExitCode.OK: "(also when it finds no services)"},
         examples=("mesh ls", "mesh ls --json"),

@@ -79,7 +79,16 @@ class Subscriber:
         self.signature = signature
         self.options = options
         self.subject = event_subject(event_type)
-        self.consumer = Consumer(service, name, event_type, self.subject, options)
+        self.consumer = Consumer(
+            service,
+            name,
+            event_type,
+            self.subject,
+            options,
+            schema=schema_json(signature.payload_type),
+            handler=f"{handler.__module__}:{handler.__qualname__}",
+        )
+        self._takeover = False  # see `owned_by`
         self.queue_group = self.consumer.durable
         self.stats = metrics.stats_for(service, name, "subscriber")
         self._client: Client | None = None
@@ -160,17 +169,24 @@ class Subscriber:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def ensure_consumer(self) -> None:
+    def owned_by(self, version: str, *, takeover: bool = False) -> None:
+        """The service's version, recorded as the consumer's owner; `takeover`: the next
+        `prepare` takes the consumer over whoever set it up (once: a consumer recreated
+        later is judged by the ordinary policy, so two takers never flip it back and forth)."""
+        self.consumer.version = version
+        self._takeover = takeover
+
+    async def ensure_consumer(self, *, takeover: bool = False) -> None:
         """Create or reconcile the durable consumer (`NoStream`, `ConfigConflict`)."""
         assert self._client is not None
-        await self.consumer.ensure(self._client.js)
+        await self.consumer.ensure(self._client, takeover=takeover)
 
     async def prepare(self, client: Client) -> None:
         """Consumer and idempotency bucket: configuration errors surface here."""
         self._client = client
         self.stats.reset()  # a service served again starts its counts afresh
         self._processor = None
-        await self.ensure_consumer()
+        await self.ensure_consumer(takeover=self._takeover)
         if self.options.idempotent:
             self._processed = await ProcessedIds.open(
                 client, self.service, self.name, self.options.idempotency_ttl

@@ -18,12 +18,14 @@ from nats.aio.client import Client as NATS
 from ..observability.stats import HandlerStats
 
 __all__ = [
+    "Divergence",
     "EndpointInfo",
     "EndpointStats",
     "InfoResponse",
     "PingResponse",
     "Responder",
     "StatsResponse",
+    "divergences",
     "gather",
 ]
 
@@ -221,3 +223,70 @@ async def gather(
     finally:
         await sub.unsubscribe()
     return sorted(replies, key=lambda r: (r.name, r.id))
+
+
+class Divergence(msgspec.Struct, kw_only=True):
+    """Instances of one service that advertise different versions or endpoint schemas:
+    not replicas of one program, though the queue group shares requests between them."""
+
+    service: str
+    versions: dict[str, str]
+    """Every instance's id, with its version."""
+    differs: list[str]
+    """What differs: "version", or "<endpoint>.<field>" (subject, request_schema,
+    response_schema, event_schema; an endpoint some instances lack differs in subject)."""
+    groups: list[list[str]]
+    """Instance ids grouped by what they advertise: each group agrees within itself."""
+
+    def describe(self) -> str:
+        """One line for a terminal, naming the instances of each group."""
+        groups = " vs ".join(
+            "[" + ", ".join(f"{i} {self.versions[i]}" for i in group) + "]" for group in self.groups
+        )
+        return f"{self.service}: instances differ in {', '.join(self.differs)}: {groups}"
+
+
+_ADVERTISED = ("request_schema", "response_schema", "event_schema")
+
+
+def _advertised(info: InfoResponse) -> dict[str, str]:
+    """What replicas of one program agree on: version, subjects and schemas."""
+    face = {"version": info.version}
+    for endpoint in info.endpoints:
+        face[f"{endpoint.name}.subject"] = endpoint.subject
+        metadata = endpoint.metadata or {}
+        for key in _ADVERTISED:
+            if key in metadata:
+                face[f"{endpoint.name}.{key}"] = metadata[key]
+    return face
+
+
+def divergences(infos: Sequence[InfoResponse]) -> list[Divergence]:
+    """The services among `$SRV.INFO` answers (`Client.info()`) whose instances differ.
+
+    Replicas of one program advertise the same version and schemas; anything else means
+    two programs share a service name (or an upgrade is rolling out), and requests to
+    the name are answered by either.
+    """
+    by_service: dict[str, list[InfoResponse]] = {}
+    for info in infos:
+        by_service.setdefault(info.name, []).append(info)
+    found: list[Divergence] = []
+    for service, instances in sorted(by_service.items()):
+        faces = [(info.id, _advertised(info)) for info in instances]
+        keys = sorted({key for _, face in faces for key in face}, key=lambda k: (k != "version", k))
+        differs = [k for k in keys if len({face.get(k) for _, face in faces}) > 1]
+        if not differs:
+            continue
+        groups: dict[tuple[str | None, ...], list[str]] = {}
+        for instance, face in faces:
+            groups.setdefault(tuple(face.get(k) for k in differs), []).append(instance)
+        found.append(
+            Divergence(
+                service=service,
+                versions={info.id: info.version for info in instances},
+                differs=differs,
+                groups=list(groups.values()),
+            )
+        )
+    return found
