@@ -22,17 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from framework import configure_logging, connect
+from framework import BatchPublisher, Stream, configure_logging, connect
 from framework.dev.devserver import NatsCluster, NatsServer
-from framework.events.publish import BatchPublisher
-from framework.streams import Stream, ensure_streams
 
 
 async def _measure(urls: list[str], events: int, replicas: int, persist: str) -> dict[str, float]:
     async with connect(urls) as client:
         extra = {"persist_mode": persist} if persist != "default" else {}
         stream = Stream("DURABLE", ["events.durable.>"], replicas=replicas, extra=extra)
-        await ensure_streams(client, [stream], [])
+        await client.js.add_stream(stream.config())
         latencies: list[float] = []
         for i in range(min(events, 500)):  # one at a time: the latency of an acked publish
             started = time.perf_counter()

@@ -63,8 +63,7 @@ from bench.common import (
     ratio,
     run_standalone,
 )
-from framework import Service, configure_logging, connect
-from framework.events.publish import BatchPublisher
+from framework import BatchPublisher, Service, configure_logging, connect
 
 KEY = "events"
 STREAM = "EVENTS_BENCH"

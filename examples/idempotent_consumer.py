@@ -20,8 +20,7 @@ from typing import Any
 
 import msgspec
 
-from framework import Context, Service, configure_logging, connect
-from framework.streams import Stream
+from framework import Context, Service, Stream, configure_logging, connect
 
 
 class PointsAwarded(msgspec.Struct):

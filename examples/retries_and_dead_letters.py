@@ -15,8 +15,17 @@ import uuid
 
 import msgspec
 
-from framework import Client, Context, Reject, Service, configure_logging, connect
-from framework.events.deadletter import DeadLetter, list_dead_letters, replay_dead_letter
+from framework import (
+    Client,
+    Context,
+    DeadLetter,
+    Reject,
+    Service,
+    configure_logging,
+    connect,
+    list_dead_letters,
+    replay_dead_letter,
+)
 
 
 class Invoice(msgspec.Struct):

@@ -2,58 +2,70 @@
 
 `connect()` is what scripts, web edges and tests use; services get the same `Client`
 through their `Context`, which adds correlation, tracing and deadline propagation.
+Every failure is a `framework.errors.MeshError`: the first connection is bounded
+(`ConnectionFailed`), a closed client says so (`ClientClosed`), a reply's ADR-32
+error comes back as the `ServiceError` subclass the handler raised.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import contextlib
+import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Generator, Mapping, Sequence
 from datetime import datetime, timedelta
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
 import msgspec
-import structlog
 from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from .errors import (
+    AuthorizationFailed,
+    ClientClosed,
+    ConnectionFailed,
     DeadlineExceeded,
     NoResponders,
     NotFound,
     PermissionDenied,
     ServiceError,
-    error_from_code,
 )
 from .events.publish import BatchPublisher, publish_event
 from .jobs import enqueue as _jobs
 from .jobs import schedule as _schedules
 from .jobs.handle import JobHandle
 from .observability import tracing as telemetry
+from .observability.logging import get_logger
 from .rpc.discovery import InfoResponse, PingResponse, StatsResponse, gather
 from .transport import headers as h
 from .transport.codec import decode, encode_payload
 from .transport.headers import wire_size
 from .transport.mux import Mux
 from .transport.names import check_subject
-from .transport.settings import ConnectSettings
+from .transport.settings import DEFAULT_URL, ConnectSettings, redact_url
+from .transport.wire_errors import (
+    denied_subject,
+    is_authorization_violation,
+    mesh_error,
+    service_error,
+    service_of,
+)
 
 if TYPE_CHECKING:
     from .context import Context
 
-__all__ = ["Client", "connect"]
+__all__ = ["Client", "Connecting", "connect"]
 
 T = TypeVar("T")
+R = TypeVar("R", PingResponse, InfoResponse, StatsResponse)
 DEFAULT_TIMEOUT = 5.0
-_log = structlog.get_logger("framework.client")
-
-
-def _service_of(subject: str) -> str:
-    return subject.split(".", 1)[0]
+_log = get_logger("framework.client")
+_service_of = service_of
 
 
 def _answers_requests(endpoint: Mapping[str, Any]) -> bool:
@@ -64,20 +76,9 @@ def _answers_requests(endpoint: Mapping[str, Any]) -> bool:
 
 def raise_for_error(msg_headers: Mapping[str, str] | None, subject: str) -> None:
     """Turn ADR-32 error headers back into the typed error the handler raised."""
-    if not msg_headers:
-        return
-    code = msg_headers.get(h.ERROR_CODE)
-    if code is None:
-        return
-    try:
-        status = int(code)
-    except ValueError:
-        status = 500
-    message = msg_headers.get(h.ERROR, "")
-    raise error_from_code(status, message, service=_service_of(subject))
-
-
-_DENIED = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+    error = service_error(msg_headers, subject)
+    if error is not None:
+        raise error
 
 
 class _Errors:
@@ -85,10 +86,14 @@ class _Errors:
 
     nats-py hands the server's -ERR 'Permissions Violation for Publish to "x"' only to
     error_cb; the publish or request that caused it would otherwise wait out its timeout.
+    Until the first connection succeeds, failures are kept (`last`) for the error that
+    `Client.open` raises, instead of being logged four times a second.
     """
 
     def __init__(self) -> None:
         self.auth_failed: asyncio.Event | None = None
+        self.connecting = True
+        self.last: Exception | None = None
         self.calls: dict[str, set[asyncio.Task[Any]]] = {}
         self._refusals: dict[asyncio.Task[Any], str] = {}
 
@@ -115,22 +120,53 @@ class _Errors:
         return reason
 
     async def on_error(self, error: Exception) -> None:
-        text = str(error)
-        match = _DENIED.search(text)
-        if match:
-            for task in self.calls.get(match.group(1), ()):
+        subject = denied_subject(error)
+        if subject is not None:
+            for task in self.calls.get(subject, ()):
                 if task not in self._refusals:
-                    self._refusals[task] = f"not allowed to publish to {match.group(1)}: {text}"
+                    self._refusals[task] = f"not allowed to publish to {subject}: {error}"
                     task.cancel()
-        elif self.auth_failed is not None and "authorization violation" in text.lower():
+        elif self.auth_failed is not None and is_authorization_violation(error):
             self.auth_failed.set()
+        if self.connecting:
+            self.last = error
+            return
         await _on_error(error)
 
 
+def _connect_failed(settings: ConnectSettings, waited: float, cause: BaseException | None) -> str:
+    """The message of `ConnectionFailed`: the URL tried, the cause, what to change."""
+    tried = ", ".join(redact_url(u) for u in settings.servers)
+    reason = (str(cause) or type(cause).__name__) if cause is not None else "no answer"
+    configured = os.environ.get("NATS_URL")
+    if not settings.url_from_env:
+        source = "The URL was passed in (NATS_URL is read only when none is)"
+    elif configured:
+        source = f"The URL came from NATS_URL={redact_url(configured)}"
+    else:
+        source = f"NATS_URL is not set, so the default {DEFAULT_URL} was tried"
+    return (
+        f"cannot connect to NATS at {tried} within {waited:g}s: {reason}. Is a server "
+        f"running there? {source}. Point elsewhere with NATS_URL (or the url argument); "
+        "wait longer with NATS_CONNECT_TIMEOUT (or connect_timeout=)."
+    )
+
+
 class Client:
-    """A connection to NATS with typed calls; cheap to share between tasks."""
+    """A connection to NATS with typed calls; cheap to share between tasks.
+
+    Get one with `connect()` (or `Client.open`); a service's handlers reach theirs
+    through `ctx.client`. Close it with `close()` or by leaving `async with`.
+    """
 
     def __init__(self, nc: NATS, *, name: str | None = None, owns_connection: bool = True) -> None:
+        """Wrap a connected nats-py client (`Client.open` makes both at once).
+
+        Args:
+            nc: an already connected nats-py client.
+            name: shown to the server and as the producer of published events.
+            owns_connection: close `nc` on `close()` (False: the caller closes it).
+        """
         self._errors: _Errors | None = None
         self._nc = nc
         self.name = name
@@ -141,40 +177,38 @@ class Client:
 
     @classmethod
     async def open(
-        cls, url: str | Sequence[str] | None = None, *, name: str | None = None, **options: Any
+        cls,
+        url: str | Sequence[str] | None = None,
+        *,
+        name: str | None = None,
+        connect_timeout: float | None = None,
+        **options: Any,
     ) -> Client:
+        """Connect, failing fast: `ConnectionFailed` if no server answers in time.
+
+        Args:
+            url: one URL, a comma-separated list or a sequence (a cluster); default
+                `NATS_URL`, else `nats://127.0.0.1:4222`. Credentials and TLS come
+                from the environment (`NATS_USER`, `NATS_CREDS`, `NATS_TLS_CA`, ...).
+            name: the connection's name, shown by the server's monitoring.
+            connect_timeout: seconds the *first* connection may take (default
+                `NATS_CONNECT_TIMEOUT`, else 5). Reconnecting later is not bounded.
+            **options: passed to nats-py's `connect` as they are (they win).
+
+        Raises:
+            ConnectionFailed: no server answered in time, or the URL is not a NATS URL.
+            AuthorizationFailed: the server refused the credentials.
+        """
         settings = ConnectSettings.from_env(url)
+        bound = settings.connect_timeout if connect_timeout is None else connect_timeout
         errors = _Errors()
         errors.auth_failed = asyncio.Event()
-        nats_options: dict[str, Any] = {
-            "name": name or "framework",
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 0.25,
-            "connect_timeout": 2,
-            "error_cb": errors.on_error,
-            "disconnected_cb": _on_disconnect,
-            "reconnected_cb": _on_reconnect,
-            "closed_cb": _on_closed,
-            **settings.nats_options(),
-            **options,
-        }
-        # H. A wrong password is not a server still starting: fail instead of retrying forever.
         nc = NATS()
         if hasattr(nc, "_parse_header_lines"):  # the same parse, at less than half the cost
             nc._parse_header_lines = h.parse_header_block  # type: ignore[method-assign]
-        connecting = asyncio.ensure_future(nc.connect(**nats_options))
-        refused = asyncio.ensure_future(errors.auth_failed.wait())
-        await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
-        refused.cancel()
-        if not connecting.done():
-            connecting.cancel()
-            await nc.close()
-            raise ConnectionRefusedError(
-                "nats: authorization violation: check NATS_USER/NATS_PASSWORD, NATS_TOKEN, "
-                "NATS_NKEY_SEED(_FILE) or NATS_CREDS"
-            )
-        connecting.result()
+        await _first_connect(nc, settings, errors, bound, {"name": name or "framework", **options})
         errors.auth_failed = None
+        errors.connecting = False
         client = cls(nc, name=name)
         client._errors = errors
         return client
@@ -186,13 +220,39 @@ class Client:
 
     @property
     def js(self) -> Any:
+        """nats-py's JetStream context on this connection (streams, KV, consumers)."""
         if self._js is None:
             self._js = self._nc.jetstream()
         return self._js
 
+    @property
+    def is_closed(self) -> bool:
+        """True once `close()` ran (or the connection was closed for good)."""
+        return bool(self._nc.is_closed)
+
+    def check_open(self) -> None:
+        """Raise `ClientClosed` if the client is closed: say so instead of nats-py's error."""
+        if self._nc.is_closed:
+            raise ClientClosed(
+                f"the client{f' {self.name!r}' if self.name else ''} is closed; "
+                "open a new one with `connect()`"
+            )
+
     async def close(self) -> None:
+        """Close the connection (if this client owns it); calls afterwards raise `ClientClosed`."""
         if self._owns and not self._nc.is_closed:
             await self._nc.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
     @overload
     async def call(
@@ -236,10 +296,51 @@ class Client:
     ) -> T:
         """Request-reply with a typed result, or a typed `ServiceError`, never a silent hang.
 
+        Args:
+            subject: `<service>.<endpoint>`, a literal subject (no wildcards).
+            payload: anything msgspec encodes (a Struct, dict, str, ...) as JSON; bytes
+                are sent as they are; None sends an empty body.
+            returns: the type the reply is decoded into (`Any`: plain JSON; None:
+                the body is ignored).
+            timeout: seconds to wait (default `default_timeout`, 5). An explicit one,
+                or one inherited from `parent`, is also sent as the `Deadline` header so
+                the handler stops when the caller gives up; the default stays local.
+            headers: extra headers to send.
+            correlation_id: joins the call to a conversation (default: a new one).
+            idempotency_key: an idempotent endpoint answers a repeated key with the
+                reply it stored the first time.
+            parent: the handler's context (what `ctx.call` passes): its correlation
+                id, trace and remaining deadline carry over.
+
+        Raises:
+            ServiceError: the handler's error, rebuilt (`BadRequest`, `NotFound`,
+                `DeadlineExceeded`, `RemoteError`, `NoResponders`, or any code), also
+                403 (not permitted), 413 (too large) and 502 (undecodable reply).
+            ClientClosed: the client is closed.
+            InvalidName: `subject` is not a literal subject.
+        """
+        self.check_open()
+        check_subject(subject)
+        out, wait = self._call_headers(
+            subject, timeout, headers, correlation_id, idempotency_key, parent
+        )
+        result: T = await self._traced_call(subject, payload, returns, wait, out, parent)
+        return result
+
+    def _call_headers(
+        self,
+        subject: str,
+        timeout: float | None,
+        headers: Mapping[str, str] | None,
+        correlation_id: str | None,
+        idempotency_key: str | None,
+        parent: Context | None,
+    ) -> tuple[dict[str, str] | None, float]:
+        """The headers a call sends, and how long it waits.
+
         A Deadline header is sent only when a deadline exists: an explicit `timeout` or
         one inherited from `parent`. The default timeout stays local to this caller.
         """
-        check_subject(subject)
         wait = self.default_timeout if timeout is None else timeout
         out: dict[str, str] | None = dict(headers) if headers else None
         send_deadline = timeout is not None
@@ -265,6 +366,18 @@ class Client:
         if send_deadline:
             out = out or {}
             out[h.DEADLINE] = str(int((time.time() + wait) * 1000))
+        return out, wait
+
+    async def _traced_call(
+        self,
+        subject: str,
+        payload: Any,
+        returns: Any,
+        wait: float,
+        out: dict[str, str] | None,
+        parent: Context | None,
+    ) -> Any:
+        """The request inside its CLIENT span, whose context travels in the headers."""
         span = telemetry.start_send_span(
             "request",
             subject,
@@ -280,8 +393,7 @@ class Client:
                     span.set_attribute(telemetry.CONVERSATION_ID, out[h.CORRELATION_ID])
             reply = await self._request(subject, encode_payload(payload), wait, out)
             raise_for_error(reply.headers, subject)
-            result: T = self._decode_reply(reply.data, returns, subject)
-            return result
+            return self._decode_reply(reply.data, returns, subject)
         except Exception as error:
             telemetry.record_error(span, error)
             raise
@@ -316,6 +428,8 @@ class Client:
                 raise DeadlineExceeded(
                     f"no reply from {subject} within {wait:.3g}s", service=_service_of(subject)
                 ) from None
+            except NatsError as exc:
+                raise mesh_error(exc, f"calling {subject}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def mux(self) -> Mux:
@@ -383,7 +497,14 @@ class Client:
     publish = publish_event
 
     def batch(self, *, max_outstanding: int = 256, timeout: float = 10.0) -> BatchPublisher:
-        """Publish many events without waiting for each ack (`async with client.batch() as b`)."""
+        """Publish many events without waiting for each ack (`async with client.batch() as b`).
+
+        Args:
+            max_outstanding: events sent but not yet acknowledged, at most; a publish
+                beyond it waits for a slot.
+            timeout: seconds an ack may take before its event counts as not stored.
+        """
+        self.check_open()
         return BatchPublisher(self, max_outstanding=max_outstanding, timeout=timeout)
 
     # Background jobs live in `framework.jobs`; these are their doors on the client.
@@ -457,27 +578,140 @@ class Client:
         return await _schedules.unschedule(self, kind, name)
 
     async def ping(self, name: str | None = None, *, timeout: float = 0.5) -> list[PingResponse]:
-        return await gather(self._nc, "PING", name, PingResponse, timeout)
+        """Every running service instance (or those of service `name`) that answers
+        `$SRV.PING` within `timeout` seconds: an empty list when none does."""
+        return await self._gather("PING", name, PingResponse, timeout)
 
     async def info(self, name: str | None = None, *, timeout: float = 0.5) -> list[InfoResponse]:
-        return await gather(self._nc, "INFO", name, InfoResponse, timeout)
+        """`$SRV.INFO` of every instance (or of service `name`): endpoints, subscribers
+        and their schemas, collected for `timeout` seconds."""
+        return await self._gather("INFO", name, InfoResponse, timeout)
 
     async def stats(self, name: str | None = None, *, timeout: float = 0.5) -> list[StatsResponse]:
-        return await gather(self._nc, "STATS", name, StatsResponse, timeout)
+        """`$SRV.STATS` of every instance (or of service `name`): requests, errors,
+        processing times, consumer lag, collected for `timeout` seconds."""
+        return await self._gather("STATS", name, StatsResponse, timeout)
 
     discover = ping
 
+    async def _gather(
+        self, verb: str, name: str | None, response_type: type[R], timeout: float
+    ) -> list[R]:
+        self.check_open()
+        try:
+            return await gather(self._nc, verb, name, response_type, timeout)
+        except ConnectionClosedError:
+            self.check_open()
+            raise
+        except NatsError as exc:
+            raise mesh_error(exc, f"$SRV.{verb}") from None
 
-@asynccontextmanager
-async def connect(
-    url: str | Sequence[str] | None = None, *, name: str | None = None, **options: Any
-) -> AsyncIterator[Client]:
-    """Connect to NATS (URL from `NATS_URL` by default) and close on exit."""
-    client = await Client.open(url, name=name, **options)
+
+async def _first_connect(
+    nc: NATS,
+    settings: ConnectSettings,
+    errors: _Errors,
+    bound: float,
+    options: Mapping[str, Any],
+) -> None:
+    """nats-py's connect, bounded: it would retry a refused first connection forever."""
+    assert errors.auth_failed is not None
+    nats_options: dict[str, Any] = {
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.25,
+        "connect_timeout": min(2.0, bound),
+        "error_cb": errors.on_error,
+        "disconnected_cb": _on_disconnect,
+        "reconnected_cb": _on_reconnect,
+        "closed_cb": _on_closed,
+        **settings.nats_options(),
+        **options,
+    }
+    connecting = asyncio.ensure_future(nc.connect(**nats_options))
+    refused = asyncio.ensure_future(errors.auth_failed.wait())
     try:
-        yield client
+        await asyncio.wait(
+            {connecting, refused}, timeout=bound, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
-        await client.close()
+        refused.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+    if errors.auth_failed.is_set() or connecting.cancelled():
+        await _abandon(nc)
+        if errors.auth_failed.is_set():
+            raise AuthorizationFailed(
+                "nats: authorization violation: check NATS_USER/NATS_PASSWORD, NATS_TOKEN, "
+                "NATS_NKEY_SEED(_FILE) or NATS_CREDS"
+            )
+        raise ConnectionFailed(_connect_failed(settings, bound, errors.last))
+    error = connecting.exception()
+    if error is not None:  # nats-py gave up itself (e.g. max_reconnect_attempts set)
+        await _abandon(nc)
+        if isinstance(error, NatsError | OSError | asyncio.TimeoutError):
+            raise ConnectionFailed(_connect_failed(settings, bound, errors.last or error)) from None
+        raise error
+
+
+async def _abandon(nc: NATS) -> None:
+    """Close a connection that never got established: bounded, as closing a transport
+    cut off mid-handshake (TLS) can wait forever."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            await nc.close()
+
+
+class Connecting:
+    """What `connect()` returns: `async with` it (closed on exit) or `await` it (yours
+    to close)."""
+
+    def __init__(self, url: str | Sequence[str] | None, name: str | None, options: Any) -> None:
+        self._url = url
+        self._name = name
+        self._options = options
+        self._client: Client | None = None
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return Client.open(self._url, name=self._name, **self._options).__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await Client.open(self._url, name=self._name, **self._options)
+        return self._client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+
+def connect(
+    url: str | Sequence[str] | None = None,
+    *,
+    name: str | None = None,
+    connect_timeout: float | None = None,
+    **options: Any,
+) -> Connecting:
+    """Connect to NATS: `async with connect() as client:` closes it on exit;
+    `client = await connect()` hands over an open client that you `close()`.
+
+    Args:
+        url: one URL, a comma-separated list or a sequence (a cluster); default
+            `NATS_URL`, else `nats://127.0.0.1:4222`.
+        name: the connection's name, shown by the server's monitoring.
+        connect_timeout: seconds the first connection may take (default
+            `NATS_CONNECT_TIMEOUT`, else 5); then `ConnectionFailed` names the URL,
+            the cause and `NATS_URL`. Reconnecting later is not bounded.
+        **options: passed to nats-py's `connect` as they are.
+    """
+    if connect_timeout is not None:
+        options["connect_timeout"] = connect_timeout
+    return Connecting(url, name, options)
 
 
 async def _on_error(error: Exception) -> None:

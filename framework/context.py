@@ -23,7 +23,24 @@ _EMPTY: Mapping[str, str] = {}
 
 
 class Context:
-    """Per-message state; built only for handlers that ask for it."""
+    """Per-message state; built only for handlers that ask for it (a parameter typed
+    `Context`).
+
+    Attributes:
+        service: the name of the service handling the message.
+        handler: the endpoint or subscriber name.
+        subject: the subject the message arrived on.
+        correlation_id: the conversation's id: arrived in `Correlation-Id`, or new at
+            the edge; every `ctx.call`/`ctx.publish` carries it on.
+        causation_id: the id of the message that caused this one, if it said.
+        event_id: the event's id (`Nats-Msg-Id`) for events; None for requests.
+        attempt: the delivery attempt, from 1 (events are redelivered on failure).
+        deadline: the caller's deadline in epoch seconds, or None (see `remaining()`).
+        headers: the message's headers as they arrived (read-only).
+        span: the handler's OpenTelemetry span (invalid without an SDK).
+        log: a structlog logger bound with all of the above and the trace ids.
+        client: the service's `Client`, for anything not tied to this message.
+    """
 
     __slots__ = (
         "_client",
@@ -70,6 +87,7 @@ class Context:
 
     @property
     def client(self) -> Client:
+        """The service's connection (calls from it do not carry this context)."""
         return self._client
 
     @property
@@ -134,6 +152,16 @@ class Context:
         timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Any:
+        """`Client.call` as part of this message's conversation: the correlation id,
+        the trace and the remaining deadline (the wait is capped by it) carry over.
+
+        Args:
+            subject: `<service>.<endpoint>`.
+            payload: the request (msgspec-encodable, bytes, or None).
+            returns: the reply's type (`Any`: plain JSON).
+            timeout: seconds to wait, at most what is left of the deadline.
+            headers: extra headers to send.
+        """
         return await self._client.call(
             subject, payload, returns=returns, timeout=timeout, headers=headers, parent=self
         )
@@ -146,6 +174,15 @@ class Context:
         event_id: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Any:
+        """`Client.publish` as part of this conversation: the correlation id, the trace
+        and this message as the cause (`Causation-Id`) carry over; returns the `PublishAck`.
+
+        Args:
+            event_type: `[domain.]entity.action.vN`, e.g. `payment.captured.v1`.
+            event: the payload (msgspec-encodable).
+            event_id: the event's id (default: a new one); the same id is stored once.
+            headers: extra headers to send.
+        """
         return await self._client.publish(
             event_type, event, event_id=event_id, headers=headers, parent=self
         )

@@ -1,7 +1,32 @@
-"""Typed errors that cross the wire as NATS service API (ADR-32) error headers.
+"""Every error the framework raises, under one root: catch `MeshError` to catch them all.
 
-A handler raises a `ServiceError`; the caller gets the same class back, so error
-handling reads the same on both sides of a request.
+A handler raises a `ServiceError`; the caller gets the same class back (ADR-32 error
+headers carry the code and message), so error handling reads the same on both sides
+of a request. Nothing the public API raises is a nats-py exception: the one place
+that turns what the wire says into these classes is `framework.transport.wire_errors`.
+
+    MeshError                      the root
+    ├── ServiceError(code, msg)    an answer from a service (ADR-32 code, HTTP-like)
+    │   ├── BadRequest        400  undecodable or invalid payload or header
+    │   ├── NotFound          404  unknown endpoint, or what was asked for does not exist
+    │   ├── DeadlineExceeded  408  the caller's deadline passed
+    │   ├── RemoteError       500  the handler failed (the message has an error id only)
+    │   └── NoResponders      503  nothing serves the subject
+    ├── Reject(reason)             raised by an event handler: dead-letter now, no retry
+    ├── InvalidName                a name or subject not allowed on the wire (ValueError)
+    ├── InvalidHandler             a handler the framework cannot call (TypeError)
+    ├── ConfigConflict             an existing stream/consumer differs (RuntimeError)
+    ├── PublishError               an event was not (known to be) stored (RuntimeError)
+    │   ├── NoStream               no stream captures the event's subject
+    │   └── StreamUnavailable      it has no reachable leader now (retryable)
+    ├── PermissionDenied           the server refused a publish to a subject
+    ├── JetStreamError             a JetStream API refusal with no more specific class
+    ├── ConnectionFailed           the first connection failed (ConnectionError)
+    │   └── AuthorizationFailed    wrong credentials (ConnectionRefusedError)
+    └── ClientClosed               the client was closed; open a new one
+
+The second base classes in brackets are kept so code written against the builtin
+classes (`except ValueError`) keeps working.
 """
 
 from __future__ import annotations
@@ -9,10 +34,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "AuthorizationFailed",
     "BadRequest",
+    "ClientClosed",
     "ConfigConflict",
+    "ConnectionFailed",
     "DeadlineExceeded",
+    "InvalidHandler",
     "InvalidName",
+    "JetStreamError",
+    "MeshError",
     "NoResponders",
     "NoStream",
     "NotFound",
@@ -26,8 +57,18 @@ __all__ = [
 ]
 
 
-class ServiceError(Exception):
-    """An error a handler answers with; `code` follows HTTP conventions as ADR-32 does."""
+class MeshError(Exception):
+    """The root of every error the framework raises."""
+
+
+class ServiceError(MeshError):
+    """An error a handler answers with; `code` follows HTTP conventions as ADR-32 does.
+
+    Args:
+        code: the status sent in `Nats-Service-Error-Code` (400-599 by convention).
+        message: the text sent in `Nats-Service-Error`; the caller sees it as is.
+        service: the service that answered (set on the caller's side).
+    """
 
     default_code: ClassVar[int] = 500
 
@@ -96,23 +137,34 @@ def error_from_code(code: int, message: str, *, service: str | None = None) -> S
     return cls(message, service=service)
 
 
-class Reject(Exception):
-    """Raised by an event handler: the event can never succeed, dead-letter it now."""
+class Reject(MeshError):
+    """Raised by an event handler: the event can never succeed, dead-letter it now.
+
+    Args:
+        reason: why; stored with the dead letter and shown by `mesh dlq`.
+    """
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-class InvalidName(ValueError):
-    """A service, endpoint, event type or subject token is not allowed on the wire."""
+class InvalidName(MeshError, ValueError):
+    """A service, endpoint, event type or subject token is not allowed on the wire, or a
+    handler name is already taken in its service."""
 
 
-class ConfigConflict(RuntimeError):
+class InvalidHandler(MeshError, TypeError):
+    """A decorated function cannot be a handler (not async, unannotated, extra parameters)."""
+
+
+class ConfigConflict(MeshError, RuntimeError):
     """An existing stream or consumer differs from the declared one; nothing was changed.
 
-    `differences` maps each field to (existing, declared); `hint`, when given, says whose
-    the existing one is and how to resolve the conflict.
+    Args:
+        what: the thing that exists, e.g. `stream EVENTS_ORDER`.
+        differences: per setting, (existing value, declared value).
+        hint: whose the existing one is and how to resolve the conflict, when known.
     """
 
     def __init__(
@@ -128,12 +180,8 @@ class ConfigConflict(RuntimeError):
         super().__init__(f"{message}. {hint}" if hint else message)
 
 
-class PublishError(RuntimeError):
+class PublishError(MeshError, RuntimeError):
     """An event could not be stored (no stream captures it, permission denied, timeout)."""
-
-
-class PermissionDenied(Exception):
-    """The server refused a publish to this subject: the user lacks the permission."""
 
 
 class NoStream(PublishError):
@@ -147,3 +195,39 @@ class StreamUnavailable(PublishError):
     again with the same event id is safe (the stream stores it once)."""
 
     retryable = True
+
+
+class PermissionDenied(MeshError):
+    """The server refused a publish to this subject: the user lacks the permission."""
+
+
+class JetStreamError(MeshError):
+    """JetStream refused an API request (create a stream, read a message, ...).
+
+    Args:
+        message: what was attempted and the server's description.
+        code: the HTTP-like status of the API error (e.g. 400, 404, 503), if any.
+        err_code: JetStream's own error number (e.g. 10059 stream not found), if any.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None, err_code: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.err_code = err_code
+
+
+class ConnectionFailed(MeshError, ConnectionError):
+    """The first connection to NATS failed within the connect timeout; nothing was sent.
+
+    The message names the URL(s) tried (credentials redacted), the last cause and how
+    to point the framework elsewhere (`NATS_URL`). Reconnecting after a successful
+    first connection is not bounded and never raises this.
+    """
+
+
+class AuthorizationFailed(ConnectionFailed, ConnectionRefusedError):
+    """The server refused the credentials: retrying would not help."""
+
+
+class ClientClosed(MeshError):
+    """The client was closed (by `close()` or leaving `async with`); open a new one."""

@@ -1,4 +1,9 @@
-"""A service: a name, RPC endpoints and event subscribers, served on one connection."""
+"""A service: a name, RPC endpoints and event subscribers, served on one connection.
+
+Handler names (the `name` of an endpoint, subscriber or job) are unique within a
+service: `$SRV.INFO` and `mesh stats` list them side by side, so two named `get`
+could not be told apart.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,23 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
-import structlog
+from nats.errors import Error as NatsError
 
 from .client import Client
 from .context import Context
+from .errors import InvalidName
 from .events.options import SUBSCRIBE_DEFAULTS, SubscribeOptions
 from .events.ownership import takeover_from_env
 from .events.subscriber import Subscriber
 from .jobs import options as job_options
 from .jobs.worker import JobWorker
+from .observability.logging import get_logger
 from .rpc.discovery import Responder
 from .rpc.endpoint import RpcEndpoint
 from .transport.headers import new_id
 from .transport.names import check_endpoint_name, check_event_type, check_service_name
 from .transport.signature import Handler, read_signature
+from .transport.wire_errors import mesh_error
 
 if TYPE_CHECKING:
     from .streams import Stream
@@ -28,14 +36,28 @@ if TYPE_CHECKING:
 __all__ = ["Service"]
 
 F = TypeVar("F", bound=Handler)
-_log = structlog.get_logger("framework.service")
+_log = get_logger("framework.service")
 
+_KINDS = {"rpc": "an RPC endpoint", "subscriber": "a subscriber", "job": "a job"}
 DEFAULT_RPC_CONCURRENCY = 100
 DEFAULT_GRACE = 10.0
 
 
 class Service:
-    """Declare handlers with decorators; run with `run()`, `serve()` or `mesh run`."""
+    """Declare handlers with decorators; run with `run()`, `serve()` or `mesh run`.
+
+    Args:
+        name: the service's name: the first token of its RPC subjects, its queue
+            group and part of its consumers' names (1-64 letters, digits, `_`, `-`).
+        version: semantic version shown by `$SRV.INFO` and `mesh ls`.
+        description: one line for `$SRV.INFO` and `mesh info`.
+        metadata: extra `$SRV.INFO` metadata (string values, per ADR-32).
+        streams: `Stream` declarations created (or checked) before serving.
+        publishes: event types this service publishes; their domains' streams are
+            created at start, so the first publish finds one.
+        takeover: take over consumers that another program (or an older version) of
+            this service set up, once per start; None reads `MESH_TAKEOVER`.
+    """
 
     def __init__(
         self,
@@ -74,9 +96,25 @@ class Service:
         self.jobs: list[JobWorker] = []
         self.instance_id = ""
         self.client: Client | None = None
+        self.connect_timeout: float | None = None  # for `run()`: see `serve()`
 
     def __repr__(self) -> str:
         return f"Service({self.name!r}, version={self.version!r})"
+
+    def handlers(self) -> list[Any]:
+        """Every named handler: RPC endpoints, subscribers and (when declared) jobs."""
+        return [*self.endpoints, *self.subscribers, *self.jobs]
+
+    def _check_unique(self, name: str, kind: str) -> None:
+        """One name, one handler: `$SRV.INFO` lists them all side by side."""
+        for other in self.handlers():
+            if other.name == name:
+                taken = _KINDS.get(getattr(other, "kind", ""), "a handler")
+                raise InvalidName(
+                    f"{self.name} already has {taken} named {name!r}; a {kind} cannot take "
+                    "the name too (names are unique across a service's endpoints, "
+                    "subscribers and jobs): pass name=... to one of them"
+                )
 
     def rpc(
         self,
@@ -86,12 +124,30 @@ class Service:
         idempotent: bool = False,
         metadata: Mapping[str, str] | None = None,
     ) -> Callable[[F], F]:
-        """Serve the decorated handler at `<service>.<name>` (name defaults to the function's)."""
+        """Serve the decorated handler at `<service>.<name>`, request-reply.
+
+        The handler takes a payload (annotated with its type, e.g. a `msgspec.Struct`)
+        and/or a `Context`; its return annotation is the reply's type. Raising a
+        `ServiceError` answers with that code; any other exception answers 500 with an
+        error id (the traceback is logged here, never sent).
+
+        Args:
+            name: the endpoint's name (default: the function's), unique among the
+                service's endpoints, subscribers and jobs.
+            max_concurrency: requests handled at once (>= 1, default 100); more wait.
+            idempotent: replay the stored reply for a request whose
+                `Idempotency-Key` was seen before (kept 24 h in a KV bucket).
+            metadata: extra `$SRV.INFO` metadata for this endpoint.
+
+        Raises:
+            InvalidName: the name is not allowed or already taken in this service.
+            InvalidHandler: the function is not async or its parameters are not
+                annotated as a payload type and/or `Context`.
+        """
 
         def decorate(fn: F) -> F:
             endpoint = check_endpoint_name(name or fn.__name__)
-            if any(e.name == endpoint for e in self.endpoints):
-                raise ValueError(f"{self.name} already has an endpoint named {endpoint!r}")
+            self._check_unique(endpoint, "endpoint")
             if max_concurrency < 1:
                 raise ValueError("max_concurrency must be at least 1")
             self.endpoints.append(
@@ -165,8 +221,7 @@ class Service:
     ) -> F:
         """`subscribe`'s decorator: the handler's signature is checked as it is declared."""
         subscriber_name = check_endpoint_name(name or handler.__name__)
-        if any(s.name == subscriber_name for s in self.subscribers):
-            raise ValueError(f"{self.name} already has a subscriber named {subscriber_name!r}")
+        self._check_unique(subscriber_name, "subscriber")
         signature = read_signature(handler, Context)
         self.subscribers.append(
             Subscriber(self.name, subscriber_name, event_type, handler, signature, options)
@@ -212,8 +267,7 @@ class Service:
             from .jobs.context import read_job_signature
 
             job_name = check_endpoint_name(name or fn.__name__)
-            if any(j.name == job_name for j in self.jobs):
-                raise ValueError(f"{self.name} already has a job named {job_name!r}")
+            self._check_unique(job_name, "job")
             signature = read_job_signature(fn)
             worker = JobWorker(self.name, job_name, fn, signature, options, version=self.version)
             self.jobs.append(worker)
@@ -227,13 +281,25 @@ class Service:
         url_or_client: str | Sequence[str] | Client | None = None,
         *,
         grace: float = DEFAULT_GRACE,
+        connect_timeout: float | None = None,
     ) -> AsyncIterator[Service]:
-        """Serve inside the current event loop until the block exits, then stop gracefully."""
-        client = (
-            url_or_client
-            if isinstance(url_or_client, Client)
-            else await Client.open(url_or_client, name=self.name)
-        )
+        """Serve inside the current event loop until the block exits, then stop gracefully.
+
+        Streams, consumers and buckets are made (or checked) first: bad config raises here.
+
+        Args:
+            url_or_client: a NATS URL (or list), a `Client` to share (left open on
+                exit), or None for `NATS_URL`.
+            grace: seconds in-flight handlers get to finish on exit, then cancelled.
+            connect_timeout: seconds the first connection may take (default
+                `NATS_CONNECT_TIMEOUT`, else 5), then `ConnectionFailed`.
+
+        Raises:
+            ConnectionFailed: no NATS server answered in time (the URL is named).
+            ConfigConflict: an existing stream or consumer differs from its declaration.
+            MeshError: anything else the server refused while preparing.
+        """
+        client = await self._connect(url_or_client, connect_timeout)
         self.client = client
         self.instance_id = new_id()
         responder = Responder(
@@ -260,20 +326,32 @@ class Service:
                 with anyio.CancelScope(shield=True):
                     await client.close()
 
+    async def _connect(
+        self, url_or_client: str | Sequence[str] | Client | None, connect_timeout: float | None
+    ) -> Client:
+        if isinstance(url_or_client, Client):
+            return url_or_client
+        if connect_timeout is None:
+            connect_timeout = self.connect_timeout
+        return await Client.open(url_or_client, name=self.name, connect_timeout=connect_timeout)
+
     async def _prepare(self, client: Client) -> None:
         """Streams, consumers, buckets: fail with the real error before anything runs."""
-        if self.subscribers or self.streams or self.publishes:
-            from .streams import ensure_streams
+        try:
+            if self.subscribers or self.streams or self.publishes:
+                from .streams import ensure_streams
 
-            event_types = [*self.publishes, *(s.event_type for s in self.subscribers)]
-            await ensure_streams(client, self.streams, event_types)
-        takeover = takeover_from_env() if self.takeover is None else self.takeover
-        for subscriber in self.subscribers:
-            subscriber.owned_by(self.version, takeover=takeover)
-        handlers: list[RpcEndpoint | Subscriber | JobWorker]
-        handlers = [*self.endpoints, *self.subscribers, *self.jobs]
-        for handler in handlers:
-            await handler.prepare(client)
+                event_types = [*self.publishes, *(s.event_type for s in self.subscribers)]
+                await ensure_streams(client, self.streams, event_types)
+            takeover = takeover_from_env() if self.takeover is None else self.takeover
+            for subscriber in self.subscribers:
+                subscriber.owned_by(self.version, takeover=takeover)
+            handlers: list[RpcEndpoint | Subscriber | JobWorker]
+            handlers = [*self.endpoints, *self.subscribers, *self.jobs]
+            for handler in handlers:
+                await handler.prepare(client)
+        except NatsError as exc:
+            raise mesh_error(exc, f"preparing service {self.name}") from exc
 
     async def _start(self, client: Client, task_group: Any, responder: Responder) -> None:
         for endpoint in self.endpoints:
@@ -302,8 +380,25 @@ class Service:
             _log.warning("grace period over, cancelled in-flight handlers", service=self.name)
         _log.info("service stopped", service=self.name, id=self.instance_id)
 
-    def run(self, url: str | Sequence[str] | None = None, *, grace: float = DEFAULT_GRACE) -> None:
-        """Run from `__main__` until SIGTERM or SIGINT, then shut down gracefully."""
+    def run(
+        self,
+        url: str | Sequence[str] | None = None,
+        *,
+        grace: float = DEFAULT_GRACE,
+        connect_timeout: float | None = None,
+    ) -> None:
+        """Run from `__main__` until SIGTERM or SIGINT, then shut down gracefully.
+
+        Configures logging (`LOG_LEVEL`, `LOG_FORMAT`) and tracing (`MESH_TRACE_*`,
+        `OTEL_*`) from the environment first, as `mesh run` does.
+
+        Args:
+            url: the NATS URL (or list); default `NATS_URL`.
+            grace: seconds in-flight handlers get to finish after the signal.
+            connect_timeout: seconds the first connection may take (default
+                `NATS_CONNECT_TIMEOUT`, else 5), then `ConnectionFailed` is raised.
+        """
         from .transport.process import run_services
 
+        self.connect_timeout = connect_timeout
         run_services([self], url, grace=grace)

@@ -11,11 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from nats.js import api
 from nats.js.errors import NotFoundError
 
 from .errors import ConfigConflict
+from .observability.logging import get_logger
 from .transport.names import EVENT_PREFIX, check_token, event_domain
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ __all__ = [
     "stream_name_for_domain",
 ]
 
-_log = structlog.get_logger("framework.streams")
+_log = get_logger("framework.streams")
 
 DAY = 24 * 3600.0
 DEADLETTER_STREAM = "DEADLETTER"
@@ -45,7 +45,23 @@ def default_replicas() -> int:
 
 @dataclass(frozen=True)
 class Stream:
-    """A stream declaration; defaults are the design's (file, limits, 7 days, 2 min dedupe)."""
+    """A stream declaration; defaults are the design's (file, limits, 7 days, 2 min dedupe).
+
+    Pass it to `Service(streams=[...])`: it is created at start, or checked against
+    the existing stream (a difference raises `ConfigConflict`, nothing is changed).
+
+    Args:
+        name: the stream's name, e.g. `EVENTS_ORDER`.
+        subjects: what it stores, e.g. `["events.order.>"]`.
+        retention: `limits`, `interest` or `workqueue`.
+        storage: `file` or `memory`.
+        max_age: seconds a message is kept (default 7 days).
+        max_bytes, max_msgs, max_msg_size: limits; -1 is unlimited.
+        duplicate_window: seconds within which a repeated `Nats-Msg-Id` is dropped.
+        replicas: copies in a cluster (default `MESH_REPLICAS`, else 1).
+        description: shown by `nats stream info`.
+        extra: any other `StreamConfig` field of nats-py, as is.
+    """
 
     name: str
     subjects: Sequence[str]
@@ -61,6 +77,7 @@ class Stream:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def config(self) -> api.StreamConfig:
+        """The declaration as nats-py's `StreamConfig` (Direct Get allowed)."""
         return api.StreamConfig(
             name=self.name,
             description=self.description or None,

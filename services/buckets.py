@@ -13,8 +13,7 @@ from typing import Any, TypeVar
 import msgspec
 from nats.js.errors import KeyNotFoundError
 
-from framework import Client, NotFound
-from framework.events.idempotency import open_bucket
+from framework import Client, NotFound, open_bucket
 
 T = TypeVar("T")
 

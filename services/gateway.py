@@ -25,8 +25,14 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, Path, Response
 from fastapi.responses import HTMLResponse
 
-from framework.web import EventSourceResponse, MeshEdge, MeshEvent, ServerSentEvent, sse
-from framework.web.sse import job_events
+from framework.web import (
+    EventSourceResponse,
+    MeshEdge,
+    MeshEvent,
+    ServerSentEvent,
+    job_events,
+    sse,
+)
 from services.contracts import ORDER_CANCELLED, ORDER_CONFIRMED
 
 REPORT_KIND = os.environ.get("GATEWAY_REPORT_KIND", "reports.render")

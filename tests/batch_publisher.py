@@ -17,8 +17,7 @@ import sys
 
 import msgspec
 
-from framework import connect
-from framework.events.publish import BatchPublisher
+from framework import BatchPublisher, connect
 
 
 class OrderCreated(msgspec.Struct):

@@ -37,9 +37,8 @@ from typing import Any
 import anyio
 import msgspec
 
-from framework import Context, PublishError, Service, ServiceError
+from framework import BatchPublisher, Context, PublishError, Service, ServiceError
 from framework.dev.devserver import LOOPBACK, NatsServer, _free_ports, wait_jetstream_ready
-from framework.events.publish import BatchPublisher
 from framework.testing import eventually as wait_until
 
 HERE = Path(__file__).parent

@@ -19,9 +19,8 @@ import msgspec
 import nats
 import pytest
 
-from framework import Context, InvalidName, PublishError, Service, ServiceError
+from framework import Context, InvalidName, PublishError, Service, ServiceError, list_dead_letters
 from framework.dev.devserver import NatsServer
-from framework.events.deadletter import list_dead_letters
 from framework.streams import stream_name_for_domain
 from framework.testing import eventually as wait_until
 from framework.transport.names import check_endpoint_name, check_service_name, check_token

@@ -19,10 +19,10 @@ import anyio
 import msgspec
 import pytest
 
-from framework import Context, Service
+from framework import Context, DeadLetter, Service, list_dead_letters
 from framework.cli.main import ExitCode, main
 from framework.dev.devserver import free_port
-from framework.events.deadletter import DeadLetter, list_dead_letters, send_to_dead_letter
+from framework.events.deadletter import send_to_dead_letter
 from framework.testing import eventually as wait_until
 
 

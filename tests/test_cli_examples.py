@@ -25,10 +25,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from framework import connect
+from framework import connect, list_dead_letters
 from framework.cli.main import build_parser
 from framework.dev.devserver import free_port
-from framework.events.deadletter import list_dead_letters
 from framework.testing import eventually
 
 ROOT = Path(__file__).resolve().parent.parent

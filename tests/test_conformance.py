@@ -25,11 +25,17 @@ import msgspec
 import pytest
 from nats.errors import Error as NatsError
 
-from framework import Context, PublishError, Service, connect
-from framework.client import Client
+from framework import (
+    BatchPublisher,
+    Client,
+    Context,
+    PublishAck,
+    PublishError,
+    Service,
+    connect,
+    list_dead_letters,
+)
 from framework.dev.devserver import NatsServer
-from framework.events.deadletter import list_dead_letters
-from framework.events.publish import BatchPublisher, PublishAck
 from framework.testing import eventually as wait_until
 
 CREATED = "order.created.v1"

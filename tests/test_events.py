@@ -13,6 +13,7 @@ import nats
 import pytest
 
 from framework import (
+    BatchPublisher,
     ConfigConflict,
     Context,
     InvalidName,
@@ -20,10 +21,12 @@ from framework import (
     PublishError,
     Reject,
     Service,
+    Stream,
+    get_dead_letter,
+    list_dead_letters,
+    replay_dead_letter,
 )
-from framework.events.deadletter import get_dead_letter, list_dead_letters, replay_dead_letter
-from framework.events.publish import BatchPublisher
-from framework.streams import Stream, deadletter_stream, ensure_stream
+from framework.streams import deadletter_stream, ensure_stream
 from framework.testing import eventually as wait_until
 
 

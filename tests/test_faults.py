@@ -39,9 +39,8 @@ from faultkit import (
     wait_for_r3_placement,
 )
 
-from framework import Client, Context, Service, connect
+from framework import Client, Context, Service, connect, list_dead_letters
 from framework.dev.devserver import NatsServer, free_port, wait_jetstream_ready
-from framework.events.deadletter import list_dead_letters
 from framework.streams import ensure_streams
 from framework.testing import eventually as wait_until
 

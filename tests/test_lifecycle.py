@@ -14,9 +14,8 @@ import anyio
 import msgspec
 import pytest
 
-from framework import DeadlineExceeded, NoResponders, Service, connect
+from framework import BatchPublisher, DeadlineExceeded, NoResponders, Service, connect
 from framework.dev.devserver import NatsServer
-from framework.events.publish import BatchPublisher
 
 
 class Job(msgspec.Struct):

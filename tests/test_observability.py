@@ -35,9 +35,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from framework import Context, NotFound, Service, ServiceError
+from framework import Context, NotFound, Service, ServiceError, configure_logging
 from framework.observability.console_traces import TraceTreePrinter
-from framework.observability.logging import REDACTED, add_trace_ids, configure_logging
+from framework.observability.logging import REDACTED, add_trace_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -512,7 +512,7 @@ def run_script(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
 GREETER = """
     import asyncio, os
     from framework import Service, connect
-    from framework.observability.tracing import configure_telemetry
+    from framework import configure_telemetry
 
     print("installed:", configure_telemetry("greeter"))
     svc = Service("greeter")

@@ -27,9 +27,17 @@ import anyio
 import msgspec
 import pytest
 
-from framework import Client, Context, NoResponders, PublishError, Reject, Service, ServiceError
+from framework import (
+    Client,
+    Context,
+    NoResponders,
+    PublishError,
+    Reject,
+    Service,
+    ServiceError,
+    list_dead_letters,
+)
 from framework.dev.devserver import NatsServer
-from framework.events.deadletter import list_dead_letters
 from framework.streams import ensure_streams
 from framework.testing import eventually as wait_until
 from framework.transport.settings import ConnectSettings

@@ -8,8 +8,7 @@ import anyio
 import msgspec
 import pytest
 
-from framework import BadRequest, NotFound, ServiceError
-from framework.events.deadletter import list_dead_letters, replay_dead_letter
+from framework import BadRequest, NotFound, ServiceError, list_dead_letters, replay_dead_letter
 from framework.runner import load_service
 from framework.testing import eventually
 from services import notifications, orders, payments

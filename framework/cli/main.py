@@ -9,7 +9,7 @@ import sys
 import traceback
 from collections.abc import Callable, Mapping
 
-from ..errors import InvalidName, ServiceError
+from ..errors import ConnectionFailed, InvalidName, ServiceError
 from ._common import (
     DISCOVERY_TIMEOUT,
     CliError,
@@ -127,6 +127,9 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
     except InvalidName as error:
         print(f"mesh: {error}", file=sys.stderr)
         return ExitCode.USAGE
+    except ConnectionFailed as error:  # `mesh run`: the services' first connection
+        print(f"mesh: {error}", file=sys.stderr)
+        return ExitCode.NO_CONNECTION
     except TimeoutError as error:
         print(f"mesh: timed out: {error or 'no answer in time'}", file=sys.stderr)
         return ExitCode.TIMEOUT

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
 from ..errors import ConfigConflict, NoStream
+from ..observability.logging import get_logger
 from ..streams import differences
 from .options import SubscribeOptions
 from .ownership import Owner, Refused, Verdict, judge, schema_hash, shared_settings
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Consumer"]
 
-_log = structlog.get_logger("framework.events.subscriber")
+_log = get_logger("framework.events.subscriber")
 
 _FIXED = frozenset({"deliver_policy", "ack_policy", "filter_subject"})
 MAX_WAITING = 512  # pull requests the server keeps per consumer

@@ -12,11 +12,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from nats.errors import Error as NatsError
 from nats.js.errors import APIError, NotFoundError
 
 from ..errors import NotFound, PublishError
 from ..streams import DEADLETTER_STREAM
 from ..transport import headers as h
+from ..transport.wire_errors import mesh_error, publish_error
+from .publish import PublishAck
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -48,7 +51,19 @@ _OWN = frozenset(
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
-    """A dead letter as stored: why, where the original was, and its payload and headers."""
+    """An event that could not be handled, with why (what `mesh dlq show` prints).
+
+    Attributes:
+        id: its sequence in the `DEADLETTER` stream (what `get`/`replay` take).
+        service, handler: the service and subscriber (its name) that gave up on it.
+        reason: `max_deliver`, `undecodable`, `rejected`, `invalid_headers`, `invalid_key`.
+        error: the last error, on one line (at most 500 characters).
+        attempts: deliveries made before it was dead-lettered.
+        subject, stream, sequence: where the original is (or was) stored.
+        event_id, event_type: the original event's id and type.
+        time: when it was dead-lettered (epoch seconds).
+        headers: the original's headers; data: its payload, as text.
+    """
 
     id: int  # sequence in the DEADLETTER stream
     service: str
@@ -135,21 +150,28 @@ def _from_raw(raw: Any) -> DeadLetter:
 
 
 async def get_dead_letter(client: Client, dead_letter_id: int) -> DeadLetter:
+    """The dead letter with that id; `NotFound` when there is none."""
+    client.check_open()
     try:
         raw = await client.js.get_msg(DEADLETTER_STREAM, dead_letter_id)
     except NotFoundError:
         raise NotFound(f"no dead letter {dead_letter_id}") from None
+    except NatsError as exc:
+        raise mesh_error(exc, f"reading dead letter {dead_letter_id}") from None
     return _from_raw(raw)
 
 
 async def list_dead_letters(
     client: Client, *, service: str | None = None, limit: int = 100
 ) -> list[DeadLetter]:
-    """Oldest first; `service` narrows to one service's handlers."""
+    """Dead letters, oldest first: at most `limit`, only `service`'s when given."""
+    client.check_open()
     try:
         info = await client.js.stream_info(DEADLETTER_STREAM)
     except NotFoundError:
         return []
+    except NatsError as exc:
+        raise mesh_error(exc, "listing dead letters") from None
     found: list[DeadLetter] = []
     seq = info.state.first_seq
     subject = f"deadletter.{service}.>" if service else "deadletter.>"
@@ -158,17 +180,19 @@ async def list_dead_letters(
             raw = await client.js.get_msg(DEADLETTER_STREAM, seq, subject=subject, next=True)
         except NotFoundError:
             break
+        except NatsError as exc:
+            raise mesh_error(exc, "listing dead letters") from None
         found.append(_from_raw(raw))
         seq = raw.seq + 1
     return found
 
 
-async def replay_dead_letter(client: Client, dead_letter_id: int) -> Any:
+async def replay_dead_letter(client: Client, dead_letter_id: int) -> PublishAck:
     """Re-publish to the original subject with the original headers, as a new attempt.
 
     The event keeps its id (`Replay-Of`), so services that already handled it skip it;
     the message id is new so the stream's dedupe window does not swallow the replay.
-    The dead letter is removed once the replay is stored.
+    The dead letter is removed once the replay is stored. Returns where it was stored.
     """
     letter = await get_dead_letter(client, dead_letter_id)
     out = dict(letter.headers)
@@ -179,20 +203,24 @@ async def replay_dead_letter(client: Client, dead_letter_id: int) -> Any:
             letter.subject, letter.data.encode(), headers=out, timeout=5.0
         )
     except Exception as exc:
-        from .publish import publish_error
-
         reason = publish_error(letter.subject, exc)
         raise type(reason)(f"replay of dead letter {dead_letter_id} failed: {reason}") from exc
-    await client.js.delete_msg(DEADLETTER_STREAM, dead_letter_id)
-    return ack
+    try:
+        await client.js.delete_msg(DEADLETTER_STREAM, dead_letter_id)
+    except NatsError as exc:
+        raise mesh_error(exc, f"removing replayed dead letter {dead_letter_id}") from None
+    return PublishAck(ack.stream, ack.seq, letter.event_id, bool(ack.duplicate))
 
 
 async def discard_dead_letter(client: Client, dead_letter_id: int) -> None:
     """Delete a dead letter for good (its event is not handled); NotFound if it is gone."""
+    client.check_open()
     try:
         await client.js.delete_msg(DEADLETTER_STREAM, dead_letter_id)
     except APIError as error:
         # a missing stream is 404; a missing message is code 500, err_code 10057
         if isinstance(error, NotFoundError) or error.err_code == _NO_MESSAGE_FOUND:
             raise NotFound(f"no dead letter {dead_letter_id}") from None
-        raise
+        raise mesh_error(error, f"discarding dead letter {dead_letter_id}") from None
+    except NatsError as error:
+        raise mesh_error(error, f"discarding dead letter {dead_letter_id}") from None

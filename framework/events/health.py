@@ -16,11 +16,11 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
+from ..observability.logging import get_logger
 
 __all__ = ["STALL_AFTER", "Health"]
 
-_log = structlog.get_logger("framework.events.subscriber")
+_log = get_logger("framework.events.subscriber")
 
 STALL_AFTER = 3.0  # seconds of failure before a subscriber counts as stalled
 

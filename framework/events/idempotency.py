@@ -32,11 +32,10 @@ from nats.js import api
 from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError
 
 from ..streams import default_replicas
-from ..transport.mux import Mux, Unsupported, status_error
+from ..transport.mux import Mux, Unsupported
+from ..transport.wire_errors import pub_ack_error, status_error
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
     from ..client import Client
 
 __all__ = ["DEFAULT_TTL", "ProcessedIds", "ResponseCache", "kv_key", "open_bucket"]
@@ -110,31 +109,6 @@ async def open_bucket(
     except APIError:
         pass  # a replica created it first; if not, key_value says what is wrong
     return await js.key_value(bucket)
-
-
-class _PubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    error: dict[str, Any] | None = None
-
-
-_decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
-
-
-def _ack_error(reply: Msg) -> Exception | None:
-    """What is wrong with a JetStream publish's reply, None for a PubAck."""
-    if not reply.data:
-        return status_error(reply)  # 503: no stream listens (the bucket was deleted)
-    try:
-        ack = _decode_pub_ack(reply.data)
-    except msgspec.MsgspecError:
-        return APIError(description=f"invalid PubAck: {reply.data[:200]!r}")
-    if ack.error is None:
-        return None
-    err = ack.error
-    return APIError(
-        code=err.get("code"), description=err.get("description"), err_code=err.get("err_code")
-    )
 
 
 def _fail(futures: Sequence[asyncio.Future[Any]], exc: BaseException) -> None:
@@ -249,7 +223,7 @@ class ProcessedIds(_Bucket):
             except Exception:
                 self.fallbacks += 1  # one by one below: each gets its own PubAck and error
         replies = await self._mux.request_each([(s, b"1") for s in subjects], self.timeout)
-        return [_ack_error(reply) for reply in replies]
+        return [pub_ack_error(reply) for reply in replies]
 
     # For a whole pulled batch at once (no future per id) -------------------------
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
-import structlog
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from ..context import Context
 from ..errors import PublishError, Reject
+from ..observability.logging import get_logger
 from ..observability.stats import HandlerStats
 from .consumer import Consumer
 from .deadletter import send_to_dead_letter
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Outcomes", "ProcessingTimeExceeded", "describe"]
 
-_log = structlog.get_logger("framework.events.subscriber")
+_log = get_logger("framework.events.subscriber")
 
 
 class ProcessingTimeExceeded(TimeoutError):

@@ -19,20 +19,25 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
 
-from ..context import Context
-from ..errors import NoStream, PermissionDenied, PublishError, StreamUnavailable
+from ..errors import PublishError, StreamUnavailable
 from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport.codec import encode_payload
 from ..transport.names import check_event_type, event_subject
+from ..transport.wire_errors import PubAck, api_error, publish_error
+from ..transport.wire_errors import decode_pub_ack as _decode_pub_ack
 
 if TYPE_CHECKING:
     from ..client import Client
+    from ..context import Context
 
 __all__ = ["BatchPublisher", "PublishAck", "build_event", "publish_error", "publish_event"]
 
 
 class PublishAck(msgspec.Struct, frozen=True):
+    """Where JetStream stored an event: `stream` and `seq`; `duplicate` when the event
+    id was stored before (within the duplicate window) and this publish added nothing."""
+
     stream: str
     seq: int
     event_id: str
@@ -118,24 +123,67 @@ def _check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
         )
 
 
-def publish_error(subject: str, exc: BaseException) -> PublishError:
-    if isinstance(exc, PublishError):
-        return exc
-    if isinstance(exc, NoStreamResponseError | NoRespondersError):
-        return NoStream(
-            f"no stream captures {subject}: declare a Stream for its domain or start a "
-            "service that subscribes to it (the event was not stored)"
-        )
-    if isinstance(exc, PermissionDenied):
-        return PublishError(f"permission denied, the event was not stored: {exc}")
-    if isinstance(exc, NatsTimeoutError | TimeoutError):
-        return PublishError(f"no acknowledgement from JetStream for {subject} (not known stored)")
-    if isinstance(exc, APIError) and exc.err_code == _NO_STORAGE:
-        return PublishError(
-            f"JetStream has no storage left for {subject} (insufficient resources): the event "
-            "was not stored; free space on the server or raise its max_file_store"
-        )
-    return PublishError(f"publish to {subject} failed: {exc}")
+async def publish_event(
+    client: Client,
+    event_type: str,
+    event: Any,
+    *,
+    event_id: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    correlation_id: str | None = None,
+    timeout: float = 5.0,
+    parent: Context | None = None,
+) -> PublishAck:
+    """Publish and wait for the JetStream ack; the same event id is stored once.
+
+    Args:
+        event_type: `[domain.]entity.action.vN`, e.g. `order.created.v1`; the subject
+            is `events.<event_type>`, stored by the domain's stream.
+        event: the payload: anything msgspec encodes as JSON; bytes are sent as they are.
+        event_id: the event's id, sent as `Nats-Msg-Id` (default: a new one); the same
+            id published again within the stream's duplicate window is stored once.
+        headers: extra headers to send.
+        correlation_id: the conversation to join (default: the event starts one).
+        timeout: seconds to wait for JetStream's ack.
+        parent: the handler's context (what `ctx.publish` passes): its correlation
+            id, trace and message id (as `Causation-Id`) carry over.
+
+    Raises:
+        NoStream: no stream captures the subject; nothing was stored.
+        PublishError: not stored, or not known to be (no ack in time, not permitted,
+            larger than the server's max_payload).
+        ClientClosed: the client is closed.
+    """
+    client.check_open()
+    subject, data, out, event_id = build_event(
+        client,
+        event_type,
+        event,
+        event_id=event_id,
+        headers=headers,
+        correlation_id=correlation_id,
+        parent=parent,
+    )
+    span = _producer_span(subject, out, event_id, parent)
+    try:
+        _check_size(client, data, out)
+        ack = await _send(client, subject, data, out, timeout, span)
+        return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
+    finally:
+        span.end()
+
+
+async def _send(
+    client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float, span: Any
+) -> PubAck:
+    """A JetStream publish and its ack (retried while the stream has no reachable
+    leader); every failure as a `PublishError`."""
+    try:
+        return await _store(client, subject, data, out, timeout)
+    except Exception as exc:
+        error = publish_error(subject, exc)
+        telemetry.record_error(span, error)
+        raise error from None
 
 
 ATTEMPT_TIMEOUT = 2.0  # an unanswered publish is sent again (same id) after this long
@@ -143,12 +191,11 @@ PAUSES = (0.05, 0.1, 0.2, 0.5)  # between attempts a stream without a leader ref
 # "JetStream system temporarily unavailable"; "duplicate message id is in process" (a
 # retried publish whose first attempt the leader has not committed yet)
 _TRANSIENT = frozenset({10008, 10158})
-_NO_STORAGE = 10023  # "insufficient resources": the server's store is full
 
 
 async def _store(
     client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float
-) -> _PubAck:
+) -> PubAck:
     """Publish until JetStream acknowledges, within `timeout` seconds.
 
     A timeout or a "no responders" on a cluster is what a stream without a reachable
@@ -169,7 +216,7 @@ async def _store(
                 return ack
             if ack.error.get("err_code") not in _TRANSIENT:
                 raise APIError.from_error(ack.error)
-            failure: Exception = APIError(description=ack.error.get("description"))
+            failure: Exception = api_error(ack.error)
         except (NatsTimeoutError, NoRespondersError) as exc:
             failure = exc
         clustered = bool(client.nc._server_info.get("cluster"))
@@ -221,54 +268,9 @@ async def _why_not_stored(mux: Any, subject: str, failure: Exception, clustered:
     )
 
 
-async def publish_event(
-    client: Client,
-    event_type: str,
-    event: Any,
-    *,
-    event_id: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    correlation_id: str | None = None,
-    timeout: float = 5.0,
-    parent: Context | None = None,
-) -> PublishAck:
-    """Publish and wait for the JetStream ack; the same event id is stored once."""
-    subject, data, out, event_id = build_event(
-        client,
-        event_type,
-        event,
-        event_id=event_id,
-        headers=headers,
-        correlation_id=correlation_id,
-        parent=parent,
-    )
-    span = _producer_span(subject, out, event_id, parent)
-    try:
-        _check_size(client, data, out)
-        try:
-            ack = await _store(client, subject, data, out, timeout)
-        except Exception as exc:
-            error = publish_error(subject, exc)
-            telemetry.record_error(span, error)
-            raise error from None
-        return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
-    finally:
-        span.end()
-
-
 def _end(span: Any, error: BaseException) -> None:
     telemetry.record_error(span, error)
     span.end()
-
-
-class _PubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: dict[str, Any] | None = None
-
-
-_decode_pub_ack = msgspec.json.Decoder(_PubAck).decode
 
 
 class BatchPublisher:
@@ -314,6 +316,13 @@ class BatchPublisher:
         headers: Mapping[str, str] | None = None,
         correlation_id: str | None = None,
     ) -> str:
+        """Send one event without waiting for its ack; returns its event id.
+
+        Waits only while `max_outstanding` events are unacknowledged. Arguments are
+        those of `Client.publish`; failures are collected for `flush()` (`failures`),
+        except those known at once (too large, no slot in time), raised here.
+        """
+        self._client.check_open()
         subject, data, out, event_id = build_event(
             self._client,
             event_type,
@@ -332,10 +341,14 @@ class BatchPublisher:
         except PublishError as exc:
             _end(span, exc)
             raise
-        if self._sub is None:
-            nc = self._client.nc
-            self._prefix = nc.new_inbox() + "."
-            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        await self._ack_inbox()
+        await self._send(subject, data, out, event_id, span)
+        return event_id
+
+    async def _send(
+        self, subject: str, data: bytes, out: dict[str, str], event_id: str, span: Any
+    ) -> None:
+        """Take a slot, then publish with this batch's reply subject for the ack."""
         try:
             await self._take_slot(event_id)
         except PublishError as exc:
@@ -352,7 +365,13 @@ class BatchPublisher:
             error = publish_error(subject, exc)
             _end(span, error)
             raise error from None
-        return event_id
+
+    async def _ack_inbox(self) -> None:
+        """The wildcard inbox the acks of this batch come back on, subscribed once."""
+        if self._sub is None:
+            nc = self._client.nc
+            self._prefix = nc.new_inbox() + "."
+            self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_ack)
 
     async def _take_slot(self, event_id: str) -> None:
         try:
@@ -400,7 +419,7 @@ class BatchPublisher:
                 self._failed(event_id, span, PublishError(f"unreadable ack: {exc}"))
             else:
                 if ack.error:
-                    error = PublishError(f"publish to {subject} failed: {ack.error}")
+                    error = publish_error(subject, api_error(ack.error))
                     self._failed(event_id, span, error)
                 else:
                     self.acks.append(PublishAck(ack.stream, ack.seq, event_id, ack.duplicate))

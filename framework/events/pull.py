@@ -18,17 +18,17 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
-import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from ..observability.logging import get_logger
 from .consumer import Consumer
 from .health import Health
 
 __all__ = ["PULL_EXPIRES", "PULL_HEARTBEAT", "Puller", "hand_back"]
 
-_log = structlog.get_logger("framework.events.subscriber")
+_log = get_logger("framework.events.subscriber")
 
 PULL_EXPIRES = 10.0  # seconds a pull request waits on the server for messages
 PULL_HEARTBEAT = 2.0  # seconds between the server's idle heartbeats to a waiting pull

@@ -15,10 +15,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup
 from nats.aio.msg import Msg
 
+from ..observability.logging import get_logger
 from .delivery import Delivery, read_delivery
 from .health import Health
 from .idempotency import ProcessedIds
@@ -27,7 +27,7 @@ from .pull import hand_back
 
 __all__ = ["Screening"]
 
-_log = structlog.get_logger("framework.events.subscriber")
+_log = get_logger("framework.events.subscriber")
 
 
 class Screening:

@@ -22,15 +22,15 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import structlog
 from anyio.abc import TaskGroup
 
+from ..observability.logging import get_logger
 from .health import Health
 from .idempotency import ProcessedIds
 
 __all__ = ["Settlement"]
 
-_log = structlog.get_logger("framework.events.subscriber")
+_log = get_logger("framework.events.subscriber")
 
 # what `done` is told: the message, its event id, and the handler's duration when
 # acked (None when nak'd or abandoned)

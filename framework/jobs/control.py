@@ -13,12 +13,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import structlog
 from nats.errors import NoRespondersError
 from nats.js.errors import APIError
 
 from ..errors import BadRequest, NotFound, PublishError, ServiceError
 from ..events.publish import publish_error
+from ..observability.logging import get_logger
 from ..transport import headers as h
 from .backend import Backend
 from .options import JOBS_STREAM, Kind
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["JOB_ID", "cancel_job", "publish_job", "retry_job", "stored_publish"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 JOB_ID = "Job-Id"
 JOB_REVISION = "Job-Revision"  # `<record revision> <enqueued_at, epoch ms>`: see process.py

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from nats.js import api
 from nats.js.errors import NotFoundError
 
 from ..errors import ConfigConflict
 from ..events.idempotency import open_bucket
+from ..observability.logging import get_logger
 from ..streams import default_replicas
 from .errors import JobsUnsupported
 from .options import (
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ensure_jobs_stream", "ensure_rate_stream", "open_kinds_bucket", "open_status_bucket"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 SCHEDULES_SINCE = (2, 12)  # @at schedules and counters
 RECURRING_SINCE = (2, 14)  # @every and cron

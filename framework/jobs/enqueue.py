@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import structlog
 
 from ..errors import BadRequest, ServiceError
 from ..observability import tracing as telemetry
+from ..observability.logging import get_logger
 from ..transport import headers as h
 from ..transport.codec import encode_payload
 from .backend import Backend
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["enqueue"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 CREATE_TRIES = 5
 RECORD_HEADROOM = 1024  # the record grows with a result, an error, the worker's fields

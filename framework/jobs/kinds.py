@@ -19,15 +19,15 @@ from typing import Any
 
 import fastjsonschema
 import msgspec
-import structlog
 from nats.js.errors import KeyNotFoundError
 
 from ..errors import BadRequest
+from ..observability.logging import get_logger
 from ..transport.codec import DECODE_ERRORS
 
 __all__ = ["KindInfo", "KindRegistry"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 CACHE_SECONDS = 10.0
 

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-import structlog
 
 from ..errors import BadRequest, PublishError, Reject
 from ..events.deadletter import REPLAY_OF, send_to_dead_letter
 from ..observability import tracing as telemetry
+from ..observability.logging import get_logger
 from ..transport import headers as h
 from ..transport.codec import DECODE_ERRORS, decoder_for
 from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Delivery", "Processor"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 CLAIM_TRIES = 5
 CANCELLED_KEPT = 10_000  # cancel notices remembered (a message already held, not yet run)

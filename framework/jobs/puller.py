@@ -19,13 +19,13 @@ from typing import Any
 
 import anyio
 import msgspec
-import structlog
 
+from ..observability.logging import get_logger
 from .options import priority_of
 
 __all__ = ["Puller"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 LONG_POLL = 5.0  # seconds a waiting pull lasts before it is renewed
 ANSWER_GRACE = 2.0  # a pull the server has not ended this long after it should: lost

@@ -18,14 +18,14 @@ import time
 
 import anyio
 import msgspec
-import structlog
 
+from ..observability.logging import get_logger
 from ..transport.mux import Mux
 from .options import RATE_PREFIX, Kind, RateLimit
 
 __all__ = ["RateLimiter"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 REQUEST_TIMEOUT = 5.0
 RETRY_AFTER_ERROR = 1.0

@@ -22,14 +22,14 @@ from typing import Literal
 
 import anyio
 import msgspec
-import structlog
 
+from ..observability.logging import get_logger
 from .status import JobStatus
 from .store import Conflict, StatusStore
 
 __all__ = ["PROGRESS_INTERVAL", "RunningJob"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 PROGRESS_INTERVAL = 0.2
 CLAIM_DELAY = 0.1

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import structlog
 from nats.js.errors import NotFoundError
 
+from ..observability.logging import get_logger
 from ..transport import headers as h
 from ..transport.codec import encode_payload
 from .backend import Backend
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Schedule", "list_schedules", "normalize_spec", "schedule", "unschedule"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 
 class Schedule(msgspec.Struct, kw_only=True):

@@ -16,13 +16,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup
 from nats.js import api
 from nats.js.errors import NotFoundError
 
 from ..errors import ConfigConflict
 from ..observability import metrics as handler_metrics
+from ..observability.logging import get_logger
 from ..streams import deadletter_stream, differences, ensure_stream
 from ..transport.codec import encode_payload, schema_json
 from ..transport.dispatch import WorkerPool
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["JobWorker"]
 
-_log = structlog.get_logger("framework.jobs")
+_log = get_logger("framework.jobs")
 
 CAPACITY_EXTRA = 0.5  # messages held beyond max_concurrency, as a share of it
 

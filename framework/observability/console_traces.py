@@ -35,7 +35,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import StatusCode
 
-from .tracing import DELIVERY_ATTEMPT, SERVICE
+from .conventions import DELIVERY_ATTEMPT, SERVICE
 
 __all__ = ["TraceTreePrinter", "render_trace"]
 
@@ -80,6 +80,13 @@ def _error_note(span: ReadableSpan, glyph: str) -> str:
     return f"  {glyph} {description}"
 
 
+_Entry = str | tuple[str, ReadableSpan]  # a note line, or a row: (tree label, span)
+
+
+def _start(span: ReadableSpan) -> int:
+    return span.start_time or 0
+
+
 def render_trace(
     spans: Sequence[ReadableSpan],
     *,
@@ -94,6 +101,14 @@ def render_trace(
     if not spans:
         return ""
     glyphs = _Glyphs(unicode)
+    entries = _tree(spans, continues or {}, glyphs)
+    return _format(spans, entries, glyphs)
+
+
+def _tree(
+    spans: Sequence[ReadableSpan], continues: dict[int, str], glyphs: _Glyphs
+) -> list[_Entry]:
+    """Rows in tree order, each root preceded by a note of where it hangs, if elsewhere."""
     ids = {span.context.span_id for span in spans}
     children: dict[int, list[ReadableSpan]] = {}
     roots: list[ReadableSpan] = []
@@ -102,16 +117,11 @@ def render_trace(
             children.setdefault(span.parent.span_id, []).append(span)
         else:
             roots.append(span)
-
-    def start(span: ReadableSpan) -> int:
-        return span.start_time or 0
-
-    # entries: a note (str) or a row (tree label, span)
-    entries: list[str | tuple[str, ReadableSpan]] = []
+    entries: list[_Entry] = []
 
     def walk(span: ReadableSpan, prefix: str, branch: str, below_prefix: str) -> None:
         entries.append((prefix + branch + span.name, span))
-        below = sorted(children.get(span.context.span_id, ()), key=start)
+        below = sorted(children.get(span.context.span_id, ()), key=_start)
         for index, child in enumerate(below):
             last = index == len(below) - 1
             walk(
@@ -121,18 +131,22 @@ def render_trace(
                 below_prefix + (glyphs.gap if last else glyphs.pipe),
             )
 
-    for root in sorted(roots, key=start):
+    for root in sorted(roots, key=_start):
         parent = root.parent
-        if parent is not None and continues and parent.span_id in continues:
+        if parent is not None and parent.span_id in continues:
             entries.append(f"  {glyphs.arrow} continues under {continues[parent.span_id]}")
         elif parent is not None and parent.is_remote:
             entries.append(f"  {glyphs.arrow} called from {parent.span_id:016x} (another process)")
         walk(root, "  ", "", "  ")
+    return entries
 
+
+def _format(spans: Sequence[ReadableSpan], entries: list[_Entry], glyphs: _Glyphs) -> str:
+    """A header line with the trace id, span count and duration, then aligned rows."""
     rows = [entry for entry in entries if isinstance(entry, tuple)]
     width = max(len(label) for label, _ in rows)
     service_width = max(len(_service(span)) for _, span in rows)
-    first = min(start(span) for span in spans)
+    first = min(_start(span) for span in spans)
     last = max(span.end_time or 0 for span in spans)
     count = len(spans)
     lines = [

@@ -1,5 +1,10 @@
 """structlog set up by one call: JSON lines for machines, a readable console for people.
 
+Until something configures structlog (`configure_logging()`, `Service.run`, `mesh`,
+or the application's own `structlog.configure`), the framework's loggers
+(`get_logger`) stay quiet below WARNING, or below `LOG_LEVEL` when it is set: a plain
+script that only calls services prints nothing of the framework's.
+
 Every line gets the level, a UTC timestamp and, while a span is current (inside a
 handler, with an SDK installed), its `trace_id` and `span_id`. `ctx.log` adds the
 service, handler, subject, correlation id, event id and attempt. Values of headers
@@ -19,7 +24,7 @@ from typing import Any, TextIO
 import structlog
 from opentelemetry import trace
 
-__all__ = ["add_trace_ids", "configure_logging", "is_secret", "redact_secrets"]
+__all__ = ["add_trace_ids", "configure_logging", "get_logger", "is_secret", "redact_secrets"]
 
 REDACTED = "[redacted]"
 _SECRET_WORDS = (
@@ -82,12 +87,54 @@ def add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
 _PROCESSORS: list[Any] = []
 
 
-def _level(level: str | int | None) -> int:
+def _level(level: str | int | None, default: str = "INFO") -> int:
     if isinstance(level, int):
         return level
-    name = (level or os.environ.get("LOG_LEVEL") or "INFO").strip().upper()
+    name = (level or os.environ.get("LOG_LEVEL") or default).strip().upper()
     number = logging.getLevelName(name)
-    return number if isinstance(number, int) else logging.INFO
+    return number if isinstance(number, int) else logging.getLevelName(default)
+
+
+_unconfigured: dict[int, Any] = {}
+
+
+def _quiet_logger() -> Any:
+    """structlog's default output, filtered at `LOG_LEVEL` (WARNING when unset)."""
+    level = _level(None, default="WARNING")
+    logger = _unconfigured.get(level)
+    if logger is None:
+        logger = structlog.wrap_logger(
+            None, wrapper_class=structlog.make_filtering_bound_logger(level)
+        )
+        _unconfigured[level] = logger
+    return logger
+
+
+class FrameworkLogger:
+    """A logger of the framework's own: structlog's once it is configured, until then
+    quiet below WARNING (or `LOG_LEVEL`), so an unconfigured library prints no debug."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def _target(self) -> Any:
+        if structlog.is_configured():
+            return structlog.get_logger(self._name)
+        return _quiet_logger()
+
+    def bind(self, **fields: Any) -> Any:
+        """A logger with `fields` on every line (resolved now, as configured now)."""
+        return self._target().bind(**fields)
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(self._target(), method)
+
+
+def get_logger(name: str) -> Any:
+    """The framework's logger for `name` (a module path such as `framework.client`)."""
+    return FrameworkLogger(name)
 
 
 def configure_logging(

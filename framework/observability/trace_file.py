@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from .tracing import DELIVERY_ATTEMPT, SERVICE
+from .conventions import DELIVERY_ATTEMPT, SERVICE
 
 __all__ = ["SpanFileExporter", "read_trace"]
 

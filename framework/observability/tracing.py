@@ -18,23 +18,33 @@ W3C `traceparent`/`tracestate` headers, written only when there is a trace to co
 (a valid span context; never with no SDK and no incoming trace).
 
 `MESH_TRACING=0` bypasses all of it without touching the OpenTelemetry API.
-`configure_telemetry()` installs the SDK for humans (`MESH_TRACE_CONSOLE=1`) and for
-collectors (`OTEL_EXPORTER_OTLP_ENDPOINT`); the SDK itself stays an optional import.
+`configure_telemetry()` (in `sdk`, re-exported here) installs the SDK for humans
+(`MESH_TRACE_CONSOLE=1`) and for collectors (`OTEL_EXPORTER_OTLP_ENDPOINT`); the SDK
+itself stays an optional import. Attribute names shared with the SDK-side modules live
+in `conventions`, which imports nothing of ours: no module here imports its importers.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Final
 
-import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Status, StatusCode
 
 from ..transport.headers import TRACEPARENT
+from .conventions import (
+    CONVERSATION_ID,
+    DELIVERY_ATTEMPT,
+    ENABLED,
+    MESSAGE_ID,
+    SERVICE,
+    STREAM_SEQUENCE,
+    SYSTEM,
+)
+from .sdk import configure_telemetry
 
 __all__ = [
     "CONVERSATION_ID",
@@ -42,6 +52,8 @@ __all__ = [
     "ENABLED",
     "MESSAGE_ID",
     "SERVICE",
+    "STREAM_SEQUENCE",
+    "SYSTEM",
     "SpanKind",
     "activate",
     "configure_telemetry",
@@ -55,25 +67,6 @@ __all__ = [
     "start_send_span",
 ]
 
-_log = structlog.get_logger("framework.observability.tracing")
-
-
-def _flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    return value not in ("0", "false", "no", "off")
-
-
-ENABLED: Final = _flag("MESH_TRACING", True)
-"""False when `MESH_TRACING=0`: spans are INVALID_SPAN, nothing reaches the API."""
-
-SYSTEM = "nats"
-SERVICE = "mesh.service"  # the framework service a span belongs to (one process may run several)
-MESSAGE_ID = "messaging.message.id"
-CONVERSATION_ID = "messaging.message.conversation_id"
-DELIVERY_ATTEMPT = "messaging.nats.message.delivery_attempt"
-STREAM_SEQUENCE = "messaging.nats.message.stream_sequence"
 
 # A ProxyTracer: it follows a TracerProvider installed after this import.
 _tracer = trace.get_tracer("framework")
@@ -257,115 +250,3 @@ def log_ids(span: Span) -> dict[str, str]:
         "trace_id": format(span_context.trace_id, "032x"),
         "span_id": format(span_context.span_id, "016x"),
     }
-
-
-# -- SDK set-up (optional) -------------------------------------------------------------
-
-_configured = False
-
-
-def configure_telemetry(service_name: str | None = None, *, stream: Any = None) -> bool:
-    """Install the OpenTelemetry SDK when asked to by the environment; True if installed.
-
-    - `MESH_TRACE_CONSOLE=1`: print every finished trace as an indented tree (stderr,
-      or `stream`).
-    - `MESH_TRACE_FILE=path`: append finished spans to a JSON-lines file shared by the
-      processes of a local mesh (what `mesh demo` reads to show one trace whole).
-    - `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`): export spans, and metrics,
-      over OTLP when `opentelemetry-exporter-otlp` is installed (`OTEL_EXPORTER_OTLP_PROTOCOL`
-      picks `grpc` or `http/protobuf`).
-
-    The SDK is a dev dependency only: when it is missing this logs a warning and returns
-    False. A TracerProvider someone else installed is left alone. Runs once per process.
-    """
-    global _configured
-    console = _flag("MESH_TRACE_CONSOLE", False)
-    trace_file = os.environ.get("MESH_TRACE_FILE", "")
-    otlp = bool(
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
-    if not (console or otlp or trace_file):
-        return False
-    if _configured:
-        return True
-    if not ENABLED:
-        _log.warning("MESH_TRACING=0: tracing stays off despite the exporter settings")
-        return False
-    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        _log.info("a tracer provider is already installed; leaving it as it is")
-        return False
-    try:
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-    except ImportError:
-        _log.warning(
-            "tracing requested but opentelemetry-sdk is not installed; continuing without",
-            hint="pip install opentelemetry-sdk",
-        )
-        return False
-
-    attributes = {}
-    if service_name and not os.environ.get("OTEL_SERVICE_NAME"):
-        attributes["service.name"] = service_name
-    resource = Resource.create(attributes)
-    provider = TracerProvider(resource=resource)
-    if console:
-        from .console_traces import TraceTreePrinter
-
-        provider.add_span_processor(
-            TraceTreePrinter(stream=stream if stream is not None else sys.stderr)
-        )
-    if trace_file:
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        from .trace_file import SpanFileExporter
-
-        provider.add_span_processor(
-            BatchSpanProcessor(SpanFileExporter(trace_file), schedule_delay_millis=200)
-        )
-    if otlp:
-        _add_otlp(provider, resource)
-    trace.set_tracer_provider(provider)
-    _configured = True
-    return True
-
-
-def _otlp_module(kind: str) -> Any:
-    """The OTLP exporter module for `kind` ("trace" or "metric"), or None."""
-    import importlib
-
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip().lower()
-    transports = ["grpc", "http"] if protocol == "grpc" else ["http", "grpc"]
-    for transport in transports:
-        name = f"opentelemetry.exporter.otlp.proto.{transport}.{kind}_exporter"
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
-
-
-def _add_otlp(provider: Any, resource: Any) -> None:
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    traces = _otlp_module("trace")
-    if traces is None:
-        _log.warning(
-            "OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not "
-            "installed; spans are not exported",
-            hint="pip install opentelemetry-exporter-otlp",
-        )
-        return
-    provider.add_span_processor(BatchSpanProcessor(traces.OTLPSpanExporter()))
-    metric_exports = _otlp_module("metric")
-    if metric_exports is None:
-        return
-    from opentelemetry import metrics
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-    if isinstance(metrics.get_meter_provider(), metrics.NoOpMeterProvider | MeterProvider):
-        return  # someone installed one already
-    reader = PeriodicExportingMetricReader(metric_exports.OTLPMetricExporter())
-    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))

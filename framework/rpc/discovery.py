@@ -16,6 +16,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from ..observability.stats import HandlerStats
+from ..types import Msg
 
 __all__ = [
     "Divergence",
@@ -33,6 +34,8 @@ VERBS = ("PING", "INFO", "STATS")
 
 
 class PingResponse(msgspec.Struct, kw_only=True):
+    """One instance answering `$SRV.PING`: its service `name`, instance `id`, `version`."""
+
     name: str
     id: str
     version: str
@@ -41,6 +44,9 @@ class PingResponse(msgspec.Struct, kw_only=True):
 
 
 class EndpointInfo(msgspec.Struct, kw_only=True):
+    """An endpoint or subscriber in `$SRV.INFO`: `metadata` holds its `kind`
+    (`rpc`/`subscriber`) and JSON schemas (JSON-encoded strings, per ADR-32)."""
+
     name: str
     subject: str
     queue_group: str = ""
@@ -48,6 +54,8 @@ class EndpointInfo(msgspec.Struct, kw_only=True):
 
 
 class InfoResponse(msgspec.Struct, kw_only=True):
+    """One instance answering `$SRV.INFO`: its identity and every endpoint it serves."""
+
     name: str
     id: str
     version: str
@@ -58,6 +66,9 @@ class InfoResponse(msgspec.Struct, kw_only=True):
 
 
 class EndpointStats(msgspec.Struct, kw_only=True):
+    """Counters of one endpoint or subscriber (times in nanoseconds, per ADR-32); `data`
+    has the extras (`in_flight`; for subscribers consumer lag, redeliveries, dead letters)."""
+
     name: str
     subject: str
     queue_group: str = ""
@@ -70,6 +81,8 @@ class EndpointStats(msgspec.Struct, kw_only=True):
 
 
 class StatsResponse(msgspec.Struct, kw_only=True):
+    """One instance answering `$SRV.STATS`: when it `started` and its endpoints' counters."""
+
     name: str
     id: str
     version: str
@@ -141,7 +154,7 @@ class Responder:
     def _callback(self, nc: NATS, verb: str) -> Any:
         build = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}[verb]
 
-        async def answer(msg: Any) -> None:
+        async def answer(msg: Msg) -> None:
             if not msg.reply:
                 return
             if verb == "STATS":

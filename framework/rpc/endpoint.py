@@ -9,17 +9,18 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-import structlog
 from anyio.abc import TaskGroup
 
 from ..context import Context
 from ..errors import BadRequest, DeadlineExceeded, ServiceError
 from ..observability import metrics
 from ..observability import tracing as telemetry
+from ..observability.logging import get_logger
 from ..transport import headers as h
 from ..transport.codec import DECODE_ERRORS, decoder_for, encode, schema_json
 from ..transport.dispatch import WorkerPool
 from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
+from ..types import Msg
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RpcEndpoint", "read_request_headers"]
 
-_log = structlog.get_logger("framework.rpc.endpoint")
+_log = get_logger("framework.rpc.endpoint")
 
 
 class RequestHeaders(msgspec.Struct):
@@ -148,7 +149,7 @@ class RpcEndpoint:
             return True
         return await self._pool.close(max(0.0, deadline - time.monotonic()))
 
-    async def _handle(self, msg: Any) -> None:
+    async def _handle(self, msg: Msg) -> None:
         started = time.perf_counter_ns()
         self.stats.in_flight += 1
         error: str | None = None
@@ -175,7 +176,7 @@ class RpcEndpoint:
             except Exception as exc:  # a lost connection must not kill the worker
                 _log.warning("reply failed", subject=self.subject, error=str(exc))
 
-    async def _process(self, msg: Any) -> tuple[bytes, dict[str, str] | None]:
+    async def _process(self, msg: Msg) -> tuple[bytes, dict[str, str] | None]:
         """The SERVER span covers the whole answer and is current while the handler runs."""
         span = telemetry.start_handler_span(
             self._span_name, telemetry.SpanKind.SERVER, self._span_attributes, msg.headers
@@ -202,7 +203,7 @@ class RpcEndpoint:
             span.end()
 
     async def _answer(
-        self, msg: Any, request: RequestHeaders, span: Any, correlation_id: str | None
+        self, msg: Msg, request: RequestHeaders, span: Any, correlation_id: str | None
     ) -> tuple[bytes, dict[str, str] | None]:
         if request.deadline is not None and request.deadline <= time.time():
             raise DeadlineExceeded("deadline passed before the request was handled")
@@ -251,7 +252,7 @@ class RpcEndpoint:
             raise DeadlineExceeded("deadline passed while the request was handled") from None
 
     def _context(
-        self, msg: Any, request: RequestHeaders, span: Any, correlation_id: str | None
+        self, msg: Msg, request: RequestHeaders, span: Any, correlation_id: str | None
     ) -> Context:
         assert self._client is not None
         return Context(

@@ -23,12 +23,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup
+
+from ..observability.logging import get_logger
 
 __all__ = ["WorkerPool"]
 
-_log = structlog.get_logger("framework.transport.dispatch")
+_log = get_logger("framework.transport.dispatch")
 
 _STOP: Any = object()
 

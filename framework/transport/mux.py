@@ -19,6 +19,8 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError
 
+from .wire_errors import status_error
+
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
     from nats.aio.msg import Msg
@@ -250,12 +252,3 @@ def _settle_fast_batch(future: asyncio.Future[Any], batch: _FastBatch, msg: Msg)
         )
         return
     future.set_result(None)
-
-
-def status_error(msg: Msg) -> Exception:
-    headers = msg.headers or {}
-    status = headers.get(_STATUS, "")
-    if status == "503":
-        return NoRespondersError()
-    code = int(status) if status.isdigit() else None
-    return APIError(code=code, description=headers.get(_DESCRIPTION) or None)

@@ -119,8 +119,26 @@ def run_services(
 
     configure_logging()
     configure_telemetry("+".join(service.name for service in services))
-    anyio.run(
-        lambda: serve_until_signal(services, url, grace=grace),
-        backend="asyncio",
-        backend_options=_backend_options(),
-    )
+    try:
+        anyio.run(
+            lambda: serve_until_signal(services, url, grace=grace),
+            backend="asyncio",
+            backend_options=_backend_options(),
+        )
+    except BaseExceptionGroup as group:
+        raise sole_error(group) from None  # e.g. ConnectionFailed, not a task-group wrapper
+
+
+def sole_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The one error inside (nested) task-group wrappers, else the group itself."""
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(group)
+    return leaves[0] if len(leaves) == 1 else group

@@ -11,9 +11,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DEFAULT_URL", "ConnectSettings", "split_urls"]
+from ..errors import ConnectionFailed
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_URL",
+    "ConnectSettings",
+    "check_url",
+    "connect_timeout_from_env",
+    "redact_url",
+    "split_urls",
+]
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+DEFAULT_CONNECT_TIMEOUT = 5.0
+SCHEMES = ("nats", "tls", "ws", "wss")
 
 
 def split_urls(url: str | Sequence[str] | None) -> list[str]:
@@ -23,6 +35,32 @@ def split_urls(url: str | Sequence[str] | None) -> list[str]:
     if isinstance(url, str):
         return [u.strip() for u in url.split(",") if u.strip()]
     return list(url)
+
+
+def check_url(url: str) -> str:
+    """Refuse what is not a NATS URL (`http://...`) with that reason, before connecting;
+    a bare `host:port` is fine (nats-py reads it as `nats://`)."""
+    scheme, sep, _ = url.partition("://")
+    if sep and scheme.lower() not in SCHEMES:
+        raise ConnectionFailed(
+            f"wrong scheme {scheme + '://'!r} in {redact_url(url)}: a NATS URL starts with "
+            f"{', '.join(s + '://' for s in SCHEMES)} (check NATS_URL or the URL passed)"
+        )
+    return url
+
+
+def connect_timeout_from_env(env: Mapping[str, str] | None = None) -> float:
+    """`NATS_CONNECT_TIMEOUT` in seconds, else `DEFAULT_CONNECT_TIMEOUT`."""
+    raw = (os.environ if env is None else env).get("NATS_CONNECT_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConnectionFailed(f"NATS_CONNECT_TIMEOUT={raw!r} is not a positive number of seconds")
+    return value
 
 
 def redact_url(url: str) -> str:
@@ -35,6 +73,8 @@ def redact_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class ConnectSettings:
+    """Where and how to connect; `from_env` reads the `NATS_*` variables."""
+
     servers: list[str] = field(repr=False)
     user: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
@@ -45,14 +85,17 @@ class ConnectSettings:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # the first connection, in seconds
+    url_from_env: bool = True  # the servers came from NATS_URL (or its default), not a caller
 
     @classmethod
     def from_env(
         cls, url: str | Sequence[str] | None = None, env: Mapping[str, str] | None = None
     ) -> ConnectSettings:
         env = os.environ if env is None else env
+        servers = split_urls(url if url is not None else env.get("NATS_URL") or DEFAULT_URL)
         return cls(
-            servers=split_urls(url if url is not None else env.get("NATS_URL") or DEFAULT_URL),
+            servers=[check_url(server) for server in servers],
             user=env.get("NATS_USER") or None,
             password=env.get("NATS_PASSWORD") or None,
             token=env.get("NATS_TOKEN") or None,
@@ -62,12 +105,21 @@ class ConnectSettings:
             tls_ca=env.get("NATS_TLS_CA") or None,
             tls_cert=env.get("NATS_TLS_CERT") or None,
             tls_key=env.get("NATS_TLS_KEY") or None,
+            connect_timeout=connect_timeout_from_env(env),
+            url_from_env=url is None,
         )
 
     def __repr__(self) -> str:
         shown = ", ".join(
             f"{name}={getattr(self, name)!r}"
-            for name in ("nkey_seed_file", "creds_file", "tls_ca", "tls_cert", "tls_key")
+            for name in (
+                "nkey_seed_file",
+                "creds_file",
+                "tls_ca",
+                "tls_cert",
+                "tls_key",
+                "connect_timeout",
+            )
         )
         servers = [redact_url(u) for u in self.servers]
         return f"ConnectSettings(servers={servers!r}, {shown})"

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InvalidHandler
+from ..types import HandlerFunction as Handler
 from .codec import decoder_for
 
-__all__ = ["NO_PAYLOAD", "HandlerSignature", "read_signature"]
-
-Handler = Callable[..., Awaitable[Any]]
+__all__ = ["NO_PAYLOAD", "Handler", "HandlerSignature", "read_signature"]
 
 
 class _NoPayload:
@@ -41,28 +41,67 @@ class HandlerSignature:
 
 
 def read_signature(fn: Handler, context_type: type) -> HandlerSignature:
-    """Fail at decoration time, not on the first message, if the handler is unusable."""
+    """Fail at decoration time, not on the first message, if the handler is unusable.
+
+    A handler takes at most one payload (annotated with its type, e.g. a
+    `msgspec.Struct`) and optionally a context (annotated with `context_type`), in
+    either order; its return annotation is the reply type.
+    """
     if not inspect.iscoroutinefunction(fn):
-        raise TypeError(f"handler {fn.__qualname__} must be an async function")
-    hints = typing.get_type_hints(fn)
-    params = list(inspect.signature(fn).parameters.values())
+        raise InvalidHandler(f"handler {fn.__qualname__} must be an async function")
+    hints = _hints(fn)
     payload_type: Any = NO_PAYLOAD
     wants_context = context_first = False
-    for index, param in enumerate(params):
-        hint = hints.get(param.name, Any)
+    for index, param in enumerate(inspect.signature(fn).parameters.values()):
+        hint = hints.get(param.name, _MISSING)
+        if hint is _MISSING:
+            raise InvalidHandler(_unannotated(fn, param.name, context_type))
         if hint is context_type:
             wants_context = True
             context_first = index == 0
         elif payload_type is NO_PAYLOAD:
             payload_type = hint
         else:
-            raise TypeError(
-                f"handler {fn.__qualname__} takes one payload and optionally a Context; "
-                f"extra parameter {param.name!r}"
+            raise InvalidHandler(
+                f"handler {fn.__qualname__} takes one payload and optionally a "
+                f"{context_type.__name__}; extra parameter {param.name!r}"
             )
     returns = hints.get("return", Any)
     if returns is type(None):
         returns = None
     if payload_type is not NO_PAYLOAD:
-        decoder_for(payload_type)  # raises TypeError now for types msgspec cannot decode
+        _check_decodable(fn, payload_type)
     return HandlerSignature(payload_type, returns, wants_context, context_first)
+
+
+_MISSING: Any = object()
+
+
+def _hints(fn: Handler) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except NameError as exc:  # a forward reference the handler's module cannot resolve
+        raise InvalidHandler(
+            f"handler {fn.__qualname__}: cannot resolve its annotations ({exc}); import "
+            "the payload type and Context at module level"
+        ) from None
+
+
+def _unannotated(fn: Handler, name: str, context_type: type) -> str:
+    context = context_type.__name__
+    return (
+        f"handler {fn.__qualname__}: parameter {name!r} has no annotation; annotate the "
+        f"payload with its type and the context with {context}, e.g. "
+        f"`async def {fn.__name__}(req: MyRequest, ctx: {context}) -> MyReply` "
+        f"(from framework import {context}; MyRequest a msgspec.Struct)"
+    )
+
+
+def _check_decodable(fn: Handler, payload_type: Any) -> None:
+    try:
+        decoder_for(payload_type)
+    except TypeError as exc:
+        raise InvalidHandler(
+            f"handler {fn.__qualname__}: msgspec cannot decode its payload type "
+            f"{payload_type!r} ({exc})"
+        ) from None
