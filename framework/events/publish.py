@@ -187,10 +187,16 @@ async def _send(
 
 
 ATTEMPT_TIMEOUT = 2.0  # an unanswered publish is sent again (same id) after this long
-PAUSES = (0.05, 0.1, 0.2, 0.5)  # between attempts a stream without a leader refused
+PAUSES = (0.05, 0.1, 0.2, 0.25)  # between attempts a stream without a leader refused
 # "JetStream system temporarily unavailable"; "duplicate message id is in process" (a
 # retried publish whose first attempt the leader has not committed yet)
 _TRANSIENT = frozenset({10008, 10158})
+PROBE_TIMEOUT = 0.5  # asking JetStream why: which stream captures the subject
+PROBE_AT_LEAST = 0.2  # seconds left of the timeout for that question to be asked
+_NO_ACK = (
+    "no acknowledgement in time (the stream may have no leader reachable from this "
+    "server: an election or a network partition)"
+)
 
 
 async def _store(
@@ -222,9 +228,10 @@ async def _store(
         clustered = bool(client.nc._server_info.get("cluster"))
         if not clustered and not isinstance(failure, NatsTimeoutError):
             raise failure  # one server: no stream captures it (or JetStream is off)
-        if not why:
-            why = await _why_not_stored(mux, subject, failure, clustered)
         left = deadline - anyio.current_time()
+        if not why and left > PROBE_AT_LEAST:  # never past the caller's timeout
+            why = await _why_not_stored(mux, subject, failure, clustered, left - 0.1)
+            left = deadline - anyio.current_time()
         if left <= 0.01:
             break
         if not isinstance(failure, NatsTimeoutError):
@@ -232,18 +239,20 @@ async def _store(
     if not clustered:
         raise failure
     raise StreamUnavailable(
-        f"{subject}: {why}; {attempts} attempt(s) in {timeout:g} s. The event was not stored "
+        f"{subject}: {why or _NO_ACK}; {attempts} attempt(s) in {timeout:g} s. The event was not stored "
         "(or not known stored): retry, publishing again with the same event id is safe, "
         "it is stored once"
     )
 
 
-async def _why_not_stored(mux: Any, subject: str, failure: Exception, clustered: bool) -> str:
-    """Ask JetStream which stream captures `subject`: `NoStream` if none does, else why
-    that stream did not answer, in words."""
+async def _why_not_stored(
+    mux: Any, subject: str, failure: Exception, clustered: bool, within: float
+) -> str:
+    """Ask JetStream (for at most `within` seconds) which stream captures `subject`:
+    `NoStream` if none does, else why that stream did not answer, in words."""
     probe = b'{"subject":' + msgspec.json.encode(subject) + b"}"
     try:
-        reply = await mux.request("$JS.API.STREAM.NAMES", probe, 0.5)
+        reply = await mux.request("$JS.API.STREAM.NAMES", probe, min(PROBE_TIMEOUT, within))
         names = msgspec.json.decode(reply.data or b"{}")
     except Exception:
         if not clustered:
