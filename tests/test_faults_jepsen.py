@@ -293,7 +293,14 @@ async def test_partitioned_node_loses_nothing_and_its_publishers_get_retryable_e
                     await anyio.sleep(partition_s)
                 healed_at = time.monotonic()
                 await wait_until(
-                    lambda: all(s.first_ack_after(healed_at + 1) for s in sides), 60, "recovery"
+                    lambda: all(s.first_ack_after(healed_at + 1) is not None for s in sides),
+                    60,
+                    lambda: (
+                        "recovery: "
+                        + "; ".join(
+                            f"{s.prefix}: {len(s.acked)} acked, {s.errors[-1:]}" for s in sides
+                        )
+                    ),
                 )
                 for side in sides:
                     side.stop.set()
