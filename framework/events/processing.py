@@ -283,7 +283,7 @@ class Processor:
             self._client,
             service=consumer.service,
             handler=consumer.name,
-            subject=consumer.subject,
+            subject=msg.subject,  # with the event's key, for a keyed event
             correlation_id=headers.correlation_id,
             causation_id=headers.causation_id,
             event_id=headers.event_id,

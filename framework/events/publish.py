@@ -23,7 +23,7 @@ from ..errors import PublishError, StreamUnavailable
 from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport.codec import encode_payload
-from ..transport.names import check_event_type, event_subject
+from ..transport.names import check_event_key, check_event_type, event_subject, guard_subject
 from ..transport.wire_errors import PubAck, api_error, publish_error
 from ..transport.wire_errors import decode_pub_ack as _decode_pub_ack
 
@@ -70,14 +70,17 @@ def build_event(
     client: Client,
     event_type: str,
     event: Any,
-    *,
     event_id: str | None,
     headers: Mapping[str, str] | None,
     correlation_id: str | None,
     parent: Context | None,
+    key: str | None = None,
 ) -> tuple[str, bytes, dict[str, str], str]:
-    """Subject, body, headers and event id of an event about to be published."""
+    """Subject, body, headers and event id of an event about to be published (the
+    arguments are `publish_event`'s)."""
     check_event_type(event_type)
+    if key is not None:
+        check_event_key(key)
     event_id = h.check_id(h.MSG_ID, event_id) if event_id else h.new_id()
     out = dict(headers) if headers else {}
     out[h.MSG_ID] = event_id
@@ -94,14 +97,37 @@ def build_event(
         out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id)
     else:
         out[h.CORRELATION_ID] = event_id  # checked above, or made here
-    return event_subject(event_type), encode_payload(event), out, event_id
+    return event_subject(event_type, key), encode_payload(event), out, event_id
 
 
-def _producer_span(subject: str, out: dict[str, str], event_id: str, parent: Context | None) -> Any:
-    """The PRODUCER span of one event, its context injected into the event's headers."""
+def expect_sequence(
+    out: dict[str, str], event_type: str, key: str | None, expected: int | None
+) -> None:
+    """Optimistic concurrency: stored only if the key's last sequence is `expected`.
+
+    With a key, the guard covers the key's events of the whole domain (what
+    `history(domain, key)` reads), not only this type's; 0 means "no event yet".
+    """
+    if expected is None:
+        return
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        raise ValueError(f"expected_last_subject_sequence must be an int >= 0, not {expected!r}")
+    out[h.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected)
+    if key is not None:
+        out[h.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT] = guard_subject(event_type, key)
+
+
+def _producer_span(
+    event_type: str, out: dict[str, str], event_id: str, parent: Context | None
+) -> Any:
+    """The PRODUCER span of one event, its context injected into the event's headers.
+
+    Named after the type's subject, without an event key: span names stay low-cardinality
+    (the consumer's `process events.<type>` matches it), the event id identifies the event.
+    """
     span = telemetry.start_send_span(
         "publish",
-        subject,
+        event_subject(event_type),
         out.get(h.PRODUCER),
         telemetry.SpanKind.PRODUCER,
         parent.span if parent is not None else None,
@@ -133,6 +159,8 @@ async def publish_event(
     correlation_id: str | None = None,
     timeout: float = 5.0,
     parent: Context | None = None,
+    key: str | None = None,
+    expected_last_subject_sequence: int | None = None,
 ) -> PublishAck:
     """Publish and wait for the JetStream ack; the same event id is stored once.
 
@@ -147,24 +175,23 @@ async def publish_event(
         timeout: seconds to wait for JetStream's ack.
         parent: the handler's context (what `ctx.publish` passes): its correlation
             id, trace and message id (as `Causation-Id`) carry over.
+        key: an entity id (one subject token): the subject is `events.<event_type>.<key>`,
+            and `Client.history` reads the entity's events back in order.
+        expected_last_subject_sequence: store only if the key's last event of the domain
+            (without a key: the subject's) has this stream sequence (0: none yet).
 
     Raises:
+        ConcurrencyConflict: the expected sequence did not match; nothing was stored.
         NoStream: no stream captures the subject; nothing was stored.
         PublishError: not stored, or not known to be (no ack in time, not permitted,
             larger than the server's max_payload).
         ClientClosed: the client is closed.
     """
     client.check_open()
-    subject, data, out, event_id = build_event(
-        client,
-        event_type,
-        event,
-        event_id=event_id,
-        headers=headers,
-        correlation_id=correlation_id,
-        parent=parent,
-    )
-    span = _producer_span(subject, out, event_id, parent)
+    built = build_event(client, event_type, event, event_id, headers, correlation_id, parent, key)
+    subject, data, out, event_id = built
+    expect_sequence(out, event_type, key, expected_last_subject_sequence)
+    span = _producer_span(event_type, out, event_id, parent)
     try:
         _check_size(client, data, out)
         ack = await _send(client, subject, data, out, timeout, span)
@@ -181,7 +208,7 @@ async def _send(
     try:
         return await _store(client, subject, data, out, timeout)
     except Exception as exc:
-        error = publish_error(subject, exc)
+        error = publish_error(subject, exc, out.get(h.EXPECTED_LAST_SUBJECT_SEQUENCE))
         telemetry.record_error(span, error)
         raise error from None
 
@@ -324,27 +351,23 @@ class BatchPublisher:
         event_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         correlation_id: str | None = None,
+        key: str | None = None,
     ) -> str:
         """Send one event without waiting for its ack; returns its event id.
 
         Waits only while `max_outstanding` events are unacknowledged. Arguments are
-        those of `Client.publish`; failures are collected for `flush()` (`failures`),
-        except those known at once (too large, no slot in time), raised here.
+        those of `Client.publish` (`key` too); failures are collected for `flush()`
+        (`failures`), except those known at once (too large, no slot in time), raised here.
         """
         self._client.check_open()
-        subject, data, out, event_id = build_event(
-            self._client,
-            event_type,
-            event,
-            event_id=event_id,
-            headers=headers,
-            correlation_id=correlation_id,
-            parent=None,
+        built = build_event(
+            self._client, event_type, event, event_id, headers, correlation_id, None, key
         )
+        subject, data, out, event_id = built
         if self._flushed:
             self._flushed = False
             self.acks, self.failures = [], []
-        span = _producer_span(subject, out, event_id, None)  # ends when the ack comes
+        span = _producer_span(event_type, out, event_id, None)  # ends when the ack comes
         try:
             _check_size(self._client, data, out)
         except PublishError as exc:
