@@ -4,6 +4,6 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY framework ./framework
 COPY services ./services
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[web]"
 ENV LOG_FORMAT=json
 USER nobody

@@ -1,7 +1,7 @@
 """A plain script as a client: `connect()`, then call services and read typed results.
 
 No service of its own, no handlers: what a cron job, a web backend or a notebook does.
-The script talks to the sample mesh (orders, payments, notifications); to keep the
+The script talks to the sample shop (orders, payments, inventory, notifications); to keep the
 example self-contained it starts the mesh in-process first. Against a running mesh
 (`just up`) those become extra replicas that share the work.
 
@@ -38,14 +38,14 @@ async def place_order(customer: str, items: list[OrderItem]) -> None:
 
 async def run() -> None:
     os.environ.setdefault("MESH_OUTBOX", os.path.join(tempfile.gettempdir(), "outbox.jsonl"))
-    from services import notifications, orders, payments
+    from services import inventory, notifications, orders, payments
 
     async with AsyncExitStack() as mesh:
-        for module in (notifications, payments, orders):
+        for module in (notifications, payments, inventory, orders):
             await mesh.enter_async_context(module.service.serve())
-        await place_order("c-1", [OrderItem("book", 2, 1500), OrderItem("pen", 1, 300)])
-        await place_order("c-2", [OrderItem("piano", 1, 500_000)])
-        await place_order("c-3", [OrderItem("book", 0, 1500)])
+        await place_order("c-1", [OrderItem("book-dune", 2, 1500), OrderItem("pen-ink", 1, 300)])
+        await place_order("c-2", [OrderItem("piano-grand", 1, 500_000)])
+        await place_order("c-3", [OrderItem("book-dune", 0, 1500)])
 
 
 def main() -> None:

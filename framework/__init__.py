@@ -20,6 +20,7 @@ from .errors import (
     AuthorizationFailed,
     BadRequest,
     ClientClosed,
+    ConcurrencyConflict,
     ConfigConflict,
     ConnectionFailed,
     DeadlineExceeded,
@@ -35,6 +36,7 @@ from .errors import (
     Reject,
     RemoteError,
     ServiceError,
+    StreamUnavailable,
 )
 from .events.deadletter import (
     DeadLetter,
@@ -43,6 +45,7 @@ from .events.deadletter import (
     list_dead_letters,
     replay_dead_letter,
 )
+from .events.history import EventRecord
 from .events.idempotency import open_bucket
 from .events.publish import BatchPublisher, PublishAck
 from .jobs.context import JobContext
@@ -61,6 +64,7 @@ __all__ = [
     "BatchPublisher",
     "Client",
     "ClientClosed",
+    "ConcurrencyConflict",
     "ConfigConflict",
     "Connecting",
     "ConnectionFailed",
@@ -69,6 +73,7 @@ __all__ = [
     "DeadlineExceeded",
     "EndpointInfo",
     "EndpointStats",
+    "EventRecord",
     "InfoResponse",
     "InvalidHandler",
     "InvalidName",
@@ -93,6 +98,7 @@ __all__ = [
     "ServiceError",
     "StatsResponse",
     "Stream",
+    "StreamUnavailable",
     "configure_logging",
     "configure_telemetry",
     "connect",

@@ -35,6 +35,7 @@ from .errors import (
     PermissionDenied,
     ServiceError,
 )
+from .events.history import EventRecord, read_history
 from .events.publish import BatchPublisher, publish_event
 from .jobs import enqueue as _jobs
 from .jobs import schedule as _schedules
@@ -493,6 +494,27 @@ class Client:
 
     # Publishing lives with the events it makes; as a method it reads `client.publish(...)`.
     publish = publish_event
+
+    async def history(
+        self,
+        type_or_domain: str,
+        key: str,
+        *,
+        after: int = 0,
+        limit: int = 10_000,
+        timeout: float = 5.0,
+    ) -> list[EventRecord]:
+        """One key's events in stream order (event sourcing: fold them into state).
+
+        `type_or_domain` is an event type (`order.created.v1`: that type's events of the
+        key) or a domain (`order`: every type's). Only events published with
+        `key=` are found; `after` skips sequences up to it; at most `limit` are returned.
+        The last record's `sequence` is what `publish(...,
+        expected_last_subject_sequence=)` expects next (0 when the list is empty).
+        """
+        return await read_history(
+            self, type_or_domain, key, after=after, limit=limit, timeout=timeout
+        )
 
     def batch(self, *, max_outstanding: int = 256, timeout: float = 10.0) -> BatchPublisher:
         """Publish many events without waiting for each ack (`async with client.batch() as b`).

@@ -15,6 +15,7 @@ from opentelemetry import trace
 
 if TYPE_CHECKING:
     from .client import Client
+    from .events.history import EventRecord
 
 __all__ = ["Context"]
 
@@ -173,6 +174,8 @@ class Context:
         *,
         event_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        expected_last_subject_sequence: int | None = None,
     ) -> Any:
         """`Client.publish` as part of this conversation: the correlation id, the trace
         and this message as the cause (`Causation-Id`) carry over; returns the `PublishAck`.
@@ -182,7 +185,29 @@ class Context:
             event: the payload (msgspec-encodable).
             event_id: the event's id (default: a new one); the same id is stored once.
             headers: extra headers to send.
+            key: the entity's id, put into the subject (`events.<type>.<key>`).
+            expected_last_subject_sequence: store only if the key's last event has this
+                stream sequence (0: none yet); else `ConcurrencyConflict`.
         """
         return await self._client.publish(
-            event_type, event, event_id=event_id, headers=headers, parent=self
+            event_type,
+            event,
+            event_id=event_id,
+            headers=headers,
+            parent=self,
+            key=key,
+            expected_last_subject_sequence=expected_last_subject_sequence,
         )
+
+    async def history(
+        self, type_or_domain: str, key: str, *, after: int = 0, limit: int = 10_000
+    ) -> list[EventRecord]:
+        """`Client.history`: one key's events in stream order.
+
+        Args:
+            type_or_domain: an event type (that type's events) or a domain (all its types).
+            key: the entity's id the events were published with.
+            after: only events with a higher stream sequence.
+            limit: at most this many.
+        """
+        return await self._client.history(type_or_domain, key, after=after, limit=limit)

@@ -17,9 +17,12 @@ that turns what the wire says into these classes is `framework.transport.wire_er
     ├── InvalidHandler             a handler the framework cannot call (TypeError)
     ├── ConfigConflict             an existing stream/consumer differs (RuntimeError)
     ├── PublishError               an event was not (known to be) stored (RuntimeError)
-    │   └── NoStream               no stream captures the event's subject
+    │   ├── NoStream               no stream captures the event's subject
+    │   ├── StreamUnavailable      it has no reachable leader now (retryable)
+    │   └── ConcurrencyConflict    a keyed event's expected last sequence did not match
     ├── PermissionDenied           the server refused a publish to a subject
     ├── JetStreamError             a JetStream API refusal with no more specific class
+    │                              (also: a key's history could not be read)
     ├── ConnectionFailed           the first connection failed (ConnectionError)
     │   └── AuthorizationFailed    wrong credentials (ConnectionRefusedError)
     └── ClientClosed               the client was closed; open a new one
@@ -36,6 +39,7 @@ __all__ = [
     "AuthorizationFailed",
     "BadRequest",
     "ClientClosed",
+    "ConcurrencyConflict",
     "ConfigConflict",
     "ConnectionFailed",
     "DeadlineExceeded",
@@ -51,6 +55,7 @@ __all__ = [
     "Reject",
     "RemoteError",
     "ServiceError",
+    "StreamUnavailable",
     "error_from_code",
 ]
 
@@ -186,6 +191,15 @@ class NoStream(PublishError):
     """No stream captures the event's subject: nothing was stored."""
 
 
+class StreamUnavailable(PublishError):
+    """The stream exists but could not store the event now: it has no leader reachable
+    from this server (an election, a network partition), or JetStream itself cannot be
+    reached from it. Retryable: the publish was retried until its timeout; publishing
+    again with the same event id is safe (the stream stores it once)."""
+
+    retryable = True
+
+
 class PermissionDenied(MeshError):
     """The server refused a publish to this subject: the user lacks the permission."""
 
@@ -220,3 +234,26 @@ class AuthorizationFailed(ConnectionFailed, ConnectionRefusedError):
 
 class ClientClosed(MeshError):
     """The client was closed (by `close()` or leaving `async with`); open a new one."""
+
+
+class ConcurrencyConflict(PublishError):
+    """A keyed event was not stored: the key has events newer than the writer had read.
+
+    Raised by `publish(..., expected_last_subject_sequence=N)` when JetStream's last
+    sequence of the key is not N. Read the key's history again, decide again, publish
+    again (optimistic concurrency).
+
+    Args:
+        message: what was refused, with the server's description.
+        subject: the event's subject.
+        expected: the sequence the publisher expected.
+        actual: the key's last sequence as the server reported it, when it did.
+    """
+
+    def __init__(
+        self, message: str, *, subject: str, expected: int, actual: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.expected = expected
+        self.actual = actual

@@ -1,4 +1,5 @@
-"""Notifications: tell the customer when an order is confirmed or cancelled, exactly once.
+"""Notifications: tell the customer when an order is confirmed or cancelled, and send
+the receipt once it is rendered, each exactly once.
 
 Each notification has an id (order id + kind). Before sending, a delivery claims that id
 in the "notifications" bucket with `kv.create`; once sent, the claim becomes "sent".
@@ -28,9 +29,11 @@ from services.buckets import Bucket
 from services.contracts import (
     ORDER_CANCELLED,
     ORDER_CONFIRMED,
+    RECEIPT_RENDERED,
     Notification,
     OrderCancelled,
     OrderConfirmed,
+    ReceiptRendered,
 )
 
 CLAIM_LEASE_SECONDS = 60.0  # a claim older than this belongs to a delivery that died
@@ -96,15 +99,30 @@ async def on_order_cancelled(event: OrderCancelled, ctx: Context) -> None:
     await notify(ctx, about(event.order_id, event.customer_id, "cancelled", message))
 
 
+@service.subscribe(RECEIPT_RENDERED, max_deliver=5, backoff=[0.2, 0.5, 1, 2])
+async def on_receipt_rendered(event: ReceiptRendered, ctx: Context) -> None:
+    await notify(ctx, about(event.order_id, event.customer_id, "receipt", event.text))
+
+
+KINDS: dict[str, Literal["order_confirmed", "order_cancelled", "receipt"]] = {
+    "confirmed": "order_confirmed",
+    "cancelled": "order_cancelled",
+    "receipt": "receipt",
+}
+
+
 def about(
-    order_id: str, customer_id: str, outcome: Literal["confirmed", "cancelled"], message: str
+    order_id: str,
+    customer_id: str,
+    outcome: Literal["confirmed", "cancelled", "receipt"],
+    message: str,
 ) -> Notification:
     """One notification per order and outcome: its id is what makes sending it once."""
     return Notification(
         id=f"{order_id}-{outcome}",
         customer_id=customer_id,
         order_id=order_id,
-        kind="order_confirmed" if outcome == "confirmed" else "order_cancelled",
+        kind=KINDS[outcome],
         message=message,
     )
 

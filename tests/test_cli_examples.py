@@ -84,6 +84,8 @@ def sample_project(directory: Path) -> Path:
 def shell_env(url: str, cwd: Path) -> dict[str, str]:
     env = {**os.environ, "NATS_URL": url, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     env["MESH_OUTBOX"] = str(cwd / "outbox.jsonl")
+    # the shop's HTTP processes: ports of their own, so two meshes (and other tests) can run
+    env["GATEWAY_PORT"], env["DASHBOARD_PORT"] = str(free_port()), str(free_port())
     env.pop("PYTHONPATH", None)
     return env
 

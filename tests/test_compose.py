@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -18,7 +19,8 @@ def compose() -> dict:  # type: ignore[type-arg]
 def test_every_service_command_loads_a_framework_service():
     services = compose()["services"]
     app_services = {name: spec for name, spec in services.items() if name != "nats"}
-    assert set(app_services) == {"orders", "payments", "notifications"}
+    mesh_up = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mesh"]["services"]
+    assert set(app_services) == {load_service(spec).name for spec in mesh_up}  # as `just up`
     for name, spec in app_services.items():
         command = spec["command"]
         assert command[:2] == ["mesh", "run"], command
@@ -38,10 +40,13 @@ def test_files_the_compose_file_names_exist():
         if mount.startswith("./"):
             assert (ROOT / mount).is_file(), mount
     assert nats["image"].startswith("nats:")
+    # the shop needs message schedules (ADR-51) and atomic batches (ADR-50): 2.12+
+    major, minor = (int(part) for part in nats["image"][5:].split("-")[0].split(".")[:2])
+    assert (major, minor) >= (2, 12), nats["image"]
     assert "-c" in nats["command"] and "/etc/nats/nats.conf" in nats["command"]
     assert (ROOT / "Dockerfile").is_file()
     dockerfile = (ROOT / "Dockerfile").read_text()
     for copied in ("pyproject.toml", "framework", "services"):
         assert copied in dockerfile and (ROOT / copied).exists()
-    for name in ("orders", "payments", "notifications"):
+    for name in ("orders", "payments", "notifications", "inventory", "receipts", "gateway"):
         assert spec["services"][name]["build"] == "."

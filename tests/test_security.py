@@ -395,7 +395,8 @@ class Note(msgspec.Struct):
 def secure_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """nats-secure.conf as committed, the store moved to tmp, passwords in the env."""
     passwords = {
-        user: secret(f"{user}-") for user in ("orders", "payments", "notifications", "edge")
+        user: secret(f"{user}-")
+        for user in ("orders", "payments", "inventory", "receipts", "notifications", "edge")
     }
     for user, password in passwords.items():
         monkeypatch.setenv(f"{user.upper()}_PASSWORD", password)
@@ -422,7 +423,10 @@ def test_secure_conf_is_valid_and_binds_loopback() -> None:
 
     env = {
         **os.environ,
-        **{f"{u}_PASSWORD": "x" for u in ("ORDERS", "PAYMENTS", "NOTIFICATIONS", "EDGE")},
+        **{
+            f"{u}_PASSWORD": "x"
+            for u in ("ORDERS", "PAYMENTS", "INVENTORY", "RECEIPTS", "NOTIFICATIONS", "EDGE")
+        },
     }
     result = subprocess.run(
         [find_nats_server(), "-t", "-c", str(SECURE_CONF)],
@@ -441,7 +445,7 @@ async def test_secure_conf_lets_the_sample_mesh_work(
     secure_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The real sample services, each as its own user, take an order to confirmed."""
-    from services import notifications, orders, payments
+    from services import inventory, notifications, orders, payments, receipts
     from services.contracts import CreateOrder, GetOrder, Order, OrderItem
 
     sent: list[Any] = []
@@ -452,17 +456,19 @@ async def test_secure_conf_lets_the_sample_mesh_work(
 
     monkeypatch.setattr(notifications, "sender", Recorder())  # not the outbox file
     async with AsyncExitStack() as stack:
-        for module in (notifications, payments, orders):
+        for module in (notifications, payments, inventory, receipts, orders):
             client = await stack.enter_async_context(as_user(secure_server, module.service.name))
             await stack.enter_async_context(module.service.serve(client))
         edge = await stack.enter_async_context(as_user(secure_server, "edge"))
         order = await edge.call(
             "orders.create",
-            CreateOrder("c-1", [OrderItem("sku-1", 2, 500)]),
+            CreateOrder("c-1", [OrderItem("book-dune", 2, 500)]),
             returns=Order,
             timeout=5.0,
         )
-        await wait_until(lambda: len(sent) == 1, 10, "the confirmation notification")
+        await wait_until(lambda: len(sent) >= 1, 10, "the confirmation notification")
+        await wait_until(lambda: len(sent) == 2, 10, "the receipt (the receipts.render job)")
+        assert sorted(note.kind for note in sent) == ["order_confirmed", "receipt"]
 
         async def confirmed() -> bool:
             found = await edge.call("orders.get", GetOrder(order.id), returns=Order)
@@ -472,7 +478,7 @@ async def test_secure_conf_lets_the_sample_mesh_work(
 
         async def all_answer() -> bool:
             names = {info.name for info in await edge.ping(timeout=0.3)}
-            return names == {"orders", "payments", "notifications"}
+            return names == {"orders", "payments", "inventory", "receipts", "notifications"}
 
         await wait_until(all_answer, 10, "every service to answer a ping as edge")
     log = (secure_server.log_file).read_text()

@@ -1,4 +1,6 @@
-"""The sample mesh (orders, payments, notifications) in-process against a real server."""
+"""The sample mesh (orders, payments, inventory, notifications) in-process against a real
+server. The saga's own paths (out of stock, timeout, events out of order) are in
+tests/test_shop_saga.py."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 from framework import BadRequest, NotFound, ServiceError, list_dead_letters, replay_dead_letter
 from framework.runner import load_service
 from framework.testing import eventually
-from services import notifications, orders, payments
+from services import inventory, notifications, orders, payments
 from services.contracts import (
     ORDER_CREATED,
     PAYMENT_FAILED,
@@ -53,7 +55,7 @@ def provider(monkeypatch: pytest.MonkeyPatch) -> payments.SimulatedProvider:
 
 @pytest.fixture
 async def mesh(serve: Any, outbox: RecordingSender, provider: payments.SimulatedProvider) -> None:
-    for module in (notifications, payments, orders):
+    for module in (notifications, payments, inventory, orders):
         await serve(module.service)
 
 
@@ -68,7 +70,7 @@ async def order_reaches(client: Any, order_id: str, status: str) -> Order:
 
 
 def order_of(cents: int, customer: str = "c-1", **options: Any) -> CreateOrder:
-    return CreateOrder(customer, [OrderItem("sku-1", 2, cents // 2)], **options)
+    return CreateOrder(customer, [OrderItem("book-dune", 2, cents // 2)], **options)
 
 
 async def test_order_is_confirmed_and_customer_notified_once(mesh, client, outbox, provider):
@@ -205,7 +207,7 @@ async def test_same_idempotency_key_creates_one_order(mesh, client, provider):
     assert first.id == second.id
     await order_reaches(client, first.id, "confirmed")
     assert len(provider.charged) == 1
-    other = msgspec.structs.replace(request, items=[OrderItem("sku-2", 1, 99)])
+    other = msgspec.structs.replace(request, items=[OrderItem("mug-owl", 1, 99)])
     with pytest.raises(BadRequest, match="already used for a different order"):
         await client.call("orders.create", other, returns=Order)
 
@@ -293,8 +295,15 @@ async def test_list_filters_by_customer_and_status(mesh, client):
     await order_reaches(client, ok.id, "confirmed")
     await order_reaches(client, big.id, "cancelled")
 
-    alice = await client.call("orders.list", ListOrders(customer_id="alice"), returns=list[Order])
-    assert {o.id for o in alice} == {ok.id, big.id}
+    async def listed(query: ListOrders) -> set[str]:
+        found = await client.call("orders.list", query, returns=list[Order])
+        return {o.id for o in found}
+
+    async def caught_up() -> bool:  # the list is a read model: it follows the events
+        return await listed(ListOrders(status="cancelled")) == {big.id}
+
+    await eventually(caught_up)
+    assert await listed(ListOrders(customer_id="alice")) == {ok.id, big.id}
     cancelled = await client.call(
         "orders.list", ListOrders(status="cancelled"), returns=list[Order]
     )
@@ -303,5 +312,5 @@ async def test_list_filters_by_customer_and_status(mesh, client):
 
 
 def test_services_load_by_spec():
-    for name in ("orders", "payments", "notifications"):
+    for name in ("orders", "payments", "notifications", "inventory"):
         assert load_service(f"services.{name}:service").name == name

@@ -19,7 +19,7 @@ from web_support import CHROMIUM_ARGS, chromium_path, http_server
 
 from framework.testing import eventually
 from framework.web.dashboard import create_app
-from services import notifications, orders, payments
+from services import inventory, notifications, orders, payments
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
 CHROMIUM = chromium_path()
@@ -65,7 +65,7 @@ async def page() -> AsyncIterator[Any]:
 async def shop(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(notifications, "sender", Outbox())
     monkeypatch.setattr(payments, "provider", SlowProvider())
-    for module in (notifications, payments, orders):
+    for module in (notifications, payments, inventory, orders):
         await serve(module.service)
 
 
@@ -92,7 +92,7 @@ async def text(page: Any, selector: str) -> str:
 def order(cents: int, customer: str = "alice") -> dict[str, Any]:
     return {
         "customer_id": customer,
-        "items": [{"sku": "book", "quantity": 1, "unit_price_cents": cents}],
+        "items": [{"sku": "book-dune", "quantity": 1, "unit_price_cents": cents}],
     }
 
 

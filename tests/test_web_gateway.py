@@ -12,9 +12,12 @@ import pytest
 import pytest_asyncio
 from web_support import Frame, http_server, read_frames
 
-from services import notifications, orders, payments
+from services import inventory, notifications, orders, payments
 
-ORDER = {"customer_id": "alice", "items": [{"sku": "book", "quantity": 2, "unit_price_cents": 999}]}
+ORDER = {
+    "customer_id": "alice",
+    "items": [{"sku": "book-dune", "quantity": 2, "unit_price_cents": 999}],
+}
 
 
 class SlowProvider(payments.SimulatedProvider):
@@ -41,7 +44,7 @@ async def http(
 ) -> AsyncIterator[httpx.AsyncClient]:
     monkeypatch.setattr(notifications, "sender", Outbox())
     monkeypatch.setattr(payments, "provider", SlowProvider())
-    for module in (notifications, payments, orders):
+    for module in (notifications, payments, inventory, orders):
         await serve(module.service)
     monkeypatch.setenv("NATS_URL", nats_url)
     from services import gateway
@@ -81,22 +84,25 @@ async def test_order_events_stream_from_created_to_confirmed(http: httpx.AsyncCl
     placed = (await http.post("/orders", json=ORDER)).json()
     frames = await frames_until_end(http, placed["events_url"])
 
-    assert [f.event for f in frames] == [
-        "order",
-        "payment.captured.v1",
-        "order.confirmed.v1",
-        "end",
-    ]
+    events = [f.event for f in frames]
+    assert events[0] == "order" and events[-2:] == ["order.confirmed.v1", "end"]
+    # the shop's saga in between, as it happened: the (slow) capture last, noted by orders;
+    # inventory's reservation may be over before the stream opens
+    assert events[-4:-2] == ["payment.captured.v1", "order.paid.v1"], events
+    assert set(events[1:-4]) <= {"stock.reserved.v1", "order.reserved.v1"}, events
     assert json.loads(frames[0].data)["status"] == "pending"
     assert frames[0].id == f"{placed['id']}-now"
-    confirmed = json.loads(frames[2].data)
+    confirmed = json.loads(frames[-2].data)
     assert confirmed["order_id"] == placed["id"]
-    assert frames[2].id == f"{placed['id']}-confirmed"  # the event id: Last-Event-ID
-    assert frames[3].data == "{}"
+    assert frames[-2].id == f"{placed['id']}-confirmed"  # the event id: Last-Event-ID
+    assert frames[-1].data == "{}"
 
 
 async def test_a_declined_order_streams_until_cancelled(http: httpx.AsyncClient) -> None:
-    expensive = {**ORDER, "items": [{"sku": "piano", "quantity": 1, "unit_price_cents": 500_000}]}
+    expensive = {
+        **ORDER,
+        "items": [{"sku": "piano-grand", "quantity": 1, "unit_price_cents": 500_000}],
+    }
     placed = (await http.post("/orders", json=expensive)).json()
     frames = await frames_until_end(http, placed["events_url"])
     assert [f.event for f in frames][-2:] == ["order.cancelled.v1", "end"]
@@ -194,7 +200,8 @@ async def test_request_id_is_echoed_and_becomes_the_correlation_id(
     http: httpx.AsyncClient, client: Any
 ) -> None:
     seen: list[str] = []
-    sub = await client.nc.subscribe("events.order.created.v1", cb=_collect(seen))
+    # (the shop keys its events by order id: events.order.created.v1.<order_id>)
+    sub = await client.nc.subscribe("events.order.created.v1.>", cb=_collect(seen))
     await client.nc.flush()
     reply = await http.post("/orders", json=ORDER, headers={"X-Request-Id": "req-42"})
     assert reply.headers["x-request-id"] == "req-42"
@@ -269,14 +276,17 @@ async def test_one_trace_from_the_http_request_to_the_notification(
         lambda: "process events.order.confirmed.v1" in names(),
         what=lambda: f"the notification's span in the trace (have {sorted(names())})",
     )
-    assert {
+    expected = {
         "POST /orders",
         "request orders.create",
         "process orders.create",
         "publish events.order.created.v1",
         "process events.order.created.v1",
         "process events.payment.captured.v1",
-    } <= names()
+    }
+    # (the shop's handler that confirms goes on, to enqueue the receipt: its span ends later)
+    await eventually(lambda: expected <= names(), what=lambda: f"{expected - names()} in the trace")
+    assert expected <= names()
 
 
 async def test_reports_without_background_jobs_is_501(http: httpx.AsyncClient) -> None:

@@ -53,7 +53,7 @@ them per (sub)parser (`handler=`), which wins. A handler takes the parsed
 __all__ = ["FAMILIES", "CliError", "ExitCode", "build_parser", "main"]
 
 # The command families, each a module of this package with a `register(subparsers)`.
-FAMILIES = ("services", "events", "jobs", "mesh", "web")
+FAMILIES = ("services", "events", "jobs", "mesh", "replay", "web")
 
 EXAMPLES = (
     "mesh run services.orders:service services.payments:service",

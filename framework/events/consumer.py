@@ -10,6 +10,7 @@ consumer *is* (its filter, ack and deliver policies) must always match.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from nats.js import JetStreamContext, api
@@ -28,7 +29,7 @@ __all__ = ["Consumer"]
 
 _log = get_logger("framework.events.subscriber")
 
-_FIXED = frozenset({"deliver_policy", "ack_policy", "filter_subject"})
+_FIXED = frozenset({"deliver_policy", "ack_policy", "filter_subjects"})
 MAX_WAITING = 512  # pull requests the server keeps per consumer
 ALREADY_EXISTS = 10148  # JetStream: a "create" found the consumer with another config
 
@@ -92,7 +93,8 @@ class Consumer:
         return api.ConsumerConfig(
             durable_name=self.durable,
             description=self.description,
-            filter_subject=self.subject,
+            # unkeyed and keyed (`events.<type>.<key>`) events of the type alike
+            filter_subjects=[self.subject, f"{self.subject}.>"],
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL
             if options.deliver == "all"
@@ -157,6 +159,11 @@ class Consumer:
             verdict = judge(recorded, mine, changes, takeover)
         except Refused as refused:
             raise ConfigConflict(self.what, refused.differences, hint=refused.hint) from None
+        keyless = existing.filter_subject == self.subject and not existing.filter_subjects
+        if keyless:  # made before event keys existed: it gains the keyed subject, nothing else
+            upgraded = declared.filter_subjects
+            existing = replace(existing, filter_subject=None, filter_subjects=upgraded)
+            _log.info("consumer gains the keyed events' subject", consumer=self.durable)
         fixed = differences(existing, declared, sorted(_FIXED))
         if fixed:
             raise ConfigConflict(
@@ -166,8 +173,9 @@ class Consumer:
                 f"(a new consumer), or delete this one (`nats consumer rm {self.stream} "
                 f"{self.durable}`) to have it created again.",
             )
-        if verdict is not Verdict.KEEP:
+        if verdict is not Verdict.KEEP or keyless:
             await self._write(client, declared, "update")
+        if verdict is not Verdict.KEEP:
             self._log_verdict(verdict, recorded, mine, changes)
 
     def _log_verdict(

@@ -50,6 +50,20 @@ _OWN = frozenset(
 )
 
 
+# Headers that tell JetStream what to check or do when storing (an event published with
+# `expected_last_subject_sequence`, a scheduled one): they applied to the original
+# publish; copied along they would refuse or reschedule the dead letter and its replay.
+_DIRECTIVES = (
+    "Nats-Expected-",
+    "Nats-Batch-",
+    "Nats-Schedule",
+    "Nats-Rollup",
+    "Nats-TTL",
+    "Nats-Incr",
+    "Nats-Required-Api-Level",
+)
+
+
 class DeadLetter(msgspec.Struct, kw_only=True):
     """An event that could not be handled, with why (what `mesh dlq show` prints).
 
@@ -97,7 +111,11 @@ async def send_to_dead_letter(
     original_headers: Mapping[str, str] | None,
 ) -> None:
     """Stored before the original is terminated; a retry after a crash is deduplicated."""
-    out = {k: v for k, v in (original_headers or {}).items() if k not in _OWN}
+    out = {
+        k: v
+        for k, v in (original_headers or {}).items()
+        if k not in _OWN and not k.startswith(_DIRECTIVES)
+    }
     out.update(
         {
             REASON: reason,

@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-from nats.errors import BadHeaderError, NoRespondersError
-from nats.js.errors import APIError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, NoStreamResponseError
 
-from ..errors import PublishError
+from ..errors import PublishError, StreamUnavailable
 from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport import wire
 from ..transport.codec import encode_payload
-from ..transport.names import check_event_type, event_subject
+from ..transport.names import check_event_key, check_event_type, event_subject, guard_subject
 from ..transport.wire import header_block
 from ..transport.wire_errors import PubAck, api_error, publish_error
 from ..transport.wire_errors import decode_pub_ack as _decode_pub_ack
@@ -71,27 +72,53 @@ def build_event(
     client: Client,
     event_type: str,
     event: Any,
-    *,
     event_id: str | None,
     headers: Mapping[str, str] | None,
     correlation_id: str | None,
     parent: Context | None,
+    key: str | None = None,
 ) -> tuple[str, bytes, dict[str, str], str]:
-    """Subject, body, headers and event id of an event about to be published."""
+    """Subject, body, headers and event id of an event about to be published (the
+    arguments are `publish_event`'s)."""
     check_event_type(event_type)
+    if key is not None:
+        check_event_key(key)
     event_id = h.check_id(h.MSG_ID, event_id) if event_id else h.new_id()
     producer = parent.service if parent is not None else client.name
     fields = h.EventFields(event_id, event_type, _now_rfc3339(), producer)
     out = h.outgoing(headers, parent=parent, correlation_id=correlation_id, event=fields)
     assert out is not None  # an event always has headers
-    return event_subject(event_type), encode_payload(event), out, event_id
+    return event_subject(event_type, key), encode_payload(event), out, event_id
 
 
-def _producer_span(subject: str, out: dict[str, str], event_id: str, parent: Context | None) -> Any:
-    """The PRODUCER span of one event, its context injected into the event's headers."""
+def expect_sequence(
+    out: dict[str, str], event_type: str, key: str | None, expected: int | None
+) -> None:
+    """Optimistic concurrency: stored only if the key's last sequence is `expected`.
+
+    With a key, the guard covers the key's events of the whole domain (what
+    `history(domain, key)` reads), not only this type's; 0 means "no event yet".
+    """
+    if expected is None:
+        return
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        raise ValueError(f"expected_last_subject_sequence must be an int >= 0, not {expected!r}")
+    out[h.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected)
+    if key is not None:
+        out[h.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT] = guard_subject(event_type, key)
+
+
+def _producer_span(
+    event_type: str, out: dict[str, str], event_id: str, parent: Context | None
+) -> Any:
+    """The PRODUCER span of one event, its context injected into the event's headers.
+
+    Named after the type's subject, without an event key: span names stay low-cardinality
+    (the consumer's `process events.<type>` matches it), the event id identifies the event.
+    """
     span = telemetry.start_send_span(
         "publish",
-        subject,
+        event_subject(event_type),
         out.get(h.PRODUCER),
         telemetry.SpanKind.PRODUCER,
         parent.span if parent is not None else None,
@@ -103,9 +130,9 @@ def _producer_span(subject: str, out: dict[str, str], event_id: str, parent: Con
     return span
 
 
-def _check_size(client: Client, data: bytes, block: bytes) -> None:
+def _check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
     """nats-py checks only the payload; headers past max_payload close the connection."""
-    size = len(data) + len(block)
+    size = h.wire_size(data, out)
     if size > client.nc.max_payload:
         raise PublishError(
             f"event of {size} bytes (with headers) exceeds the server's max_payload of "
@@ -123,6 +150,8 @@ async def publish_event(
     correlation_id: str | None = None,
     timeout: float = 5.0,
     parent: Context | None = None,
+    key: str | None = None,
+    expected_last_subject_sequence: int | None = None,
 ) -> PublishAck:
     """Publish and wait for the JetStream ack; the same event id is stored once.
 
@@ -137,56 +166,134 @@ async def publish_event(
         timeout: seconds to wait for JetStream's ack.
         parent: the handler's context (what `ctx.publish` passes): its correlation
             id, trace and message id (as `Causation-Id`) carry over.
+        key: an entity id (one subject token): the subject is `events.<event_type>.<key>`,
+            and `Client.history` reads the entity's events back in order.
+        expected_last_subject_sequence: store only if the key's last event of the domain
+            (without a key: the subject's) has this stream sequence (0: none yet).
 
     Raises:
+        ConcurrencyConflict: the expected sequence did not match; nothing was stored.
         NoStream: no stream captures the subject; nothing was stored.
         PublishError: not stored, or not known to be (no ack in time, not permitted,
             larger than the server's max_payload).
         ClientClosed: the client is closed.
     """
     client.check_open()
-    subject, data, out, event_id = build_event(
-        client,
-        event_type,
-        event,
-        event_id=event_id,
-        headers=headers,
-        correlation_id=correlation_id,
-        parent=parent,
-    )
-    span = _producer_span(subject, out, event_id, parent)
+    built = build_event(client, event_type, event, event_id, headers, correlation_id, parent, key)
+    subject, data, out, event_id = built
+    expect_sequence(out, event_type, key, expected_last_subject_sequence)
+    span = _producer_span(event_type, out, event_id, parent)
     try:
-        block = _encode(subject, out)
-        _check_size(client, data, block)
-        ack = await _send(client, subject, data, block, timeout, span)
+        _check_size(client, data, out)
+        ack = await _send(client, subject, data, out, timeout, span)
         return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
     finally:
         span.end()
 
 
-def _encode(subject: str, out: dict[str, str]) -> bytes:
-    """The header block; a header name nats-py would refuse is a failed publish."""
-    try:
-        return header_block(out)
-    except BadHeaderError as exc:
-        raise publish_error(subject, exc) from None
-
-
 async def _send(
-    client: Client, subject: str, data: bytes, block: bytes, timeout: float, span: Any
+    client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float, span: Any
 ) -> PubAck:
-    """One JetStream publish and its ack; every failure as a `PublishError`."""
+    """A JetStream publish and its ack (retried while the stream has no reachable
+    leader); every failure as a `PublishError`."""
     try:
-        mux = await client.mux()  # nats-py's js.publish: a request and json.loads
-        reply = await mux.request(subject, data, timeout, block)  # refused: at once
-        ack = _decode_pub_ack(reply.data)
-        if ack.error is not None:
-            raise APIError.from_error(ack.error)
+        return await _store(client, subject, data, out, timeout)
     except Exception as exc:
-        error = publish_error(subject, exc)
+        error = publish_error(subject, exc, out.get(h.EXPECTED_LAST_SUBJECT_SEQUENCE))
         telemetry.record_error(span, error)
         raise error from None
-    return ack
+
+
+ATTEMPT_TIMEOUT = 2.0  # an unanswered publish is sent again (same id) after this long
+PAUSES = (0.05, 0.1, 0.2, 0.25)  # between attempts a stream without a leader refused
+# "JetStream system temporarily unavailable"; "duplicate message id is in process" (a
+# retried publish whose first attempt the leader has not committed yet)
+_TRANSIENT = frozenset({10008, 10158})
+PROBE_TIMEOUT = 0.5  # asking JetStream why: which stream captures the subject
+PROBE_AT_LEAST = 0.2  # seconds left of the timeout for that question to be asked
+_NO_ACK = (
+    "no acknowledgement in time (the stream may have no leader reachable from this "
+    "server: an election or a network partition)"
+)
+
+
+async def _store(
+    client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float
+) -> PubAck:
+    """Publish until JetStream acknowledges, within `timeout` seconds.
+
+    A timeout or a "no responders" on a cluster is what a stream without a reachable
+    leader looks like (an election, a partition): retried with the same `Nats-Msg-Id`,
+    so it is stored once. Raises `NoStream` when no stream captures the subject,
+    `StreamUnavailable` when it exists but did not store the event in time.
+    """
+    mux = await client.mux()  # nats-py's js.publish: a request and json.loads
+    deadline = anyio.current_time() + timeout
+    attempts, why = 0, ""
+    while True:
+        attempts += 1
+        left = deadline - anyio.current_time()
+        try:
+            # refused (permissions): the multiplexer fails the request at once
+            reply = await mux.request(subject, data, min(left, ATTEMPT_TIMEOUT), out)
+            ack = _decode_pub_ack(reply.data)
+            if ack.error is None:
+                return ack
+            if ack.error.get("err_code") not in _TRANSIENT:
+                raise APIError.from_error(ack.error)
+            failure: Exception = api_error(ack.error)
+        except (NatsTimeoutError, NoRespondersError) as exc:
+            failure = exc
+        clustered = bool(client.nc._server_info.get("cluster"))
+        if not clustered and not isinstance(failure, NatsTimeoutError):
+            raise failure  # one server: no stream captures it (or JetStream is off)
+        left = deadline - anyio.current_time()
+        if not why and left > PROBE_AT_LEAST:  # never past the caller's timeout
+            why = await _why_not_stored(mux, subject, failure, clustered, left - 0.1)
+            left = deadline - anyio.current_time()
+        if left <= 0.01:
+            break
+        if not isinstance(failure, NatsTimeoutError):
+            await anyio.sleep(min(left, PAUSES[min(attempts, len(PAUSES)) - 1]))
+    if not clustered:
+        raise failure
+    raise StreamUnavailable(
+        f"{subject}: {why or _NO_ACK}; {attempts} attempt(s) in {timeout:g} s. The event was not stored "
+        "(or not known stored): retry, publishing again with the same event id is safe, "
+        "it is stored once"
+    )
+
+
+async def _why_not_stored(
+    mux: Any, subject: str, failure: Exception, clustered: bool, within: float
+) -> str:
+    """Ask JetStream (for at most `within` seconds) which stream captures `subject`:
+    `NoStream` if none does, else why that stream did not answer, in words."""
+    probe = b'{"subject":' + msgspec.json.encode(subject) + b"}"
+    try:
+        reply = await mux.request("$JS.API.STREAM.NAMES", probe, min(PROBE_TIMEOUT, within))
+        names = msgspec.json.decode(reply.data or b"{}")
+    except Exception:
+        if not clustered:
+            return "no acknowledgement from JetStream"
+        return (
+            "JetStream did not answer from this server: no leader reachable "
+            "(a network partition or an election)"
+        )
+    if names.get("error"):
+        return f"JetStream is unavailable: {names['error'].get('description', names['error'])}"
+    streams = names.get("streams") or []
+    if not streams:
+        raise NoStreamResponseError
+    if isinstance(failure, NatsTimeoutError):
+        return (
+            f"stream {streams[0]} did not acknowledge in time (no reachable leader: an "
+            "election, a network partition, or an overloaded server)"
+        )
+    return (
+        f"stream {streams[0]} has no leader reachable from this server "
+        "(an election or a network partition)"
+    )
 
 
 def _end(span: Any, error: BaseException) -> None:
@@ -236,39 +343,34 @@ class BatchPublisher:
         event_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         correlation_id: str | None = None,
+        key: str | None = None,
     ) -> str:
         """Send one event without waiting for its ack; returns its event id.
 
         Waits only while `max_outstanding` events are unacknowledged. Arguments are
-        those of `Client.publish`; failures are collected for `flush()` (`failures`),
-        except those known at once (too large, no slot in time), raised here.
+        those of `Client.publish` (`key` too); failures are collected for `flush()`
+        (`failures`), except those known at once (too large, no slot in time), raised here.
         """
         self._client.check_open()
-        subject, data, out, event_id = build_event(
-            self._client,
-            event_type,
-            event,
-            event_id=event_id,
-            headers=headers,
-            correlation_id=correlation_id,
-            parent=None,
+        built = build_event(
+            self._client, event_type, event, event_id, headers, correlation_id, None, key
         )
+        subject, data, out, event_id = built
         if self._flushed:
             self._flushed = False
             self.acks, self.failures = [], []
-        span = _producer_span(subject, out, event_id, None)  # ends when the ack comes
+        span = _producer_span(event_type, out, event_id, None)  # ends when the ack comes
         try:
-            block = _encode(subject, out)
-            _check_size(self._client, data, block)
+            _check_size(self._client, data, out)
         except PublishError as exc:
             _end(span, exc)
             raise
         await self._ack_inbox()
-        await self._send(subject, data, block, event_id, span)
+        await self._send(subject, data, out, event_id, span)
         return event_id
 
     async def _send(
-        self, subject: str, data: bytes, block: bytes, event_id: str, span: Any
+        self, subject: str, data: bytes, out: dict[str, str], event_id: str, span: Any
     ) -> None:
         """Take a slot, then publish with this batch's reply subject for the ack."""
         try:
@@ -280,6 +382,7 @@ class BatchPublisher:
         token = format(self._count, "x")
         self._pending[token] = (event_id, subject, time.monotonic(), span)
         try:
+            block = header_block(out)  # nats-py's bytes, encoded once (BadHeaderError below)
             await wire.publish(self._client.nc, subject, data, self._prefix + token, block)
         except Exception as exc:
             del self._pending[token]
@@ -332,8 +435,8 @@ class BatchPublisher:
             return  # expired already
         self._slots.release()
         event_id, subject, _, span = entry
-        if not msg.data:  # a status instead of an ack: 503, no stream captures it
-            self._failed(event_id, span, publish_error(subject, NoRespondersError()))
+        if not msg.data:  # a status instead of an ack: 503, no stream answered
+            self._failed(event_id, span, self._unanswered(subject))
         else:
             try:
                 ack = _decode_pub_ack(msg.data)
@@ -348,6 +451,17 @@ class BatchPublisher:
                     span.end()
         if not self._pending:
             self._settled.set()
+
+    def _unanswered(self, subject: str) -> PublishError:
+        """No stream answered: on one server none captures the subject; on a cluster
+        that is also what a stream without a reachable leader looks like."""
+        if not self._client.nc._server_info.get("cluster"):
+            return publish_error(subject, NoRespondersError())
+        return StreamUnavailable(
+            f"{subject}: no stream answered: its stream has no leader reachable from this "
+            "server (an election, a network partition), or no stream captures it. Not "
+            "stored: retry with the same event id (it is stored once)"
+        )
 
     async def flush(self) -> list[PublishAck]:
         """Every ack, or `PublishError` listing what was not stored (`failures`)."""

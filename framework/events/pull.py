@@ -16,6 +16,10 @@ pull round trips. An idempotent subscriber's waiting events sit in screening, lo
 up but not admitted (so they do not count toward what a crash can run twice), and it
 takes `WINDOW_SECONDS` ahead: big lookups and pulls. Its deliveries are taken as
 nats-py reads them (no queue and task per message): screening only appends them.
+
+Pulls the server leaves unanswered (no message, status or heartbeat for `2.5 *
+PULL_HEARTBEAT` seconds after a pull) and pull requests or consumer checks that fail
+are reported to the subscriber's `Health`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from nats.aio.subscription import Subscription
 from ..observability.logging import get_logger
 from ..transport import wire
 from .consumer import Consumer
+from .health import Health
 
 __all__ = [
     "MAX_WINDOW",
@@ -87,6 +92,10 @@ class Puller:
         self._arrive: Arrive | None = None
         self._wake: anyio.Event | None = None
         self._last_activity = 0.0
+        self._heard_at = 0.0  # the last message of any kind on the inbox
+        self._pulled_at = 0.0  # the last pull request sent
+        self._pulls_failing = False
+        self.health = Health(consumer.durable)  # the subscriber's, set on its start
         self._reconnects = -1
         self._consumer_check_due = False
         self._scope: anyio.CancelScope | None = None  # built in `start`: it needs a loop
@@ -147,7 +156,7 @@ class Puller:
 
     def _on_arrival(self, msg: Msg) -> None:
         """A delivery or status, as nats-py reads it (screening only queues it)."""
-        self._last_activity = time.monotonic()
+        self._heard()
         if not msg.reply:
             self._on_status(msg)
             return
@@ -159,8 +168,15 @@ class Puller:
         assert self._arrive is not None
         self._arrive(msg)
 
+    def _heard(self) -> None:
+        """Something arrived on the inbox: the server answers our pulls."""
+        self._last_activity = self._heard_at = time.monotonic()
+        if self._pulls_failing:
+            self._pulls_failing = False
+            self.health.ok("pulls")
+
     async def _on_delivery(self, msg: Msg) -> None:
-        self._last_activity = time.monotonic()
+        self._heard()
         if not msg.reply:
             self._on_status(msg)
             return
@@ -179,20 +195,23 @@ class Puller:
         nc = self._nc
         assert nc is not None
         pull_subject = self._consumer.pull_subject
-        self._last_activity = time.monotonic()
+        self._last_activity = self._heard_at = time.monotonic()
         while True:
             self._wake = anyio.Event()
             self._check_stale(nc)
+            self._check_health()
             self._resize()
             free = self._capacity - self.taken - self._outstanding
             if free >= max(1, self._capacity // 4) and nc.is_connected:
                 try:
                     await nc.publish(pull_subject, self._pull_request(free), reply=self._inbox)
                     self._outstanding += free
+                    self._pulled_at = time.monotonic()
                 except Exception as exc:
                     _log.warning(
                         "pull request failed", consumer=self._consumer.durable, error=str(exc)
                     )
+                    self._pull_failed(f"pull request failed: {exc}")
             with anyio.move_on_after(PULL_HEARTBEAT / 2):
                 await self._wake.wait()
 
@@ -206,6 +225,20 @@ class Puller:
         rate = (self._settled - settled) / (now - since)
         self._rate_at = (now, self._settled)
         self._capacity = max(self._base, min(MAX_WINDOW, int(rate * self._window_seconds)))
+
+    def _check_health(self) -> None:
+        """A pull sent and nothing heard since, for longer than a heartbeat allows."""
+        silence = time.monotonic() - self._heard_at
+        if self._pulled_at > self._heard_at and silence > 2.5 * PULL_HEARTBEAT:
+            self._pull_failed(
+                f"no message or heartbeat from the server for {silence:.0f} s after a pull",
+                since=self._heard_at,
+            )
+        self.health.check()
+
+    def _pull_failed(self, cause: str, since: float | None = None) -> None:
+        self._pulls_failing = True
+        self.health.failed("pulls", cause, since=since)
 
     def _check_stale(self, nc: NATS) -> None:
         """Pull requests die with a connection or a server; forget them and ask again."""
@@ -264,6 +297,7 @@ class Puller:
             await self._check_consumer()
         except Exception as exc:
             _log.warning("consumer check failed", consumer=self._consumer.durable, error=str(exc))
+            self._pull_failed(f"consumer check failed: {exc or type(exc).__name__}")
 
 
 async def hand_back(msg: Msg) -> None:

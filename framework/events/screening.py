@@ -16,6 +16,7 @@ arrivals batch by batch, so no task is spawned per pull.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import anyio
@@ -24,7 +25,9 @@ from nats.aio.msg import Msg
 from ..observability.logging import get_logger
 from ..transport.dispatch import WorkerPool
 from .delivery import Delivery, read_delivery
+from .health import Health
 from .idempotency import ProcessedIds
+from .inflight import InFlight
 from .pull import hand_back, hand_back_now
 
 __all__ = ["Screening"]
@@ -35,8 +38,18 @@ _log = get_logger("framework.events.subscriber")
 class Screening:
     """Arrivals -> one lookup per batch -> admission -> the worker pool, in order."""
 
-    def __init__(self, processed: ProcessedIds, max_concurrency: int, *, consumer: str) -> None:
+    def __init__(
+        self,
+        processed: ProcessedIds,
+        max_concurrency: int,
+        *,
+        consumer: str,
+        inflight: InFlight,
+        health: Health,
+    ) -> None:
         self._processed = processed
+        self._inflight = inflight  # its `marks` stamp each lookup
+        self._health = health
         self._limit = max_concurrency
         self._consumer = consumer
         self._arrived: list[Msg] = []  # deliveries not yet taken by the lookup task
@@ -95,10 +108,13 @@ class Screening:
         """One lookup of the event ids of a batch of arrivals."""
         screened = [read_delivery(msg) for msg in arrived]
         ids = [d.headers.event_id for d in screened if d.headers is not None]
+        marks, began = self._inflight.marks, time.monotonic()
         try:
             seen: set[str] | None = await self._processed.seen_among(ids) if ids else set()
+            self._health.ok("lookups")
         except Exception as exc:  # the workers ask again, each for its own event
             _log.warning("idempotency lookup failed", consumer=self._consumer, error=str(exc))
+            self._health.failed("lookups", str(exc) or type(exc).__name__, since=began)
             seen = None
         for delivery in screened:
             if self._stopping:  # as on arrival
@@ -106,6 +122,7 @@ class Screening:
                 continue
             if seen is not None and delivery.headers is not None:
                 delivery.seen = delivery.headers.event_id in seen
+                delivery.marks = marks
             self._ready.append(delivery)
         self._fill()
 

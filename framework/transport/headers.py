@@ -22,6 +22,8 @@ __all__ = [
     "ERROR_CODE",
     "EVENT_TIME",
     "EVENT_TYPE",
+    "EXPECTED_LAST_SUBJECT_SEQUENCE",
+    "EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT",
     "IDEMPOTENCY_KEY",
     "MSG_ID",
     "PRODUCER",
@@ -50,6 +52,9 @@ DEADLINE = "Deadline"
 IDEMPOTENCY_KEY = "Idempotency-Key"
 ERROR = "Nats-Service-Error"
 ERROR_CODE = "Nats-Service-Error-Code"
+# optimistic concurrency of keyed events (JetStream checks these before storing)
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 
 MAX_HEADER_VALUE = 1024
 MAX_ID = 128

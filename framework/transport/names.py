@@ -14,12 +14,15 @@ from ..errors import InvalidName
 __all__ = [
     "EVENT_PREFIX",
     "check_endpoint_name",
+    "check_event_key",
     "check_event_type",
     "check_service_name",
     "check_subject",
     "check_token",
     "event_domain",
     "event_subject",
+    "guard_subject",
+    "key_subjects",
 ]
 
 EVENT_PREFIX = "events"
@@ -65,9 +68,46 @@ def event_domain(event_type: str) -> str:
     return event_type.split(".", 1)[0]
 
 
-def event_subject(event_type: str) -> str:
-    """Events live under their own prefix so a stream never captures RPC traffic."""
-    return f"{EVENT_PREFIX}.{event_type}"
+def event_subject(event_type: str, key: str | None = None) -> str:
+    """Events live under their own prefix so a stream never captures RPC traffic; a keyed
+    event adds its entity key as the last token (`events.order.created.v1.ord-1`)."""
+    if key is None:
+        return f"{EVENT_PREFIX}.{event_type}"
+    return f"{EVENT_PREFIX}.{event_type}.{key}"
+
+
+_KEY = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
+
+
+def check_event_key(key: str) -> str:
+    """An entity key becomes one subject token: no dots, wildcards or whitespace."""
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise InvalidName(
+            f"invalid event key {key!r}: use 1-128 letters, digits, '_', '=' or '-' "
+            "(it becomes one subject token)"
+        )
+    return key
+
+
+def key_subjects(type_or_domain: str, key: str) -> list[str]:
+    """Subject filters of one key's events: of one type, or of every type of a domain.
+
+    Types are `entity.action.vN` or `domain.entity.action.vN`, so a domain's keyed events
+    sit two or three tokens below the domain (`events.order.*.*.<key>`).
+    """
+    check_event_key(key)
+    if "." in type_or_domain:
+        return [event_subject(check_event_type(type_or_domain), key)]
+    domain = check_token(type_or_domain, "event domain")
+    return [f"{EVENT_PREFIX}.{domain}.*.*.{key}", f"{EVENT_PREFIX}.{domain}.*.*.*.{key}"]
+
+
+def guard_subject(event_type: str, key: str) -> str:
+    """What `Nats-Expected-Last-Subject-Sequence` guards for a keyed event: the key's
+    events of the type's domain with as many tokens as this type (`events.order.*.*.<key>`),
+    i.e. the key's history as `key_subjects(domain, key)` reads it."""
+    depth = event_type.count(".")  # tokens after the domain
+    return ".".join([EVENT_PREFIX, event_domain(event_type), *["*"] * depth, key])
 
 
 _SUBJECT = re.compile(r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")

@@ -28,6 +28,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from ..errors import (
     ClientClosed,
+    ConcurrencyConflict,
     JetStreamError,
     MeshError,
     NoStream,
@@ -139,10 +140,17 @@ def read_pub_ack(reply: Msg) -> PubAck:
 # -- nats-py exceptions to framework errors ----------------------------------------------
 
 
-def publish_error(subject: str, exc: BaseException) -> PublishError:
-    """Why an event to `subject` was not (known to be) stored, as a `PublishError`."""
+_NO_STORAGE = 10023  # JetStream's "insufficient resources": the server's store is full
+WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream: an expected-sequence check failed
+
+
+def publish_error(subject: str, exc: BaseException, expected: str | None = None) -> PublishError:
+    """Why an event to `subject` was not (known to be) stored, as a `PublishError`;
+    `expected` is the `Nats-Expected-Last-Subject-Sequence` it was sent with, if any."""
     if isinstance(exc, PublishError):
         return exc
+    if isinstance(exc, APIError) and exc.err_code in WRONG_LAST_SEQUENCE:
+        return _conflict(subject, exc, expected)
     if isinstance(exc, NoStreamResponseError | NoRespondersError):
         return NoStream(
             f"no stream captures {subject}: declare a Stream for its domain or start a "
@@ -154,9 +162,25 @@ def publish_error(subject: str, exc: BaseException) -> PublishError:
         return PublishError(f"no acknowledgement from JetStream for {subject} (not known stored)")
     if isinstance(exc, ConnectionClosedError):
         return PublishError(f"publish to {subject} failed: the client is closed")
+    if isinstance(exc, APIError) and exc.err_code == _NO_STORAGE:
+        return PublishError(
+            f"JetStream has no storage left for {subject} (insufficient resources): the event "
+            "was not stored; free space on the server or raise its max_file_store"
+        )
     if isinstance(exc, APIError):
         return PublishError(f"publish to {subject} failed: {_describe(exc)}")
     return PublishError(f"publish to {subject} failed: {exc}")
+
+
+def _conflict(subject: str, exc: APIError, expected: str | None) -> ConcurrencyConflict:
+    actual = (exc.description or "").rpartition(":")[2].strip()
+    return ConcurrencyConflict(
+        f"{subject} not stored: expected last sequence {expected}, "
+        f"the server has {actual or 'another'} ({exc.description})",
+        subject=subject,
+        expected=int(expected) if expected and expected.isdigit() else -1,
+        actual=int(actual) if actual.isdigit() else None,
+    )
 
 
 def _describe(exc: APIError) -> str:

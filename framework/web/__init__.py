@@ -6,6 +6,7 @@ imports this package. See `MeshEdge` for the few lines an HTTP edge needs.
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from .dashboard import create_app as create_dashboard
 from .edge import (
     REQUEST_ID_HEADER,
     MeshEdge,
@@ -26,6 +27,7 @@ __all__ = [
     "MeshMiddleware",
     "ServerSentEvent",
     "correlation_id",
+    "create_dashboard",
     "error_body",
     "http_status",
     "job_events",
