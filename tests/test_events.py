@@ -11,6 +11,7 @@ import anyio
 import msgspec
 import nats
 import pytest
+from support.events import OrderCreated
 
 from framework import (
     BatchPublisher,
@@ -28,11 +29,6 @@ from framework import (
 )
 from framework.streams import deadletter_stream, ensure_stream
 from framework.testing import eventually as wait_until
-
-
-class OrderCreated(msgspec.Struct):
-    order_id: str
-    amount_cents: int
 
 
 async def test_publish_waits_for_ack_and_dedupes_by_event_id(serve, client):

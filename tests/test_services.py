@@ -9,11 +9,12 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from support.shop import Outbox, order_when, serve_shop
 
 from framework import BadRequest, NotFound, ServiceError, list_dead_letters, replay_dead_letter
 from framework.runner import load_service
 from framework.testing import eventually
-from services import inventory, notifications, orders, payments
+from services import notifications, orders, payments
 from services.contracts import (
     ORDER_CREATED,
     PAYMENT_FAILED,
@@ -21,7 +22,6 @@ from services.contracts import (
     GetOrder,
     GetPayment,
     ListOrders,
-    Notification,
     Order,
     OrderCreated,
     OrderItem,
@@ -31,42 +31,13 @@ from services.contracts import (
 )
 
 
-class RecordingSender:
-    def __init__(self) -> None:
-        self.sent: list[Notification] = []
-
-    async def send(self, notification: Notification) -> None:
-        self.sent.append(notification)
-
-
 @pytest.fixture
-def outbox(monkeypatch: pytest.MonkeyPatch) -> RecordingSender:
-    recorder = RecordingSender()
-    monkeypatch.setattr(notifications, "sender", recorder)
-    return recorder
-
-
-@pytest.fixture
-def provider(monkeypatch: pytest.MonkeyPatch) -> payments.SimulatedProvider:
-    fresh = payments.SimulatedProvider()
-    monkeypatch.setattr(payments, "provider", fresh)
-    return fresh
-
-
-@pytest.fixture
-async def mesh(serve: Any, outbox: RecordingSender, provider: payments.SimulatedProvider) -> None:
-    for module in (notifications, payments, inventory, orders):
-        await serve(module.service)
+async def mesh(serve: Any, outbox: Outbox, provider: payments.SimulatedProvider) -> None:
+    await serve_shop(serve)
 
 
 async def order_reaches(client: Any, order_id: str, status: str) -> Order:
-    async def reached() -> bool:
-        order = await client.call("orders.get", GetOrder(order_id), returns=Order)
-        return bool(order.status == status)
-
-    await eventually(reached)
-    result: Order = await client.call("orders.get", GetOrder(order_id), returns=Order)
-    return result
+    return await order_when(client, order_id, lambda order: order.status == status, 10)
 
 
 def order_of(cents: int, customer: str = "c-1", **options: Any) -> CreateOrder:
