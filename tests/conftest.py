@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from support.shop import Outbox
 
+    from framework.testing import Serve
     from services.payments import SimulatedProvider
 
 
@@ -40,6 +41,14 @@ def provider(monkeypatch: pytest.MonkeyPatch) -> SimulatedProvider:
     fresh = payments.SimulatedProvider()
     monkeypatch.setattr(payments, "provider", fresh)
     return fresh
+
+
+@pytest.fixture
+async def shop(serve: Serve, outbox: Outbox, provider: SimulatedProvider) -> None:
+    """The sample shop's saga services (`support.shop.SHOP`) running in the test's loop."""
+    from support.shop import serve_shop
+
+    await serve_shop(serve)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from support.shop import Outbox, final, serve_shop
+from support.shop import final
 
 from framework import NotFound
 from framework.testing import eventually
@@ -46,11 +46,6 @@ from services.contracts import (
     StockLine,
     StockReserved,
 )
-
-
-@pytest.fixture
-async def shop(serve: Any, outbox: Outbox, provider: Any) -> None:
-    await serve_shop(serve)
 
 
 def basket(*lines: tuple[str, int, int], customer: str = "c-1") -> CreateOrder:

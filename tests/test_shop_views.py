@@ -8,9 +8,8 @@ import subprocess
 from typing import Any
 
 import anyio
-import pytest
 from support.cli import mesh_cli
-from support.shop import Outbox, final, serve_shop
+from support.shop import final
 
 from framework import Service
 from framework.cli.replay import replay
@@ -34,11 +33,6 @@ from services.contracts import (
     OrderRefunded,
     RevenueQuery,
 )
-
-
-@pytest.fixture
-async def shop(serve: Any, outbox: Outbox, provider: Any) -> None:
-    await serve_shop(serve)
 
 
 async def place(client: Any, customer: str, cents: int, sku: str = "book-dune") -> Order:
