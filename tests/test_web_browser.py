@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from support.shop import Outbox, SlowProvider, serve_shop
-from test_web_dashboard import Shipping
-from web_support import CHROMIUM_ARGS, chromium_path, http_server
+from web_support import CHROMIUM_ARGS, Parcel, Shipping, chromium_path, http_server
 
 from framework.testing import eventually
 from framework.web.dashboard import create_app
@@ -108,8 +107,6 @@ async def test_services_are_listed_with_counts_that_change_live(
 async def test_a_dead_letter_appears_and_replay_from_the_page_gets_it_handled(
     serve: Any, dashboard: str, page: Any, client: Any
 ) -> None:
-    from test_web_dashboard import Parcel
-
     shipping = Shipping()
     await serve(shipping.service)
     await page.goto(dashboard + "/#deadletters")
