@@ -158,6 +158,7 @@ def test_invalid_json_exits_2_before_connecting(capsys):
         (["call", "greeter.hello", "{}", "-H", "X-A=line\nbreak"], "control characters"),
         (["call", "greeter.*", "{}"], "invalid subject"),
         (["info", "gree.ter"], "invalid service name"),
+        (["up", "--port", "70000"], "must be from 1 to 65535"),
     ],
 )
 def test_bad_arguments_exit_2(argv, fragment, capsys):
