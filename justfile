@@ -13,9 +13,9 @@ up-detached:
 down:
     mesh down
 
-# place a few orders against a running mesh and show their final states and a trace
-demo:
-    python -m services.demo
+# order through the running mesh's HTTP gateway: final states, one order's SSE stream, its trace
+demo *args:
+    python -m services.demo {{args}}
 
 # the whole test suite against real nats-server processes
 test *args:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from bench import events, memory, rpc
+from bench import events, jobs, memory, rpc
 from bench.common import (
     CommonArgs,
     add_common_args,
@@ -159,6 +159,7 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "events": events_rows,
     "memory": memory_rows,
 }
+BENCHMARKS["jobs"], ROWS["jobs"] = jobs.benchmark, jobs.summary_rows  # vs taskiq-nats
 
 
 def combined_table(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:

@@ -36,6 +36,7 @@ from .errors import (
     Reject,
     RemoteError,
     ServiceError,
+    StreamUnavailable,
 )
 from .events.deadletter import (
     DeadLetter,
@@ -97,6 +98,7 @@ __all__ = [
     "ServiceError",
     "StatsResponse",
     "Stream",
+    "StreamUnavailable",
     "configure_logging",
     "configure_telemetry",
     "connect",

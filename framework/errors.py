@@ -18,6 +18,7 @@ that turns what the wire says into these classes is `framework.transport.wire_er
     ├── ConfigConflict             an existing stream/consumer differs (RuntimeError)
     ├── PublishError               an event was not (known to be) stored (RuntimeError)
     │   ├── NoStream               no stream captures the event's subject
+    │   ├── StreamUnavailable      it has no reachable leader now (retryable)
     │   └── ConcurrencyConflict    a keyed event's expected last sequence did not match
     ├── PermissionDenied           the server refused a publish to a subject
     ├── JetStreamError             a JetStream API refusal with no more specific class
@@ -54,6 +55,7 @@ __all__ = [
     "Reject",
     "RemoteError",
     "ServiceError",
+    "StreamUnavailable",
     "error_from_code",
 ]
 
@@ -187,6 +189,15 @@ class PublishError(MeshError, RuntimeError):
 
 class NoStream(PublishError):
     """No stream captures the event's subject: nothing was stored."""
+
+
+class StreamUnavailable(PublishError):
+    """The stream exists but could not store the event now: it has no leader reachable
+    from this server (an election, a network partition), or JetStream itself cannot be
+    reached from it. Retryable: the publish was retried until its timeout; publishing
+    again with the same event id is safe (the stream stores it once)."""
+
+    retryable = True
 
 
 class PermissionDenied(MeshError):

@@ -7,12 +7,7 @@ prints one `figures:` line and merges its figures into `tests/fault_figures.json
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -21,165 +16,33 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import msgspec
 import pytest
-
-from framework import (
-    BatchPublisher,
-    Client,
-    Context,
-    PublishError,
-    Service,
-    ServiceError,
-    connect,
-    list_dead_letters,
+from faultkit import (
+    EVENT,
+    KV_STREAM,
+    LEDGER_DURABLE,
+    ROOT,
+    STREAM,
+    ConsumerProcess,
+    OrderCreated,
+    Traffic,
+    consumer_info,
+    count_lines,
+    instance_ids,
+    lines,
+    mesh_services,
+    move_leader,
+    publish_batch,
+    record_figures,
+    rss_kb,
+    stats_of,
+    wait_for_r3_placement,
 )
+
+from framework import Client, Context, Service, connect, list_dead_letters
 from framework.dev.devserver import NatsServer, free_port, wait_jetstream_ready
 from framework.streams import ensure_streams
 from framework.testing import eventually as wait_until
-
-HERE = Path(__file__).parent
-ROOT = HERE.parent
-CONSUMER = HERE / "side_effect_consumer.py"
-FIGURES = HERE / "fault_figures.json"
-EVENT = "order.created.v1"
-STREAM = "EVENTS_ORDER"
-LEDGER_DURABLE = "ledger_on_order_created"
-
-
-class OrderCreated(msgspec.Struct):
-    order_id: str
-    amount_cents: int
-
-
-class Echo(msgspec.Struct):
-    n: int
-
-
-# -- helpers --------------------------------------------------------------------------
-
-
-def record_figures(name: str, **figures: Any) -> None:
-    """Print one line for the test log and merge the figures into fault_figures.json."""
-    print(f"figures: {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
-    try:
-        data = json.loads(FIGURES.read_text())
-    except (OSError, ValueError):
-        data = {}
-    data[name] = figures
-    FIGURES.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-async def stats_of(client: Any, name: str) -> Any:
-    """$SRV.STATS of the one running instance of `name` (polled: a busy machine answers late)."""
-    found: list[Any] = []
-
-    async def answered() -> bool:
-        found[:] = await client.stats(name, timeout=0.5)
-        return len(found) == 1
-
-    await wait_until(answered, 15, f"{name} to answer $SRV.STATS")
-    return found[0]
-
-
-def lines(path: Path) -> list[str]:
-    try:
-        return path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-
-
-def count_lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-class ConsumerProcess:
-    """tests/side_effect_consumer.py in a subprocess, so it can be SIGKILLed."""
-
-    def __init__(self, url: str, ledger: Path, *options: str) -> None:
-        self.url = url
-        self.ledger = ledger
-        self.options = list(options)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = ledger.parent / f"{ledger.name}-consumer.log"
-
-    @property
-    def attempts(self) -> Path:
-        return self.ledger / "attempts.log"
-
-    @property
-    def effects(self) -> Path:
-        return self.ledger / "effects.log"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        self.ledger.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "warning"}
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(CONSUMER),
-                    *("--url", self.url, "--ledger", str(self.ledger)),
-                    *self.options,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=ROOT,
-            )
-
-    def assert_alive(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, (
-            f"consumer exited with {self.proc and self.proc.returncode}:\n"
-            + self.log.read_text()[-3000:]
-        )
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no acks, no idempotency markers for what is in flight."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-async def publish_batch(client: Any, ids: range, *, prefix: str = "") -> int:
-    """Publish order.created events e-<i> (order o-<i>) without waiting for each ack."""
-    async with BatchPublisher(client, max_outstanding=512) as publisher:
-        for i in ids:
-            await publisher.publish(
-                EVENT, OrderCreated(f"{prefix}o-{i}", i), event_id=f"{prefix}e-{i}"
-            )
-    return len(publisher.acks)
-
-
-async def consumer_info(client: Any, durable: str = LEDGER_DURABLE) -> Any:
-    return await client.js.consumer_info(STREAM, durable, timeout=2.0)
-
 
 # -- 1. a consumer process killed mid-stream ------------------------------------------
 
@@ -268,96 +131,6 @@ async def test_sigkill_consumer_mid_stream_loses_nothing_and_applies_each_effect
 # -- 2. the single server restarted mid-stream ------------------------------------------
 
 
-class Traffic:
-    """Publishes events (retrying each with its event id until acknowledged) and calls RPC."""
-
-    def __init__(self, client: Any, total: int) -> None:
-        self.client = client
-        self.total = total
-        self.acked: list[str] = []
-        self.ack_times: list[float] = []
-        self.publish_failures: Counter[str] = Counter()
-        self.duplicate_acks = 0
-        self.rpc_ok: list[float] = []
-        self.rpc_failures: Counter[str] = Counter()
-        self.done = anyio.Event()
-
-    async def publish_loop(self) -> None:
-        for i in range(self.total):
-            event_id = f"e-{i}"
-            while True:
-                try:
-                    ack = await self.client.publish(
-                        EVENT, OrderCreated(f"o-{i}", i), event_id=event_id, timeout=2.0
-                    )
-                except PublishError as exc:
-                    self.publish_failures[str(exc)[:60]] += 1
-                    await anyio.sleep(0.05)
-                    continue
-                self.duplicate_acks += ack.duplicate
-                self.acked.append(event_id)
-                self.ack_times.append(time.monotonic())
-                break
-            if i % 4 == 0:
-                await anyio.sleep(0.001)  # keep a steady stream rather than one burst
-        self.done.set()
-
-    async def rpc_loop(self) -> None:
-        n = 0
-        while not self.done.is_set():
-            n += 1
-            try:
-                reply = await self.client.call("orders.echo", Echo(n), returns=Echo, timeout=1.0)
-                assert reply.n == n
-                self.rpc_ok.append(time.monotonic())
-            except (ServiceError, OSError) as exc:
-                self.rpc_failures[type(exc).__name__] += 1
-            except Exception as exc:  # nats-py errors while disconnected
-                self.rpc_failures[type(exc).__name__] += 1
-            await anyio.sleep(0.01)
-
-    def first_after(self, times: list[float], moment: float) -> float | None:
-        later = [t for t in times if t > moment]
-        return round(later[0] - moment, 2) if later else None
-
-    @staticmethod
-    def longest_gap(times: list[float], since: float) -> float:
-        """The longest stretch without a success from `since` on: the outage as seen."""
-        later = [since, *(t for t in times if t > since)]
-        return round(max(b - a for a, b in itertools.pairwise(later)), 2) if len(later) > 1 else 0.0
-
-
-async def instance_ids(
-    client: Any, names: tuple[str, ...] = ("orders", "ledger")
-) -> dict[str, str]:
-    """Name -> instance id of every running service, once all of `names` answer a ping."""
-    ids: dict[str, str] = {}
-
-    async def all_answer() -> bool:
-        ids.clear()
-        ids.update({s.name: s.id for s in await client.ping(timeout=0.5)})
-        return set(names) <= set(ids)
-
-    await wait_until(all_answer, 15, f"{names} to answer a ping")
-    return dict(ids)
-
-
-def mesh_services(handled: list[str]) -> tuple[Service, Service]:
-    orders = Service("orders", publishes=[EVENT])
-
-    @orders.rpc()
-    async def echo(req: Echo) -> Echo:
-        return req
-
-    ledger = Service("ledger")
-
-    @ledger.subscribe(EVENT, ack_wait=2.0, backoff=[0.2], max_concurrency=16)
-    async def on_order_created(event: OrderCreated, ctx: Context) -> None:
-        handled.append(ctx.event_id or "")
-
-    return orders, ledger
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["restart", "kill"])
 async def test_server_restart_mid_stream_loses_no_acknowledged_event(
@@ -413,41 +186,6 @@ async def test_server_restart_mid_stream_loses_no_acknowledged_event(
 
 
 # -- 3. one node of a 3-node cluster killed mid-stream ---------------------------------------
-
-
-KV_STREAM = "KV_processed_ledger_on_order_created"
-
-
-async def move_leader(client: Any, api: str, preferred: str) -> None:
-    """Ask the current leader to step down in favour of `preferred` (best effort)."""
-    request = json.dumps({"placement": {"preferred": preferred}}).encode()
-    for _ in range(5):
-        reply = await client.nc.request(f"$JS.API.{api}", request, timeout=5.0)
-        if b'"success":true' not in reply.data.replace(b" ", b""):
-            return  # an older server without preferred placement: keep the leader it has
-        await anyio.sleep(0.5)
-        name = api.rsplit(".", 1)[-1] if api.startswith("STREAM") else None
-        info = await client.js.stream_info(name) if name else await consumer_info(client)
-        if info.cluster.leader == preferred:
-            return
-
-
-async def wait_for_r3_placement(client: Any, timeout: float = 20.0) -> None:
-    """A meta leader answers before every peer has joined; R3 needs all three.
-
-    (The nats_cluster fixture waits only for the meta leader.)
-    """
-    from nats.js.errors import BadRequestError
-
-    with anyio.fail_after(timeout):
-        while True:
-            try:
-                await client.js.add_stream(name="R3_PROBE", subjects=["r3probe"], num_replicas=3)
-            except BadRequestError:  # no suitable peers for placement (yet)
-                await anyio.sleep(0.1)
-                continue
-            await client.js.delete_stream("R3_PROBE")
-            return
 
 
 @pytest.mark.slow
@@ -718,6 +456,17 @@ def test_cluster_configs_are_valid() -> None:
         assert "127.0.0.1" in text and "0.0.0.0" not in text  # loopback only
         stores.add(next(line for line in text.splitlines() if "store_dir" in line))
     assert len(stores) == 3  # distinct store dirs
+
+
+def test_configs_state_their_durability() -> None:
+    """nats.conf says how often it fsyncs (the default, stated); the cluster fsyncs always."""
+    import re
+
+    local = re.search(r"^\s*sync_interval:\s*(\S+)", (ROOT / "nats.conf").read_text(), re.M)
+    assert local is not None and local.group(1).strip('"') == "2m"
+    for conf in sorted(CLUSTER_DIR.glob("n*.conf")):
+        found = re.search(r"^\s*sync_interval:\s*(\S+)", conf.read_text(), re.M)
+        assert found is not None and found.group(1) == "always", conf.name
 
 
 @pytest.mark.slow

@@ -89,6 +89,8 @@ INTERNAL_OK = {
         "framework.observability.console_traces",
     },
     "bench/common.py": {"framework.dev.devserver"},
+    "bench/durability.py": {"framework.dev.devserver"},  # single servers and clusters
+    "bench/fast_batch_ids.py": {"framework.dev.devserver"},  # raw nats-py on a cluster
     "bench/telemetry_overhead.py": {"framework.observability"},
 }
 

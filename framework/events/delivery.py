@@ -7,6 +7,7 @@ a `Delivery` carries both, read once on arrival, from screening to the worker.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import msgspec
@@ -51,6 +52,8 @@ class Delivery(msgspec.Struct):
     ack: AckInfo
     headers: EventHeaders | None  # None: invalid, the worker reads them again to say why
     seen: bool | None = None  # already handled? None: not known, the worker asks
+    arrived: float = 0.0  # time.monotonic() on arrival: the server's ack_wait runs since
+    marks: int = 0  # `InFlight.marks` when `seen` was looked up
 
 
 def parse_ack_subject(reply: str) -> AckInfo | None:
@@ -104,4 +107,4 @@ def read_delivery(msg: Msg) -> Delivery:
         )
     except BadRequest:
         headers = None
-    return Delivery(msg, ack, headers)
+    return Delivery(msg, ack, headers, arrived=time.monotonic())

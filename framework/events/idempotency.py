@@ -42,6 +42,10 @@ __all__ = ["DEFAULT_TTL", "ProcessedIds", "ResponseCache", "kv_key", "open_bucke
 
 DEFAULT_TTL = 7 * 24 * 3600.0  # as long as the default stream keeps events
 REQUEST_TIMEOUT = 5.0  # what nats-py's JetStream calls wait by default
+# A fast-ingest batch not answered within this is written again one marker at a time
+# (markers are idempotent, so a batch that was stored after all costs nothing): a lost
+# batch reply must not hold a whole batch of acks for REQUEST_TIMEOUT.
+FAST_BATCH_TIMEOUT = 1.0
 BATCH_KEYS = 256  # subjects per multi_last request (the server allows up to 1024)
 _JS_API = "$JS.API"  # the default JetStream API prefix, the one `Client.js` uses
 _KV_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+$")
@@ -169,6 +173,7 @@ class ProcessedIds(_Bucket):
         self.direct = direct and mux is not None and bucket is not None
         self.batched = True  # multi_last until the server refuses it
         self.fast = False  # marks stored as fast-ingest batches (set by `open`)
+        self.fallbacks = 0  # fast batches that failed and were written one by one
         self._queue: list[tuple[str, asyncio.Future[bool]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -211,12 +216,12 @@ class ProcessedIds(_Bucket):
         assert self._mux is not None
         if self.fast:
             try:
-                await self._mux.fast_batch(subjects, b"1", self.timeout)
+                await self._mux.fast_batch(subjects, b"1", min(self.timeout, FAST_BATCH_TIMEOUT))
                 return [None] * len(subjects)
             except Unsupported:
                 self.fast = False  # for good: this server or stream does not do fast ingest
             except Exception:
-                pass  # stored one by one below: each gets its own PubAck, so its own error
+                self.fallbacks += 1  # one by one below: each gets its own PubAck and error
         replies = await self._mux.request_each([(s, b"1") for s in subjects], self.timeout)
         return [pub_ack_error(reply) for reply in replies]
 

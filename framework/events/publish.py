@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 from nats.errors import NoRespondersError
-from nats.js.errors import APIError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, NoStreamResponseError
 
-from ..errors import PublishError
+from ..errors import PublishError, StreamUnavailable
 from ..observability import tracing as telemetry
 from ..transport import headers as h
 from ..transport.codec import encode_payload
@@ -202,18 +203,105 @@ async def publish_event(
 async def _send(
     client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float, span: Any
 ) -> PubAck:
-    """One JetStream publish and its ack; every failure as a `PublishError`."""
+    """A JetStream publish and its ack (retried while the stream has no reachable
+    leader); every failure as a `PublishError`."""
     try:
-        mux = await client.mux()  # nats-py's js.publish: a request and json.loads
-        reply = await client.refusable(subject, mux.request(subject, data, timeout, out))
-        ack = _decode_pub_ack(reply.data)
-        if ack.error is not None:
-            raise APIError.from_error(ack.error)
+        return await _store(client, subject, data, out, timeout)
     except Exception as exc:
         error = publish_error(subject, exc, out.get(h.EXPECTED_LAST_SUBJECT_SEQUENCE))
         telemetry.record_error(span, error)
         raise error from None
-    return ack
+
+
+ATTEMPT_TIMEOUT = 2.0  # an unanswered publish is sent again (same id) after this long
+PAUSES = (0.05, 0.1, 0.2, 0.25)  # between attempts a stream without a leader refused
+# "JetStream system temporarily unavailable"; "duplicate message id is in process" (a
+# retried publish whose first attempt the leader has not committed yet)
+_TRANSIENT = frozenset({10008, 10158})
+PROBE_TIMEOUT = 0.5  # asking JetStream why: which stream captures the subject
+PROBE_AT_LEAST = 0.2  # seconds left of the timeout for that question to be asked
+_NO_ACK = (
+    "no acknowledgement in time (the stream may have no leader reachable from this "
+    "server: an election or a network partition)"
+)
+
+
+async def _store(
+    client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float
+) -> PubAck:
+    """Publish until JetStream acknowledges, within `timeout` seconds.
+
+    A timeout or a "no responders" on a cluster is what a stream without a reachable
+    leader looks like (an election, a partition): retried with the same `Nats-Msg-Id`,
+    so it is stored once. Raises `NoStream` when no stream captures the subject,
+    `StreamUnavailable` when it exists but did not store the event in time.
+    """
+    mux = await client.mux()  # nats-py's js.publish: a request and json.loads
+    deadline = anyio.current_time() + timeout
+    attempts, why = 0, ""
+    while True:
+        attempts += 1
+        left = deadline - anyio.current_time()
+        try:
+            request = mux.request(subject, data, min(left, ATTEMPT_TIMEOUT), out)
+            ack = _decode_pub_ack((await client.refusable(subject, request)).data)
+            if ack.error is None:
+                return ack
+            if ack.error.get("err_code") not in _TRANSIENT:
+                raise APIError.from_error(ack.error)
+            failure: Exception = api_error(ack.error)
+        except (NatsTimeoutError, NoRespondersError) as exc:
+            failure = exc
+        clustered = bool(client.nc._server_info.get("cluster"))
+        if not clustered and not isinstance(failure, NatsTimeoutError):
+            raise failure  # one server: no stream captures it (or JetStream is off)
+        left = deadline - anyio.current_time()
+        if not why and left > PROBE_AT_LEAST:  # never past the caller's timeout
+            why = await _why_not_stored(mux, subject, failure, clustered, left - 0.1)
+            left = deadline - anyio.current_time()
+        if left <= 0.01:
+            break
+        if not isinstance(failure, NatsTimeoutError):
+            await anyio.sleep(min(left, PAUSES[min(attempts, len(PAUSES)) - 1]))
+    if not clustered:
+        raise failure
+    raise StreamUnavailable(
+        f"{subject}: {why or _NO_ACK}; {attempts} attempt(s) in {timeout:g} s. The event was not stored "
+        "(or not known stored): retry, publishing again with the same event id is safe, "
+        "it is stored once"
+    )
+
+
+async def _why_not_stored(
+    mux: Any, subject: str, failure: Exception, clustered: bool, within: float
+) -> str:
+    """Ask JetStream (for at most `within` seconds) which stream captures `subject`:
+    `NoStream` if none does, else why that stream did not answer, in words."""
+    probe = b'{"subject":' + msgspec.json.encode(subject) + b"}"
+    try:
+        reply = await mux.request("$JS.API.STREAM.NAMES", probe, min(PROBE_TIMEOUT, within))
+        names = msgspec.json.decode(reply.data or b"{}")
+    except Exception:
+        if not clustered:
+            return "no acknowledgement from JetStream"
+        return (
+            "JetStream did not answer from this server: no leader reachable "
+            "(a network partition or an election)"
+        )
+    if names.get("error"):
+        return f"JetStream is unavailable: {names['error'].get('description', names['error'])}"
+    streams = names.get("streams") or []
+    if not streams:
+        raise NoStreamResponseError
+    if isinstance(failure, NatsTimeoutError):
+        return (
+            f"stream {streams[0]} did not acknowledge in time (no reachable leader: an "
+            "election, a network partition, or an overloaded server)"
+        )
+    return (
+        f"stream {streams[0]} has no leader reachable from this server "
+        "(an election or a network partition)"
+    )
 
 
 def _end(span: Any, error: BaseException) -> None:
@@ -354,8 +442,8 @@ class BatchPublisher:
             return  # expired already
         self._slots.release()
         event_id, subject, _, span = entry
-        if not msg.data:  # a status instead of an ack: 503, no stream captures it
-            self._failed(event_id, span, publish_error(subject, NoRespondersError()))
+        if not msg.data:  # a status instead of an ack: 503, no stream answered
+            self._failed(event_id, span, self._unanswered(subject))
         else:
             try:
                 ack = _decode_pub_ack(msg.data)
@@ -370,6 +458,17 @@ class BatchPublisher:
                     span.end()
         if not self._pending:
             self._settled.set()
+
+    def _unanswered(self, subject: str) -> PublishError:
+        """No stream answered: on one server none captures the subject; on a cluster
+        that is also what a stream without a reachable leader looks like."""
+        if not self._client.nc._server_info.get("cluster"):
+            return publish_error(subject, NoRespondersError())
+        return StreamUnavailable(
+            f"{subject}: no stream answered: its stream has no leader reachable from this "
+            "server (an election, a network partition), or no stream captures it. Not "
+            "stored: retry with the same event id (it is stored once)"
+        )
 
     async def flush(self) -> list[PublishAck]:
         """Every ack, or `PublishError` listing what was not stored (`failures`)."""

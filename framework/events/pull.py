@@ -5,7 +5,9 @@ request (to the subscriber's own inbox) asks for what the workers can take, so a
 handler never over-fetches into ack timeouts and redelivery storms. The puller also
 reads the server's status replies (a pull that expired, a deleted consumer, idle
 heartbeats), notices pulls lost with a connection, and keeps long handlers' messages
-alive with in-progress acks.
+alive with in-progress acks. Pulls the server leaves unanswered (no message, status or
+heartbeat for `2.5 * PULL_HEARTBEAT` seconds after a pull) and pull requests or
+consumer checks that fail are reported to the subscriber's `Health`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from nats.aio.subscription import Subscription
 
 from ..observability.logging import get_logger
 from .consumer import Consumer
+from .health import Health
 
 __all__ = ["PULL_EXPIRES", "PULL_HEARTBEAT", "Puller", "hand_back"]
 
@@ -59,6 +62,10 @@ class Puller:
         self._arrive: Arrive | None = None
         self._wake: anyio.Event | None = None
         self._last_activity = 0.0
+        self._heard_at = 0.0  # the last message of any kind on the inbox
+        self._pulled_at = 0.0  # the last pull request sent
+        self._pulls_failing = False
+        self.health = Health(consumer.durable)  # the subscriber's, set on its start
         self._reconnects = -1
         self._consumer_check_due = False
         self._scope: anyio.CancelScope | None = None  # built in `start`: it needs a loop
@@ -101,7 +108,10 @@ class Puller:
             self._wake.set()
 
     async def _on_delivery(self, msg: Msg) -> None:
-        self._last_activity = time.monotonic()
+        self._last_activity = self._heard_at = time.monotonic()
+        if self._pulls_failing:
+            self._pulls_failing = False
+            self.health.ok("pulls")
         if not msg.reply:
             self._on_status(msg)
             return
@@ -125,22 +135,39 @@ class Puller:
             "expires": int(PULL_EXPIRES * 1e9),
             "idle_heartbeat": int(PULL_HEARTBEAT * 1e9),
         }
-        self._last_activity = time.monotonic()
+        self._last_activity = self._heard_at = time.monotonic()
         while True:
             self._wake = anyio.Event()
             self._check_stale(nc)
+            self._check_health()
             free = self._capacity - self.taken - self._outstanding
             if free >= self._min_pull and nc.is_connected:
                 request["batch"] = free
                 try:
                     await nc.publish(pull_subject, json.dumps(request).encode(), reply=self._inbox)
                     self._outstanding += free
+                    self._pulled_at = time.monotonic()
                 except Exception as exc:
                     _log.warning(
                         "pull request failed", consumer=self._consumer.durable, error=str(exc)
                     )
+                    self._pull_failed(f"pull request failed: {exc}")
             with anyio.move_on_after(PULL_HEARTBEAT / 2):
                 await self._wake.wait()
+
+    def _check_health(self) -> None:
+        """A pull sent and nothing heard since, for longer than a heartbeat allows."""
+        silence = time.monotonic() - self._heard_at
+        if self._pulled_at > self._heard_at and silence > 2.5 * PULL_HEARTBEAT:
+            self._pull_failed(
+                f"no message or heartbeat from the server for {silence:.0f} s after a pull",
+                since=self._heard_at,
+            )
+        self.health.check()
+
+    def _pull_failed(self, cause: str, since: float | None = None) -> None:
+        self._pulls_failing = True
+        self.health.failed("pulls", cause, since=since)
 
     def _check_stale(self, nc: NATS) -> None:
         """Pull requests die with a connection or a server; forget them and ask again."""
@@ -199,6 +226,7 @@ class Puller:
             await self._check_consumer()
         except Exception as exc:
             _log.warning("consumer check failed", consumer=self._consumer.durable, error=str(exc))
+            self._pull_failed(f"consumer check failed: {exc or type(exc).__name__}")
 
 
 async def hand_back(msg: Msg) -> None:

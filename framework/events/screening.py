@@ -11,6 +11,7 @@ workers.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -19,7 +20,9 @@ from nats.aio.msg import Msg
 
 from ..observability.logging import get_logger
 from .delivery import Delivery, read_delivery
+from .health import Health
 from .idempotency import ProcessedIds
+from .inflight import InFlight
 from .pull import hand_back
 
 __all__ = ["Screening"]
@@ -30,8 +33,18 @@ _log = get_logger("framework.events.subscriber")
 class Screening:
     """Arrivals -> one lookup per batch -> admission -> the worker pool, in order."""
 
-    def __init__(self, processed: ProcessedIds, max_concurrency: int, *, consumer: str) -> None:
+    def __init__(
+        self,
+        processed: ProcessedIds,
+        max_concurrency: int,
+        *,
+        consumer: str,
+        inflight: InFlight,
+        health: Health,
+    ) -> None:
         self._processed = processed
+        self._inflight = inflight  # its `marks` stamp each lookup
+        self._health = health
         self._limit = max_concurrency
         self._consumer = consumer
         self._arrived: list[Msg] = []  # deliveries of this loop iteration, to screen
@@ -85,17 +98,20 @@ class Screening:
         try:
             screened = [read_delivery(msg) for msg in arrived]
             ids = [d.headers.event_id for d in screened if d.headers is not None]
+            marks, began = self._inflight.marks, time.monotonic()
             try:
                 seen: set[str] | None = await self._processed.seen_among(ids) if ids else set()
+                self._health.ok("lookups")
             except Exception as exc:  # the workers ask again, each for its own event
                 _log.warning("idempotency lookup failed", consumer=self._consumer, error=str(exc))
+                self._health.failed("lookups", str(exc) or type(exc).__name__, since=began)
                 seen = None
             await previous.wait()
-            await self._hand_over(screened, seen)
+            await self._hand_over(screened, seen, marks)
         finally:
             done.set()
 
-    async def _hand_over(self, screened: list[Delivery], seen: set[str] | None) -> None:
+    async def _hand_over(self, screened: list[Delivery], seen: set[str] | None, marks: int) -> None:
         assert self._submit is not None
         for delivery in screened:
             if self._stopping:  # as on arrival
@@ -103,6 +119,7 @@ class Screening:
                 continue
             if seen is not None and delivery.headers is not None:
                 delivery.seen = delivery.headers.event_id in seen
+                delivery.marks = marks
             await self._admit()
             await self._submit(delivery)
 

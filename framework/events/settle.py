@@ -8,12 +8,15 @@ fast-ingest batch where the server allows it) and each event is acked once its m
 is stored. The guarantee is unchanged: no event is acked before its marker is stored.
 A marker that cannot be stored is retried, the event kept alive by the subscriber's
 in-progress acks, for as long as a handler may take; then the event is nak'd, and its
-redelivery runs the handler again (the documented at-least-once window).
+redelivery runs the handler again (the documented at-least-once window). Failing
+marker writes are reported to the subscriber's `Health` (a warning once they have
+failed for a few seconds, not after `give_up_after`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,18 +25,22 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from ..observability.logging import get_logger
+from .health import Health
 from .idempotency import ProcessedIds
 
 __all__ = ["Settlement"]
 
 _log = get_logger("framework.events.subscriber")
 
-# what `done` is told: the handler's duration when acked, None when nak'd
-Done = Callable[[Any, int | None], None]
+# what `done` is told: the message, its event id, and the handler's duration when
+# acked (None when nak'd or abandoned)
+Done = Callable[[Any, str, int | None], None]
 _Entry = tuple[Any, str, int]  # message, event id, handler duration in ns
 
 
 class Settlement:
+    """Marks then acks the successes of one idempotent subscriber; `done` hears of each."""
+
     def __init__(
         self,
         processed: ProcessedIds,
@@ -43,8 +50,10 @@ class Settlement:
         consumer: str,
         give_up_after: float,
         nak_delay: float,
+        health: Health | None = None,
     ) -> None:
         self._processed = processed
+        self._health = health or Health(consumer)
         self._task_group = task_group
         self._done = done
         self._consumer = consumer
@@ -85,19 +94,23 @@ class Settlement:
         try:
             while todo:
                 entries = list(todo.values())
+                attempt_began = time.monotonic()
                 errors = await self._processed.mark_all([event_id for _, event_id, _ in entries])
                 for entry, error in zip(entries, errors, strict=True):
                     if error is None:
                         del todo[id(entry[0])]
                         await self._ack(entry)
                 if not todo:
+                    self._health.ok("markers")
                     return
+                failure = next(e for e in errors if e is not None)
+                self._health.failed("markers", _why(failure), since=attempt_began)
                 if anyio.current_time() + delay > give_up:
                     _log.warning(
                         "event deferred: marker not stored",
                         consumer=self._consumer,
                         events=len(todo),
-                        error=str(next(e for e in errors if e is not None)),
+                        error=_why(failure),
                     )
                     for key, entry in list(todo.items()):
                         del todo[key]
@@ -110,26 +123,31 @@ class Settlement:
                 "event settlement failed", consumer=self._consumer, error=str(exc), exc_info=exc
             )
         finally:
-            for msg, _, _ in todo.values():  # cancelled: redelivered after ack_wait
-                self._done(msg, None)
+            for msg, event_id, _ in todo.values():  # cancelled: redelivered after ack_wait
+                self._done(msg, event_id, None)
             self._running -= 1
             if self._running == 0:
                 self._idle.set()
 
     async def _ack(self, entry: _Entry) -> None:
-        msg, _, elapsed = entry
+        msg, event_id, elapsed = entry
         try:
             await msg.ack()
         except Exception as exc:  # the event comes back after ack_wait; its marker skips it
             _log.warning("ack failed", consumer=self._consumer, error=str(exc))
         finally:
-            self._done(msg, elapsed)
+            self._done(msg, event_id, elapsed)
 
     async def _nak(self, entry: _Entry) -> None:
-        msg = entry[0]
+        msg, event_id, _ = entry
         try:
             await msg.nak(delay=self._nak_delay)
         except Exception:
             pass  # redelivered after ack_wait instead
         finally:
-            self._done(msg, None)
+            self._done(msg, event_id, None)
+
+
+def _why(error: Exception) -> str:
+    """An error as the server put it (a bare timeout says which wait ran out)."""
+    return str(error) or f"{type(error).__name__} (no reply)"

@@ -11,7 +11,11 @@ stop); each part has one job:
 - `Processor` (processing.py): one delivery through the handler, run by a
   `WorkerPool` of `max_concurrency` workers;
 - `Outcomes` (outcome.py): nak with backoff, or dead-letter then terminate;
-  `Settlement` (settle.py): an idempotent success's marker, then its ack.
+  `Settlement` (settle.py): an idempotent success's marker, then its ack;
+- `InFlight` (inflight.py, idempotent subscribers): the event ids this process is
+  handling or settling, so a redelivery never runs beside (or just after) the original;
+- `Health` (health.py): pulls, lookups and markers that keep failing make a warning,
+  `stalled_since` in `$SRV.STATS` and a metric, until they work again.
 
 A delivery travels as the message itself, or, once screened, as a `Delivery`.
 """
@@ -30,7 +34,9 @@ from ..transport.dispatch import WorkerPool
 from ..transport.names import event_subject
 from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
 from .consumer import Consumer
+from .health import Health
 from .idempotency import ProcessedIds
+from .inflight import InFlight
 from .options import SUBSCRIBE_DEFAULTS, SubscribeOptions
 from .outcome import Outcomes
 from .processing import Processor
@@ -91,6 +97,7 @@ class Subscriber:
         self._screening: Screening | None = None
         self._processor: Processor | None = None
         self._pool: WorkerPool | None = None
+        self.health = Health(self.consumer.durable)  # replaced on each start
 
     # -- what discovery and metrics read ---------------------------------------------
 
@@ -120,8 +127,14 @@ class Subscriber:
 
     @property
     def duplicates(self) -> int:
-        """Events skipped since `start` because their id was already handled."""
+        """Events skipped since `start` because their id was already handled (or is
+        being handled in this process)."""
         return self._processor.duplicates if self._processor is not None else 0
+
+    @property
+    def expired(self) -> int:
+        """Deliveries dropped unrun since `start`: held here past ack_wait (a pause)."""
+        return self._processor.expired if self._processor is not None else 0
 
     def metadata(self) -> dict[str, str]:
         """What `$SRV.INFO` shows of this subscriber (the CLI's `mesh info` reads it)."""
@@ -144,7 +157,9 @@ class Subscriber:
             "redelivered": self.stats.redelivered,
             "dead_lettered": self.stats.dead_lettered,
             "duplicates": self.duplicates,
+            "expired": self.expired,
             "in_flight": self.stats.in_flight,
+            **self.health.stats(),
         }
 
     async def refresh_stats(self) -> None:
@@ -180,9 +195,17 @@ class Subscriber:
     async def start(self, client: Client, task_group: TaskGroup) -> None:
         """Wire the parts, start the workers, subscribe to the inbox and begin pulling."""
         options = self.options
+        health = self.health = self._puller.health = Health(self.durable)
+        inflight = InFlight() if self._processed is not None else None
         screening = None
-        if self._processed is not None:
-            screening = Screening(self._processed, options.max_concurrency, consumer=self.durable)
+        if self._processed is not None and inflight is not None:
+            screening = Screening(
+                self._processed,
+                options.max_concurrency,
+                consumer=self.durable,
+                inflight=inflight,
+                health=health,
+            )
         processor = Processor(
             client,
             self.handler,
@@ -194,6 +217,8 @@ class Subscriber:
             readmit=screening.readmit if screening is not None else None,
             processed=self._processed,
             task_group=task_group,
+            inflight=inflight,
+            health=health,
         )
         pool = WorkerPool(processor.process, options.max_concurrency)
         pool.start(task_group)

@@ -1,8 +1,10 @@
-"""`enqueue`: record a job, put its message on the queue, hand back a `JobHandle`.
+"""`enqueue`: put a job's message on the queue, hand back a `JobHandle`.
 
-The record is created with compare-and-set, so of two enqueues of one `job_id` only
-one creates it: the other finds the job and returns it (never a second run). A job
-whose record says it is finished may be enqueued again under its id: a new run.
+An immediate job is its message alone until a worker runs it (`messages`); a delayed
+one gets a `scheduled` record first, created with compare-and-set. Either message is
+stored only if no message of the job id is, so of two enqueues of one `job_id` only one
+queues it: the other finds the job and returns it (never a second run). A job that has
+finished may be enqueued again under its id: a new run.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from ..observability.logging import get_logger
 from ..transport import headers as h
 from ..transport.codec import encode_payload
 from .backend import Backend
-from .control import publish_job, publish_or_take_back
+from .control import publish_job, publish_or_take_back, queue_now
 from .handle import JobHandle
-from .kinds import validate
+from .kinds import KindInfo, validate
+from .messages import supersedes
 from .options import Kind, check_job_id, check_priority
 from .status import JobStatus, encode_status, utcnow
 from .store import Conflict
@@ -54,6 +57,8 @@ def run_time(delay: float | timedelta | None, at: datetime | None) -> datetime |
 
 
 def _headers(job_id: str, correlation_id: str | None, parent: Context | None) -> dict[str, str]:
+    """Correlation and causation; none for a job that is its own correlation id (the
+    worker takes the job id then: fewer bytes per job)."""
     out: dict[str, str] = {}
     if parent is not None:
         out[h.CORRELATION_ID] = parent.correlation_id
@@ -61,8 +66,6 @@ def _headers(job_id: str, correlation_id: str | None, parent: Context | None) ->
             out[h.CAUSATION_ID] = parent.message_id
     elif correlation_id:
         out[h.CORRELATION_ID] = h.check_id(h.CORRELATION_ID, correlation_id)
-    else:
-        out[h.CORRELATION_ID] = job_id
     return out
 
 
@@ -82,7 +85,7 @@ async def enqueue(
     """Enqueue a job of `kind` (`<service>.<name>`); see `Client.enqueue`."""
     parsed = Kind.parse(kind)
     check_priority(priority)
-    run_at = run_time(delay, at)
+    run_at = run_time(delay, at) if delay is not None or at is not None else None
     job_id = check_job_id(job_id) if job_id is not None else h.new_id()
     body = encode_payload(payload)
     backend = await Backend.of(client)
@@ -90,21 +93,52 @@ async def enqueue(
     if info is not None:
         validate(info, body)
     headers = _headers(job_id, correlation_id, parent)
-    status = JobStatus(
-        kind=str(parsed),
+    if len(body) > client.nc.max_payload // 2:  # the record holds the payload too
+        _check_size(client, _record(parsed, job_id, priority, info, run_at, headers, body))
+    span = telemetry.start_send_span(
+        "publish",
+        parsed.queue(priority),
+        parent.service if parent is not None else client.name,
+        telemetry.SpanKind.PRODUCER,
+        parent.span if parent is not None else None,
+    )
+    try:  # a PRODUCER span whose context travels with the job
+        telemetry.inject_context(headers, span)
+        if run_at is None:
+            await queue_now(client, backend, parsed, job_id, priority, body, headers)
+        else:
+            status = _record(parsed, job_id, priority, info, run_at, headers, body)
+            trace = telemetry.log_ids(span).get("trace_id", "")
+            await _schedule(client, backend, parsed, msgspec.structs.replace(status, trace_id=trace), headers)  # fmt: skip
+    except Exception as exc:
+        telemetry.record_error(span, exc)
+        raise
+    finally:
+        span.end()
+    return JobHandle.known(client, parsed, job_id, returns)
+
+
+def _record(
+    kind: Kind,
+    job_id: str,
+    priority: str,
+    info: KindInfo | None,
+    run_at: datetime | None,
+    headers: dict[str, str],
+    body: bytes,
+) -> JobStatus:
+    """The record a delayed job is created with (and any job's, to check its size)."""
+    return JobStatus(
+        kind=str(kind),
         id=job_id,
         state="scheduled" if run_at is not None else "queued",
         priority=priority,
         max_attempts=info.max_attempts if info is not None else 0,
         enqueued_at=utcnow(),
         run_at=run_at,
-        correlation_id=headers[h.CORRELATION_ID],
+        correlation_id=headers.get(h.CORRELATION_ID, job_id),
         payload=msgspec.Raw(body) if body else None,
     )
-    if len(body) > client.nc.max_payload // 2:  # the record holds the payload too
-        _check_size(client, status)
-    await _traced(client, backend, parsed, status, headers, parent)
-    return JobHandle(client, str(parsed), job_id, returns)
 
 
 def _check_size(client: Client, status: JobStatus) -> None:
@@ -117,64 +151,35 @@ def _check_size(client: Client, status: JobStatus) -> None:
         )
 
 
-async def _traced(
-    client: Client,
-    backend: Backend,
-    kind: Kind,
-    status: JobStatus,
-    headers: dict[str, str],
-    parent: Context | None,
-) -> None:
-    """Record and publish inside a PRODUCER span whose context travels with the job."""
-    span = telemetry.start_send_span(
-        "publish",
-        kind.queue(status.priority),
-        parent.service if parent is not None else client.name,
-        telemetry.SpanKind.PRODUCER,
-        parent.span if parent is not None else None,
-    )
-    try:
-        telemetry.inject_context(headers, span)
-        trace = telemetry.log_ids(span).get("trace_id", "")
-        status = msgspec.structs.replace(status, trace_id=trace)
-        await _record_and_publish(client, backend, kind, status, headers)
-    except Exception as exc:
-        telemetry.record_error(span, exc)
-        raise
-    finally:
-        span.end()
-
-
-async def _record_and_publish(
+async def _schedule(
     client: Client, backend: Backend, kind: Kind, status: JobStatus, headers: dict[str, str]
 ) -> None:
+    """A delayed job: its `scheduled` record, then its `@at` schedule (see `control`)."""
     key = kind.status_key(status.id)
     for _ in range(CREATE_TRIES):
-        try:
-            revision = await backend.store.create(key, status)
+        entry, message = await backend.read(kind, status.id)
+        if message is not None and supersedes(message, entry.status):
+            return  # queued without a record: the same job, never a second run
+        if entry.status is not None and not entry.status.final:
+            await _repair(client, kind, entry.status, entry.revision, headers)
+            return  # the same job: never a second run
+        if message is not None:  # the last run's, recorded as finished, its ack under way
+            await backend.messages.delete(message.seq)
+        try:  # a new job, or a new run of a finished one
+            revision = await backend.store.put(key, status, entry.revision)
         except Conflict:
-            entry = await backend.store.get(key)
-            if entry.status is None:
-                continue  # deleted meanwhile: create again
-            if not entry.status.final:
-                await _repair(client, kind, entry.status, entry.revision, headers)
-                return  # the same job: never a second run
-            try:  # finished before: this is a new run under the same id
-                revision = await backend.store.put(key, status, entry.revision)
-            except Conflict:
-                continue
-        await publish_or_take_back(client, backend, kind, status, revision, headers)
-        return
+            continue
+        if await publish_or_take_back(client, backend, kind, status, revision, headers):
+            return
     raise ServiceError(409, f"job {kind}/{status.id} keeps changing; not enqueued")
 
 
 async def _repair(
     client: Client, kind: Kind, status: JobStatus, revision: int, headers: dict[str, str]
 ) -> None:
-    """A duplicate enqueue of a job still waiting sends its message again, under the
-    same message id: the stream drops it as a duplicate, unless the first was never
-    stored (an enqueue that crashed between record and message). A second message
-    that does get stored is harmless: the record lets only one of them run the job."""
+    """A duplicate enqueue of a delayed job still waiting sends its message again: the
+    stream refuses it while the first is there, and stores it if the first never was
+    (an enqueue that crashed between record and message)."""
     if status.state not in ("queued", "scheduled"):
         return
     if status.correlation_id:

@@ -14,8 +14,10 @@ from ..transport.codec import DECODE_ERRORS, decode
 from .backend import Backend
 from .control import cancel_job, retry_job
 from .errors import JobCancelled, JobFailed
+from .messages import supersedes
 from .options import Kind, check_job_id
 from .status import JobStatus, presented
+from .store import Entry
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -34,11 +36,21 @@ class JobHandle(Generic[T]):
 
     def __init__(self, client: Client, kind: str, job_id: str, returns: Any = Any) -> None:
         parsed = Kind.parse(kind)
+        self._kind = parsed
         self.kind = str(parsed)
         self.id = check_job_id(job_id)
         self._client = client
         self._returns = returns
         self._key = parsed.status_key(job_id)
+
+    @classmethod
+    def known(cls, client: Client, kind: Kind, job_id: str, returns: Any = Any) -> JobHandle[T]:
+        """A handle to a job just enqueued: kind and id are checked already."""
+        handle: JobHandle[T] = cls.__new__(cls)
+        handle._kind, handle.kind, handle.id = kind, str(kind), job_id
+        handle._client, handle._returns = client, returns
+        handle._key = kind.status_key(job_id)
+        return handle
 
     def __repr__(self) -> str:
         return f"JobHandle({self.kind!r}, {self.id!r})"
@@ -46,10 +58,10 @@ class JobHandle(Generic[T]):
     async def status(self) -> JobStatus:
         """The job's status now; `NotFound` when there is no such job (or it expired)."""
         backend = await Backend.of(self._client)
-        entry = await backend.store.get(self._key)
-        if entry.status is None:
+        status = await backend.current(self._kind, self.id)
+        if status is None:
             raise NotFound(f"no job {self.kind}/{self.id}")
-        return presented(entry.status)
+        return presented(status)
 
     async def watch(self) -> AsyncIterator[JobStatus]:
         """The status now, then every change, until a final state (a key watch: the
@@ -57,15 +69,37 @@ class JobHandle(Generic[T]):
         backend = await Backend.of(self._client)
         updates = backend.store.watch(self._key)
         try:
-            async for status in updates:
-                if status is None:
-                    raise NotFound(f"no job {self.kind}/{self.id}")
+            first = True
+            async for entry in updates:
+                status = entry.status
+                if first:
+                    first = False
+                    status = await self._first(backend, entry)
+                    if status is None:
+                        continue  # changed since the watch began: the change comes next
+                elif status is None:
+                    return  # deleted (retention ran out)
                 yield presented(status)
                 if status.final:
                     return
         finally:
             with contextlib.suppress(Exception):
                 await updates.aclose()  # type: ignore[attr-defined]
+
+    async def _first(self, backend: Backend, entry: Entry) -> JobStatus | None:
+        """The status as the watch began: the record, or the job's message when it is
+        queued without one; None when the record changed meanwhile (the watch has it)."""
+        if entry.status is not None and not entry.status.final:
+            return entry.status
+        message = await backend.messages.find(self._kind, self.id)
+        if message is not None and supersedes(message, entry.status):
+            return await backend.from_message(self._kind, self.id, message)
+        now = await backend.store.get(self._key)
+        if now.revision != entry.revision and now.status is not None:
+            return None
+        if entry.status is None:
+            raise NotFound(f"no job {self.kind}/{self.id}")
+        return entry.status
 
     async def result(self, timeout: float | None = None) -> T:
         """Wait for the job to finish and return its result, decoded to `returns`.

@@ -61,6 +61,23 @@ def _validator(schema_text: str) -> Any:
         return None
 
 
+_by_schema: dict[int, tuple[Any, Any]] = {}  # id(schema) -> (schema, validator)
+
+
+def _validator_of(schema: Any) -> Any:
+    """`_validator` of a schema object, remembered by identity: a kind's record is
+    cached, so its schema is the same object for every payload checked against it
+    (kept here with its validator, so its id is not reused meanwhile)."""
+    found = _by_schema.get(id(schema))
+    if found is not None and found[0] is schema:
+        return found[1]
+    if len(_by_schema) >= 256:
+        _by_schema.clear()
+    check = _validator(json.dumps(schema, sort_keys=True))
+    _by_schema[id(schema)] = (schema, check)
+    return check
+
+
 def validate(info: KindInfo, body: bytes) -> None:
     """Raise `BadRequest` when `body` cannot be the payload of `info.kind`."""
     if not info.takes_payload or info.payload_schema in (None, {}):
@@ -69,7 +86,7 @@ def validate(info: KindInfo, body: bytes) -> None:
         value = msgspec.json.decode(body) if body else None
     except DECODE_ERRORS as exc:
         raise BadRequest(f"payload of {info.kind} is not JSON: {exc}") from None
-    check = _validator(json.dumps(info.payload_schema, sort_keys=True))
+    check = _validator_of(info.payload_schema)
     if check is None:
         return
     try:

@@ -97,6 +97,11 @@ class Kind:
         """A job's own subject: at most one message per job is ever queued there."""
         return f"{self.queue(priority)}.{id_token(job_id)}"
 
+    def any_subject(self, job_id: str) -> str:
+        """Every subject a job's message can be on (its priorities and its delay): at
+        most one message matches at a time (`enqueue` publishes only when none does)."""
+        return f"{SUBJECT_PREFIX}.{self.service}.{self.name}.*.{id_token(job_id)}"
+
     def delay_subject(self, job_id: str) -> str:
         """Where a delayed job's `@at` schedule waits."""
         return f"{SUBJECT_PREFIX}.{self.service}.{self.name}.delay.{id_token(job_id)}"

@@ -1,16 +1,21 @@
 """One delivered job message: decide, claim, run, and settle it.
 
-1. Read the job's record. Run only if the job still waits for this message: queued,
-   scheduled or retrying; `running` by this very message (a redelivery after a worker
-   died: the next attempt); `failed` when the message is a dead-letter replay. A
-   finished or cancelled job, or a duplicate message of a job already running, is
-   acked without running anything: the record is the effectively-once bookkeeping.
-2. Wait for the kind's rate limit, then claim: write `running` with the attempt (the
-   delivery count), the worker and the message's stream sequence, compare-and-set.
-   The common case, a first delivery of a job queued at once, skips the read (the
-   message carries the record's revision) and defers the `running` write
-   (`run.CLAIM_DELAY`): a job cancelled since it was queued is known from the cancel
-   notice, and every later write is compare-and-set against the queued record.
+1. Decide whether to run it. A first delivery of a job queued at once (not from a
+   schedule, not a replay) runs without a read: the message carries the revision of
+   the record it was queued at (`Job-Revision`, 0 for a job queued without a record,
+   see `messages`), and every write of this attempt is compare-and-set against it; a
+   job cancelled since is known from the cancel notice (or from that write failing).
+   Any other delivery reads the job's record and runs only if the job still waits for
+   this message: queued, scheduled or retrying; `running` by this very message (a
+   redelivery after a worker died: the next attempt); `failed` when the message is a
+   dead-letter replay; no record, or a finished record of an earlier run when the
+   message was queued without one. A finished or cancelled job, or a duplicate message
+   of a job already running, is acked without running anything: the record is the
+   effectively-once bookkeeping.
+2. Wait for the kind's rate limit, then claim: the read path writes `running` with
+   the attempt (the delivery count), the worker and the message's stream sequence,
+   compare-and-set; the first-delivery path defers that write (`run.CLAIM_DELAY`), so
+   a short job is recorded once, with its outcome.
 3. Run the handler in its own cancel scope (a cancel notice or a changed record stops
    it) under the kind's `timeout`.
 4. Settle: success writes `succeeded` with the result, then acks; a failure writes
@@ -39,16 +44,18 @@ from ..transport.codec import DECODE_ERRORS, decoder_for
 from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
 from .context import JobContext
 from .control import JOB_ID, JOB_REVISION, JOB_SCHEDULE
+from .messages import parse_revision
 from .metrics import JobCounts
 from .options import JOBS_STREAM, JobOptions, Kind, check_job_id, priority_of
 from .ratelimit import RateLimiter
 from .run import RunningJob
-from .status import WAITING_STATES, JobStatus, utcnow
+from .status import WAITING_STATES, JobStatus, encode_status, utcnow
 from .store import Conflict, StatusStore
 
 if TYPE_CHECKING:
     from ..client import Client
     from ..observability.stats import HandlerStats
+    from .settle import Settler
 
 __all__ = ["Delivery", "Processor"]
 
@@ -81,8 +88,14 @@ class Delivery(msgspec.Struct):
         return cls(meta.num_delivered, meta.sequence.stream, int(meta.timestamp.timestamp() * 1e9))
 
 
+def earlier_run(status: JobStatus | None, revision: int | None, delivery: Delivery) -> bool:
+    """A finished record of an earlier run of the id, for a message queued without one."""
+    return revision == 0 and status is not None and status.final and status.seq < delivery.sequence
+
+
 def should_run(status: JobStatus | None, delivery: Delivery, replay: bool) -> bool:
-    """Whether this delivery is the job's to run (see the module's step 1)."""
+    """Whether this delivery is the job's to run (see the module's step 1); `status`
+    is None for no record, or a record of an earlier run (`earlier_run`)."""
     if status is None:
         return True  # a recurring firing, or a record gone past retention
     if status.state in WAITING_STATES:
@@ -120,8 +133,10 @@ class Processor:
         self.counts = counts
         self.limiter = limiter
         self.running: dict[str, RunningJob] = {}
-        # job id -> revision of its `cancelled` record, from cancel notices (bounded)
-        self._cancelled: OrderedDict[str, int] = OrderedDict()
+        self.settler: Settler | None = None  # records successes in bursts, when set
+        # job id -> (revision of its `cancelled` record, sequence of the message it
+        # cancelled, 0 if not said), from cancel notices (bounded)
+        self._cancelled: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._decoder = (
             decoder_for(signature.payload_type)
             if signature.payload_type is not NO_PAYLOAD
@@ -131,50 +146,64 @@ class Processor:
             kind.service, f"jobs.{kind}", f"job_{kind.service}_{kind.name}"
         )
 
-    def cancelled(self, job_id: str, revision: int) -> None:
+    def cancelled(self, job_id: str, revision: int, seq: int = 0) -> None:
         """A cancel notice: stop the job if it runs here; skip its message if it comes."""
-        self._cancelled[job_id] = revision
+        self._cancelled[job_id] = (revision, seq)
         self._cancelled.move_to_end(job_id)
         while len(self._cancelled) > CANCELLED_KEPT:
             self._cancelled.popitem(last=False)
         run = self.running.get(job_id)
-        if run is not None:
+        if run is not None and (not seq or run.status.seq == seq):
             run.stop("cancelled")
 
-    async def process(self, msg: Any) -> None:
-        """Decide, claim, run and settle one delivered job message."""
+    def _cancelled_since(self, job_id: str, revision: int, delivery: Delivery) -> bool:
+        """A cancel notice for this message: it names the message, or a record revision
+        later than the one the message was queued at."""
+        notice = self._cancelled.get(job_id)
+        if notice is None:
+            return False
+        return notice[1] == delivery.sequence or (revision > 0 and notice[0] > revision)
+
+    async def process(self, msg: Any) -> bool:
+        """Decide, claim, run and settle one delivered job message: True when its
+        outcome was handed to the settler (which settles the message), else settled."""
         delivery = Delivery.of(msg)
         headers: Mapping[str, str] = msg.headers or {}
         try:
             h.check_headers(headers)
-            job_id = self._job_id(headers, delivery)
+            job_id = self._job_id(msg, headers, delivery)
         except BadRequest as exc:
             await self._dead_letter(msg, delivery, "invalid_headers", exc.message, "-")
             await msg.term()
-            return
+            return False
         run = await self._claim(msg, job_id, delivery, headers)
         if run is None:
             self.counts.skipped += 1
             await msg.ack()
-            return
+            return False
         if delivery.attempt > self.options.max_attempts:
             error = "the previous attempt did not finish (its worker stopped or crashed)"
             await self._give_up(run, msg, delivery, "max_attempts", error)
-            return
+            return False
         self.running[job_id] = run  # from now on a cancel notice reaches it
         try:
-            await self._execute(run, msg, delivery, headers)
+            return await self._execute(run, msg, delivery, headers)
         finally:
             if self.running.get(job_id) is run:
                 del self.running[job_id]
 
-    def _job_id(self, headers: Mapping[str, str], delivery: Delivery) -> str:
+    def _job_id(self, msg: Any, headers: Mapping[str, str], delivery: Delivery) -> str:
+        """`Job-Id`, else the id the subject ends with (an id that is its own token), or
+        `<schedule>-<sequence>` for a recurring schedule's firing."""
         job_id = headers.get(JOB_ID)
         if job_id is None:
             schedule = headers.get(JOB_SCHEDULE)
-            if not schedule:
+            if schedule:
+                job_id = f"{schedule}-{delivery.sequence}"
+            elif JOB_REVISION in headers:
+                job_id = msg.subject.rpartition(".")[2]
+            else:
                 raise BadRequest("a job message needs a Job-Id (or Job-Schedule) header")
-            job_id = f"{schedule}-{delivery.sequence}"
         return check_job_id(job_id)
 
     # -- claim -----------------------------------------------------------------------
@@ -184,45 +213,49 @@ class Processor:
     ) -> RunningJob | None:
         key = self.kind.status_key(job_id)
         limited = self.limiter is None
-        enqueued = self._as_enqueued(job_id, msg, delivery, headers)
+        queued = parse_revision(headers.get(JOB_REVISION))
+        revision = queued[0] if queued is not None else None
+        enqueued = self._as_enqueued(job_id, msg, delivery, headers, queued)
         if enqueued is not None:  # the common case: no read; `running` written later
             if self.limiter is not None:
                 await self.limiter.acquire()
-            if self._cancelled.get(job_id, 0) > enqueued[1]:
+            if self._cancelled_since(job_id, enqueued[1], delivery):
                 return None  # cancelled after this message was queued: never runs
             status = self._running(enqueued[0], job_id, msg, delivery, headers)
             return RunningJob(self.store, key, status, enqueued[1], claimed=False)
         for _ in range(CLAIM_TRIES):
             entry = await self.store.get(key)
-            if not should_run(entry.status, delivery, REPLAY_OF in headers):
+            current = None if earlier_run(entry.status, revision, delivery) else entry.status
+            if not should_run(current, delivery, REPLAY_OF in headers):
                 return None
             if not limited and self.limiter is not None:
                 await self.limiter.acquire()  # a slot is taken only for a job that runs
                 limited = True
-            status = self._running(entry.status, job_id, msg, delivery, headers)
+            status = self._running(current, job_id, msg, delivery, headers)
             try:
-                revision = await self.store.put(key, status, entry.revision)
+                revision_now = await self.store.put(key, status, entry.revision)
             except Conflict:
                 continue  # changed meanwhile (cancelled, claimed): decide again
-            return RunningJob(self.store, key, status, revision)
+            return RunningJob(self.store, key, status, revision_now)
         raise RuntimeError(f"job {self.kind}/{job_id}: record kept changing, not claimed")
 
     def _as_enqueued(
-        self, job_id: str, msg: Any, delivery: Delivery, headers: Mapping[str, str]
+        self,
+        job_id: str,
+        msg: Any,
+        delivery: Delivery,
+        headers: Mapping[str, str],
+        queued: tuple[int, int] | None,
     ) -> tuple[JobStatus, int] | None:
-        """The record as `enqueue` wrote it, rebuilt from the message, with its revision:
-        a first delivery of a job queued at once carries all of it (`Job-Revision`), so
-        the claim needs no read; if the record changed since, the claim's compare-and-set
-        fails and the record is read after all."""
-        revision = headers.get(JOB_REVISION)
-        if revision is None or delivery.attempt != 1 or SCHEDULER in headers:
+        """The job as `enqueue` queued it, rebuilt from the message, with the revision
+        of the record it was queued at (0: none): a first delivery of a job queued at
+        once carries all of it, so the claim needs no read; if the record changed
+        since, the first write's compare-and-set fails and the record is read then."""
+        if queued is None or delivery.attempt != 1 or SCHEDULER in headers:
             return None
         if REPLAY_OF in headers:
             return None
-        try:
-            number, enqueued_ms = (int(part) for part in revision.split(" ", 1))
-        except ValueError:
-            return None
+        number, enqueued_ms = queued
         traceparent = headers.get(h.TRACEPARENT, "")
         status = JobStatus(
             kind=str(self.kind),
@@ -272,7 +305,7 @@ class Processor:
 
     async def _execute(
         self, run: RunningJob, msg: Any, delivery: Delivery, headers: Mapping[str, str]
-    ) -> None:
+    ) -> bool:
         payload: Any = None
         if self._decoder is not None:
             stored = run.status.payload  # the record is the truth (a re-run may change it)
@@ -282,14 +315,15 @@ class Processor:
             except DECODE_ERRORS as exc:
                 self.stats.record(0, f"undecodable: {exc}")
                 await self._give_up(run, msg, delivery, "undecodable", str(exc))
-                return
+                return False
         span = self._span(msg, run, delivery)
         ctx = self._context(run, msg, delivery, headers, span)
         token = telemetry.activate(span)
         started = time.perf_counter_ns()
         self.counts.running += 1
         try:
-            await self._settle(run, msg, delivery, await self._outcome(run, payload, ctx), started)
+            outcome = await self._outcome(run, payload, ctx)
+            return await self._settle(run, msg, delivery, outcome, started)
         finally:
             self.counts.running -= 1
             telemetry.deactivate(token)
@@ -353,7 +387,8 @@ class Processor:
 
     async def _settle(
         self, run: RunningJob, msg: Any, delivery: Delivery, outcome: Any, started: int
-    ) -> None:
+    ) -> bool:
+        """Record the outcome and settle the message: True if handed to the settler."""
         elapsed = time.perf_counter_ns() - started
         if outcome is _STOPPED:
             self.stats.record(elapsed, f"{run.stopped_by}")
@@ -370,7 +405,8 @@ class Processor:
             await self._failed(run, msg, delivery, error)
         else:
             self.stats.record(elapsed)
-            await self._succeeded(run, msg, delivery, outcome)
+            return await self._succeeded(run, msg, delivery, outcome)
+        return False
 
     async def _stopped(self, run: RunningJob, msg: Any) -> None:
         if run.stopped_by == "cancelled":
@@ -378,7 +414,7 @@ class Processor:
             await msg.ack()  # the record already says cancelled
         # superseded: another attempt has this message now; leave it to that one
 
-    async def _succeeded(self, run: RunningJob, msg: Any, delivery: Delivery, result: Any) -> None:
+    async def _succeeded(self, run: RunningJob, msg: Any, delivery: Delivery, result: Any) -> bool:
         done = msgspec.structs.replace(
             run.status,
             state="succeeded",
@@ -389,10 +425,19 @@ class Processor:
             finished_at=utcnow(),
         )
         try:
-            written = await run.finish(done)
+            data = encode_status(done)
         except TypeError as exc:  # the result cannot be stored as JSON
             await self._failed(run, msg, delivery, f"result not JSON-encodable: {exc}")
-            return
+            return False
+        if self.settler is not None and run.hand_over():
+            self.settler.add(run, done, data, msg)
+            return True
+        await self.recorded(run, msg, await run.finish(done, data))
+        return False
+
+    async def recorded(self, run: RunningJob, msg: Any, written: bool) -> None:
+        """A success is recorded (`written`), or the record said not to: ack either way
+        when this attempt's is stored or the job was cancelled meanwhile."""
         if written:
             self.counts.succeeded += 1
             await msg.ack()

@@ -12,6 +12,9 @@ record still says queued, at the revision the message carries, and the worker's
 flusher writes `running` once the handler has run `CLAIM_DELAY` seconds. A job that
 ends sooner is recorded once, with its outcome (compare-and-set against the queued
 record, so a cancel in between is never overwritten): one write per job instead of two.
+A job queued without a record (`messages`) is written as a new record; what it finds
+in the way instead is either written for this message (a cancel: it stops) or a
+finished record of an earlier run of the id, which it replaces.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Literal
 
 import anyio
 import msgspec
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from ..observability.logging import get_logger
 from .status import JobStatus
@@ -44,6 +48,7 @@ class RunningJob:
         "_pending",
         "claimed",
         "ended",
+        "fresh",
         "key",
         "last_write",
         "revision",
@@ -71,6 +76,7 @@ class RunningJob:
         self.stopped_by: Stop | None = None
         self.ended = False  # the outcome is being written: no more progress
         self.claimed = claimed  # `status` is written (else the record is still queued)
+        self.fresh = revision == 0 and not claimed  # queued without a record
         self.started = self.last_write = time.monotonic()
         self._lock = asyncio.Lock()  # taken without a yield when free (anyio's yields)
         self._pending: tuple[float, str] | None = None
@@ -127,35 +133,64 @@ class RunningJob:
 
     # -- writes ----------------------------------------------------------------------
 
-    async def finish(self, status: JobStatus) -> bool:
-        """Write the attempt's outcome; False when the record is no longer this attempt's
-        (cancelled or taken over): then nothing was written."""
+    async def finish(self, status: JobStatus, data: bytes | None = None) -> bool:
+        """Write the attempt's outcome (`data`: already encoded); False when the record
+        is no longer this attempt's (cancelled or taken over): then nothing was written."""
         self.ended = True
         async with self._lock:
-            return await self._write(status)
+            return await self._write(status, data)
 
-    async def _write(self, status: JobStatus) -> bool:
+    def hand_over(self) -> bool:
+        """Whether the outcome may be written by someone else (`settle.Settler`): no
+        write of this attempt is under way and none will start (progress is over)."""
+        if self.stopped_by is not None or self._lock.locked():
+            return False
+        self.ended = True
+        return True
+
+    def written(self, status: JobStatus, revision: int) -> None:
+        """`status` is stored, at `revision`."""
+        self.status = status
+        self.revision = revision
+        self.claimed = True
+        self.last_write = time.monotonic()
+
+    async def finish_after(self, status: JobStatus, data: bytes, error: Exception) -> bool:
+        """The outcome's write (handed over) was not stored, or not surely: read the
+        record and write again if it is still this attempt's. Raises if that fails."""
+        async with self._lock:
+            if not isinstance(error, Conflict | NatsTimeoutError):
+                raise error
+            if self.stopped_by is not None or not await self._still_ours():
+                return False
+            self.written(status, await self.store.put(self.key, status, self.revision, data))
+            return True
+
+    async def _write(self, status: JobStatus, data: bytes | None = None) -> bool:
         if self.stopped_by is not None:
             return False
         try:
-            self.revision = await self.store.put(self.key, status, self.revision)
+            revision = await self.store.put(self.key, status, self.revision, data)
         except Conflict:
             if not await self._still_ours():
                 return False
-            self.revision = await self.store.put(self.key, status, self.revision)
-        self.status = status
-        self.claimed = True
-        self.last_write = time.monotonic()
+            revision = await self.store.put(self.key, status, self.revision, data)
+        self.written(status, revision)
         return True
 
     async def _still_ours(self) -> bool:
-        """Read the changed record: stop unless it is still this attempt's."""
+        """Read the changed record: stop unless it is still this attempt's (or, for a
+        job queued without a record, unless it is none or an earlier run's)."""
         entry = await self.store.get(self.key)
         current = entry.status
+        mine = self.status
+        if self.fresh and not self.claimed:
+            if current is None or (current.final and current.seq < mine.seq):
+                self.revision = entry.revision
+                return True
         if current is None or current.state == "cancelled":
             self.stop("cancelled")
             return False
-        mine = self.status
         if (current.seq, current.worker, current.attempt) != (mine.seq, mine.worker, mine.attempt):
             self.stop("superseded")
             return False

@@ -21,15 +21,10 @@ from ..observability.logging import get_logger
 from ..transport import headers as h
 from ..transport.codec import encode_payload
 from .backend import Backend
-from .control import (
-    JOB_SCHEDULE,
-    SCHEDULE,
-    SCHEDULE_TARGET,
-    SCHEDULE_TIME_ZONE,
-    stored_publish,
-)
+from .control import JOB_SCHEDULE, SCHEDULE_TIME_ZONE, stored_publish
 from .declare import RECURRING_SINCE, require_server
 from .kinds import validate
+from .messages import SCHEDULE, SCHEDULE_TARGET
 from .options import (
     CODE_SCHEDULE,
     JOBS_STREAM,

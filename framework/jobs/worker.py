@@ -4,7 +4,8 @@ Started and stopped with its service like a subscriber, listed in `$SRV.INFO` (w
 the payload and result schemas) and `$SRV.STATS` (with the job counts). Replicas of
 the service share the kind's three durable pull consumers (one per priority), so each
 job goes to one of them. At most `max_concurrency` handlers run at once here; the
-puller takes no more messages than the worker can start soon. Long handlers keep
+puller takes no more messages than the worker can start soon (nor any while too many
+successes wait for their records, `settle`). Long handlers keep
 their messages with in-progress acks (every third of `ack_wait`), so `ack_wait` is
 only how long a crashed worker's job waits before another worker takes it over.
 """
@@ -38,6 +39,7 @@ from .puller import Puller
 from .ratelimit import RateLimiter
 from .run import CLAIM_DELAY, PROGRESS_INTERVAL
 from .schedule import sync_code_schedule
+from .settle import Settler
 from .status import utcnow
 
 if TYPE_CHECKING:
@@ -48,6 +50,7 @@ __all__ = ["JobWorker"]
 _log = get_logger("framework.jobs")
 
 CAPACITY_EXTRA = 0.5  # messages held beyond max_concurrency, as a share of it
+SETTLING_MIN = 64  # finished jobs whose outcome is being recorded, at least allowed
 
 
 class JobWorker:
@@ -79,10 +82,12 @@ class JobWorker:
         self.capacity = options.max_concurrency + max(
             1, int(options.max_concurrency * CAPACITY_EXTRA)
         )
+        self.settling = max(SETTLING_MIN, 4 * self.capacity)  # outcomes being recorded
         self.instance_id = ""
         self._client: Client | None = None
         self._processor: Processor | None = None
         self._pool: WorkerPool | None = None
+        self._settler: Settler | None = None
         self._puller: Puller | None = None
         self._cancel_sub: Any = None
         self._scope: anyio.CancelScope | None = None
@@ -216,6 +221,14 @@ class JobWorker:
         )
         self._stopping = False
         self._taken = 0
+        self._settler = Settler(
+            backend.store,
+            task_group,
+            self._processor.recorded,
+            self._settled,
+            retry_after=self.options.backoff[0],
+        )
+        self._processor.settler = self._settler
         self._pool = WorkerPool(self._handle, self.options.max_concurrency)
         self._pool.start(task_group)
         consumers = [self.job_kind.consumer(p) for p in PRIORITIES]
@@ -252,6 +265,8 @@ class JobWorker:
         finished = True
         if self._pool is not None:
             finished = await self._pool.close(grace)
+        if self._settler is not None:  # outcomes being recorded: their acks
+            finished = await self._settler.wait(min(grace, 5.0)) and finished
         if self._cancel_sub is not None:
             with contextlib.suppress(Exception):
                 await self._cancel_sub.unsubscribe()
@@ -261,7 +276,9 @@ class JobWorker:
     # -- taking and handling ---------------------------------------------------------
 
     def _free(self) -> int:
-        return 0 if self._stopping else self.capacity - self._taken
+        if self._stopping or (self._settler is not None and self._settler.pending >= self.settling):
+            return 0
+        return self.capacity - self._taken
 
     async def _hand_over(self, msg: Any) -> None:
         self._taken += 1
@@ -272,11 +289,12 @@ class JobWorker:
     async def _handle(self, msg: Any) -> None:
         assert self._processor is not None
         self.stats.in_flight += 1
+        handed = False
         try:
             if self._stopping:
                 await msg.nak()  # another replica takes it now, not after ack_wait
                 return
-            await self._processor.process(msg)
+            handed = await self._processor.process(msg)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 with contextlib.suppress(Exception):
@@ -288,15 +306,22 @@ class JobWorker:
                 await msg.nak(delay=self.options.backoff[0])
         finally:
             self.stats.in_flight -= 1
-            self._active.pop(id(msg), None)
+            if not handed:  # else kept alive until the settler is done with it
+                self._active.pop(id(msg), None)
             self._taken -= 1
             if self._puller is not None:
                 self._puller.wake()
 
+    def _settled(self, msg: Any) -> None:
+        self._active.pop(id(msg), None)
+        if self._puller is not None:
+            self._puller.wake()
+
     async def _on_cancel(self, msg: Any) -> None:
         if self._processor is not None:
-            job_id, _, revision = msg.data.decode("utf-8", "replace").partition(" ")
-            self._processor.cancelled(job_id, int(revision) if revision.isdigit() else 0)
+            job_id, *numbers = msg.data.decode("utf-8", "replace").split(" ")
+            revision, seq = ([int(n) if n.isdigit() else 0 for n in numbers] + [0, 0])[:2]
+            self._processor.cancelled(job_id, revision, seq)
 
     async def _keep_alive_loop(self) -> None:
         """In-progress acks, so a job outliving `ack_wait` is not handed to another worker."""

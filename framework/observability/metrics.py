@@ -11,6 +11,8 @@ follow a MeterProvider installed later):
 | `mesh.handler.in_flight`        | observable up-down counter  | `{message}` |
 | `mesh.subscriber.dead_lettered` | observable counter          | `{message}` |
 | `mesh.subscriber.lag`           | observable gauge            | `{message}` |
+| `mesh.subscriber.stalls`        | observable counter          | `{stall}`   |
+| `mesh.subscriber.stalled`       | observable gauge (0 or 1)   | `1`         |
 
 Attributes: `service`, `handler` (endpoint or subscriber name), `kind` (`rpc` or
 `subscriber`). The counters are read at collection time from the `HandlerStats` that
@@ -80,6 +82,8 @@ _observe_failed = _observe(lambda h: h.stats.num_errors)
 _observe_in_flight = _observe(lambda h: h.stats.in_flight)
 _observe_dead_lettered = _observe(lambda h: h.stats.dead_lettered, subscribers_only=True)
 _observe_lag = _observe(lambda h: getattr(h, "pending", 0), subscribers_only=True)
+_observe_stalls = _observe(lambda h: h.health.stalls, subscribers_only=True)
+_observe_stalled = _observe(lambda h: int(h.health.stalled), subscribers_only=True)
 
 
 _meter = metrics.get_meter("framework")
@@ -118,6 +122,20 @@ lag = _meter.create_observable_gauge(
     [_observe_lag],
     unit="{message}",
     description="Events in the stream this subscriber's consumer has not been delivered yet",
+)
+
+
+stalls = _meter.create_observable_counter(
+    "mesh.subscriber.stalls",
+    [_observe_stalls],
+    unit="{stall}",
+    description="Times a subscriber's pulls, lookups or markers failed for seconds on end",
+)
+stalled = _meter.create_observable_gauge(
+    "mesh.subscriber.stalled",
+    [_observe_stalled],
+    unit="1",
+    description="1 while a subscriber is stalled (see stalled_since in $SRV.STATS), else 0",
 )
 
 

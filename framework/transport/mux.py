@@ -63,6 +63,11 @@ class Mux:
         self._nc = nc
         self._prefix = nc.new_inbox() + "."
         self._cut = len(self._prefix)
+        # A fast-ingest batch id must be unique per stream, not per connection: the
+        # server keys open batches by id alone, and two connections sending batch "1f"
+        # at once merge into one (the second's commit goes unanswered on a cluster;
+        # bench/fast_batch_ids.py). The inbox's NUID makes the counter token unique.
+        self._batch_suffix = self._prefix.rsplit(".", 2)[-2]
         self._sub: Any = None
         self._lock = asyncio.Lock()
         self._count = 0
@@ -87,6 +92,8 @@ class Mux:
     ) -> tuple[str, asyncio.Future[Any]]:
         self._count += 1
         token = format(self._count, "x")
+        if batch is not None:
+            token += self._batch_suffix
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[token] = (future, batch if batch is not None else [] if many else None)
         return token, future
@@ -115,17 +122,21 @@ class Mux:
         return reply
 
     async def request_each(
-        self, requests: Sequence[tuple[str, bytes]], timeout: float
+        self,
+        requests: Sequence[tuple[str, bytes]],
+        timeout: float,
+        headers: Sequence[dict[str, str] | None] | None = None,
     ) -> list[Msg]:
-        """Several requests sent at once, one reply each, in the order of `requests`."""
+        """Several requests sent at once, one reply each, in the order of `requests`
+        (`headers`, if given, are each request's, in the same order)."""
         tokens: list[str] = []
         futures: list[asyncio.Future[Any]] = []
         try:
-            for subject, data in requests:
+            for index, (subject, data) in enumerate(requests):
                 token, future = self._register(False)
                 tokens.append(token)
                 futures.append(future)
-                await self._publish(subject, data, token)
+                await self._publish(subject, data, token, headers[index] if headers else None)
             async with asyncio.timeout(timeout):
                 return [await future for future in futures]
         except TimeoutError:

@@ -140,6 +140,7 @@ def read_pub_ack(reply: Msg) -> PubAck:
 # -- nats-py exceptions to framework errors ----------------------------------------------
 
 
+_NO_STORAGE = 10023  # JetStream's "insufficient resources": the server's store is full
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream: an expected-sequence check failed
 
 
@@ -161,6 +162,11 @@ def publish_error(subject: str, exc: BaseException, expected: str | None = None)
         return PublishError(f"no acknowledgement from JetStream for {subject} (not known stored)")
     if isinstance(exc, ConnectionClosedError):
         return PublishError(f"publish to {subject} failed: the client is closed")
+    if isinstance(exc, APIError) and exc.err_code == _NO_STORAGE:
+        return PublishError(
+            f"JetStream has no storage left for {subject} (insufficient resources): the event "
+            "was not stored; free space on the server or raise its max_file_store"
+        )
     if isinstance(exc, APIError):
         return PublishError(f"publish to {subject} failed: {_describe(exc)}")
     return PublishError(f"publish to {subject} failed: {exc}")

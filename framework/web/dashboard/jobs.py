@@ -1,5 +1,9 @@
 """The jobs view: every job's status record, kept current by a watch of the `jobs` bucket.
 
+A job queued at once has no record until a worker runs it (its message in `JOBS` is its
+record until then): those are read every `QUEUED_EVERY` seconds and shown as queued
+until their record says more.
+
 Job statuses live in a JetStream key-value bucket (one record per job, rewritten at
 every change of state and, coalesced, of progress). The dashboard watches the whole
 bucket: the server pushes each change, so a progress bar moves as the worker reports,
@@ -20,7 +24,8 @@ import msgspec
 import structlog
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from ...jobs.options import STATUS_BUCKET
+from ...jobs.messages import JobMessages, message_status
+from ...jobs.options import STATUS_BUCKET, Kind, id_token
 from ...jobs.status import JOB_STATES
 from .sampler import Hub
 
@@ -35,6 +40,8 @@ ACTIVE = ("running", "retrying", "queued", "scheduled")
 MAX_TRACKED = 50_000  # records kept for the counts; the oldest finished ones go first
 ROWS = 100
 RETRY_BUCKET_AFTER = 2.0
+QUEUED_EVERY = 1.0  # seconds between reads of the jobs queued without a record yet
+MAX_QUEUED = 1000  # of those, read at most
 _log = structlog.get_logger("framework.web.dashboard")
 _FIELDS = (
     "kind", "id", "state", "priority", "progress", "message", "attempt", "max_attempts",
@@ -83,11 +90,50 @@ class JobsWatch:
         self.min_interval = min_interval
         self.max_tracked = max_tracked
         self.records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.queued: dict[str, dict[str, Any]] = {}  # jobs known by their message only
         self.ready = False
         self._published = 0.0
 
     async def run(self) -> None:
-        """Watch the bucket for as long as the dashboard runs (it may appear later)."""
+        """Watch the bucket for as long as the dashboard runs (it may appear later), and
+        read the jobs queued without a record every `QUEUED_EVERY` seconds."""
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._read_queued)
+            await self._watch()
+
+    async def _read_queued(self) -> None:
+        while True:
+            try:
+                messages = await JobMessages(await self.client.mux()).scan(limit=MAX_QUEUED)
+            except Exception as error:  # no JOBS stream yet, a lost connection
+                _log.debug("queued jobs not read", error=str(error))
+                messages = []
+            queued = {}
+            for message in messages:
+                _, service, name, _, token = message.subject.split(".", 4)
+                job_id = message.headers.get("Job-Id") or token
+                status = message_status(Kind(service, name), job_id, message)
+                record = _record(msgspec.json.encode(status))
+                if record is not None:
+                    queued[f"{service}.{name}.{id_token(job_id)}"] = record
+            self.queued = queued
+            self.publish()
+            await anyio.sleep(QUEUED_EVERY)
+
+    def current(self) -> dict[str, dict[str, Any]]:
+        """The records, and the queued jobs no record says more about (none, or one of
+        an earlier run that finished before the job was queued)."""
+        merged = dict(self.records)
+        for key, record in self.queued.items():
+            known = merged.get(key)
+            if known is None or (
+                known["state"] in ("succeeded", "failed", "cancelled")
+                and str(known.get("finished_at") or "") < str(record.get("enqueued_at") or "")
+            ):
+                merged[key] = record
+        return merged
+
+    async def _watch(self) -> None:
         while True:
             try:
                 kv = await self.client.js.key_value(JOBS_BUCKET)
@@ -138,16 +184,17 @@ class JobsWatch:
     def view(self) -> dict[str, Any]:
         """Counts per kind and state, and the active jobs first, then the newest."""
         counts: dict[str, dict[str, int]] = {kind: {} for kind in self.declared()}
-        for record in self.records.values():
+        current = self.current()
+        for record in current.values():
             by_state = counts.setdefault(str(record["kind"]), {})
             by_state[record["state"]] = by_state.get(record["state"], 0) + 1
-        newest = list(reversed(self.records.values()))
+        newest = list(reversed(current.values()))
         active = [r for r in newest if r["state"] in ACTIVE]
         rows = (active + [r for r in newest if r["state"] not in ACTIVE])[:ROWS]
         note = "" if self.ready else "reading the jobs bucket…"
         return {
             "kinds": [{"kind": k, "counts": counts[k]} for k in sorted(counts)],
             "jobs": rows,
-            "tracked": len(self.records),
+            "tracked": len(current),
             "note": note or "No job kinds declared and no jobs in the bucket.",
         }
