@@ -209,8 +209,7 @@ class Client:
         errors = _Errors()
         errors.auth_failed = asyncio.Event()
         nc = NATS()
-        if hasattr(nc, "_parse_header_lines"):  # the same parse, at less than half the cost
-            nc._parse_header_lines = h.parse_header_block  # type: ignore[method-assign]
+        h.install_header_parser(nc)
         await _first_connect(nc, settings, errors, bound, {"name": name or "framework", **options})
         errors.auth_failed = None
         errors.connecting = False

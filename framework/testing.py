@@ -22,7 +22,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast, overload
 
 import pytest
 
@@ -39,18 +39,48 @@ _OTHER_RUNNERS = ("anyio", "trio", "asyncio")
 
 __all__ = ["Serve", "client", "eventually", "nats_cluster", "nats_server", "nats_url", "serve"]
 
+_T = TypeVar("_T")
 
+
+@overload
 async def eventually(
-    predicate: Callable[[], bool | Awaitable[bool]],
+    predicate: Callable[[], Awaitable[_T]],
     timeout: float = 10.0,
     what: str | Callable[[], str] = "",
     interval: float = 0.02,
-) -> None:
+) -> _T: ...
+
+
+@overload
+async def eventually(
+    predicate: Callable[[], _T],
+    timeout: float = 10.0,
+    what: str | Callable[[], str] = "",
+    interval: float = 0.02,
+) -> _T: ...
+
+
+async def eventually(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str | Callable[[], str] = "",
+    interval: float = 0.02,
+) -> Any:
     """Poll `predicate` (sync or async) until it is true; fail the test after `timeout`.
 
     Messaging tests wait for things that happen elsewhere (a redelivery, a consumer
     catching up): polling with a deadline instead of fixed sleeps keeps them fast and
     makes a failure say what never happened (`what`, or a callable giving a report).
+
+    Args:
+        predicate: asked every `interval` seconds; a truthy answer ends the wait.
+        timeout: seconds before the test fails with an `AssertionError`.
+        what: what is awaited, for the failure message (or a callable making it).
+        interval: seconds between two questions.
+
+    Returns:
+        The predicate's first truthy answer (e.g. the found item), so a test polls for
+        a value and uses it without a second lookup.
     """
     import inspect
 
@@ -63,7 +93,7 @@ async def eventually(
                 if inspect.isawaitable(result):
                     result = await result
                 if result:
-                    return
+                    return result
                 await anyio.sleep(interval)
     except TimeoutError:
         detail = what() if callable(what) else what

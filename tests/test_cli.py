@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 import types
-from pathlib import Path
 
 import anyio
 import msgspec
 import pytest
+from support.cli import mesh, mesh_cli, mesh_command, project_env
 
 import framework.cli.main as cli
 import framework.cli.services as cli_services
@@ -60,20 +59,6 @@ def greeter() -> Service:
         await anyio.sleep(1)
 
     return svc
-
-
-async def mesh(*argv: str) -> int:
-    """`main(argv)` from async tests: it runs its own event loop, so in a thread."""
-    return await anyio.to_thread.run_sync(main, list(argv))
-
-
-def mesh_command() -> list[str]:
-    """The installed console script, as a user would run it."""
-    script = Path(sys.executable).parent / "mesh"
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("mesh")
-    return [found] if found else [sys.executable, "-m", "framework.cli"]
 
 
 # --- help and parser -------------------------------------------------------------------
@@ -173,6 +158,7 @@ def test_invalid_json_exits_2_before_connecting(capsys):
         (["call", "greeter.hello", "{}", "-H", "X-A=line\nbreak"], "control characters"),
         (["call", "greeter.*", "{}"], "invalid subject"),
         (["info", "gree.ter"], "invalid service name"),
+        (["up", "--port", "70000"], "must be from 1 to 65535"),
     ],
 )
 def test_bad_arguments_exit_2(argv, fragment, capsys):
@@ -416,8 +402,7 @@ def wait_until_listed(url: str, name: str, timeout: float = 15.0) -> None:
 
 def test_mesh_run_serves_until_sigterm(tmp_path, nats_url, capsys):
     (tmp_path / "cli_sample.py").write_text(SAMPLE_MODULE)
-    env = {**os.environ, "NATS_URL": nats_url}
-    env.pop("PYTHONPATH", None)
+    env = project_env(NATS_URL=nats_url)
     runner = subprocess.Popen(
         [*mesh_command(), "run", "cli_sample:svc", "--grace", "2"],
         cwd=tmp_path,  # --app-dir defaults to ".", as with uvicorn
@@ -438,14 +423,7 @@ def test_mesh_run_serves_until_sigterm(tmp_path, nats_url, capsys):
         assert (done.returncode, json.loads(done.stdout)) == (0, {"text": "hello ann"})
 
         # the module form, with the payload on stdin
-        done = subprocess.run(
-            [sys.executable, "-m", "framework.cli", "call", "clisample.hello", "-"],
-            input='{"name": "bo"}',
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = mesh_cli("call", "clisample.hello", "-", env=env, stdin='{"name": "bo"}', timeout=30)
         assert (done.returncode, json.loads(done.stdout)) == (0, {"text": "hello bo"})
 
         runner.send_signal(signal.SIGTERM)

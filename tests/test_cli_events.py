@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import sys
-from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 import pytest
+from support.cli import mesh, mesh_command
+from support.events import OrderCreated
 
 from framework import Context, DeadLetter, Service, list_dead_letters
 from framework.cli.main import ExitCode, main
@@ -26,32 +24,13 @@ from framework.events.deadletter import send_to_dead_letter
 from framework.testing import eventually as wait_until
 
 
-class OrderCreated(msgspec.Struct):
-    order_id: str
-    amount_cents: int
-
-
-async def mesh(*argv: str) -> int:
-    """`main(argv)` from async tests: it runs its own event loop, so in a thread."""
-    return await anyio.to_thread.run_sync(main, list(argv))
-
-
-def mesh_command() -> list[str]:
-    """The installed console script, as a user would run it."""
-    script = Path(sys.executable).parent / "mesh"
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("mesh")
-    return [found] if found else [sys.executable, "-m", "framework.cli"]
-
-
 async def wait_for_dead_letters(client: Any, count: int, timeout: float = 10.0) -> list[DeadLetter]:
-    with anyio.fail_after(timeout):
-        while True:
-            letters = await list_dead_letters(client)
-            if len(letters) >= count:
-                return letters
-            await anyio.sleep(0.05)
+    async def enough() -> list[DeadLetter] | None:
+        letters = await list_dead_letters(client)
+        return letters if len(letters) >= count else None
+
+    found: list[DeadLetter] = await wait_until(enough, timeout, f"{count} dead letters")
+    return found
 
 
 def parse_table(text: str) -> list[dict[str, str]]:

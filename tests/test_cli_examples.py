@@ -17,20 +17,18 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
+from support.cli import ROOT, Running, project_env, sample_project
 
 from framework import connect, list_dead_letters
 from framework.cli.main import build_parser
 from framework.dev.devserver import free_port
 from framework.testing import eventually
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVING = {"run", "up"}  # commands that serve until a signal stops them
 BIN = str(Path(sys.executable).parent)  # where this environment's `mesh` lives
 
@@ -67,60 +65,17 @@ def command_of(example: str) -> str:
     return words[0]
 
 
-def sample_services() -> list[str]:
-    with (ROOT / "pyproject.toml").open("rb") as file:
-        services: list[str] = tomllib.load(file)["tool"]["mesh"]["services"]
-    return services
-
-
-def sample_project(directory: Path) -> Path:
-    """A directory that `mesh up` starts the sample mesh in (its own .mesh/ and store)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    listed = ", ".join(f'"{spec}"' for spec in sample_services())
-    (directory / "mesh.toml").write_text(f"services = [{listed}]\n")
-    return directory
-
-
 def shell_env(url: str, cwd: Path) -> dict[str, str]:
-    env = {**os.environ, "NATS_URL": url, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env = project_env(NATS_URL=url, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     env["MESH_OUTBOX"] = str(cwd / "outbox.jsonl")
     # the shop's HTTP processes: ports of their own, so two meshes (and other tests) can run
     env["GATEWAY_PORT"], env["DASHBOARD_PORT"] = str(free_port()), str(free_port())
-    env.pop("PYTHONPATH", None)
     return env
 
 
-class Process:
-    """A bash command running in the background, its output collected."""
-
-    def __init__(self, command: str, cwd: Path, env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            ["bash", "-c", f"exec {command}"],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in self.lines)
-
-    def stop(self, signum: int = signal.SIGINT) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
-            try:
-                return self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+def in_bash(command: str, cwd: Path, env: dict[str, str]) -> Running:
+    """A bash command line in the background, as a user types it, its output collected."""
+    return Running(["bash", "-c", f"exec {command}"], cwd, env)
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +84,13 @@ def sample_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     directory = sample_project(tmp_path_factory.mktemp("sample-mesh"))
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
-    mesh = Process(f"mesh up --port {port} --no-color", directory, shell_env(url, directory))
+    mesh = in_bash(f"mesh up --port {port} --no-color", directory, shell_env(url, directory))
     try:
         anyio.run(eventually, lambda: mesh.count("mesh: ready") > 0, 60, "the sample mesh")
         anyio.run(_dead_letter, url)  # for `mesh dlq show 1` and `mesh dlq replay 1`
         yield url, directory
     finally:
-        assert mesh.stop() == 0, "".join(mesh.lines)
+        assert mesh.stop(timeout=40) == 0, "".join(mesh.lines)
 
 
 async def _dead_letter(url: str) -> None:
@@ -169,12 +124,12 @@ def _expected_starts(example: str) -> int:
 
 def _run_serving(example: str, url: str, tmp_path: Path) -> None:
     if command_of(example) == "run":
-        process = Process(example, ROOT, shell_env(url, tmp_path))
+        process = in_bash(example, ROOT, shell_env(url, tmp_path))
         expected, ready = _expected_starts(example), "service started"
     else:  # `mesh up ...` in a project of its own, on a port of its own
         cwd = sample_project(tmp_path / "project")
         port = free_port()
-        process = Process(f"{example} --port {port}", cwd, shell_env(url, cwd))
+        process = in_bash(f"{example} --port {port}", cwd, shell_env(url, cwd))
         expected, ready = 1, "mesh: ready"
         if "--detach" in example:
             assert process.proc.wait(timeout=90) == 0, "".join(process.lines)
@@ -183,7 +138,7 @@ def _run_serving(example: str, url: str, tmp_path: Path) -> None:
     try:
         anyio.run(eventually, lambda: process.count(ready) >= expected, 60, example)
     finally:
-        code = process.stop(signal.SIGTERM if command_of(example) == "run" else signal.SIGINT)
+        code = process.stop(signal.SIGTERM if command_of(example) == "run" else signal.SIGINT, 40)
     assert code == 0, "".join(process.lines)
     assert not any("Traceback" in line for line in process.lines), "".join(process.lines)
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
-
 import yaml
+from support.cli import ROOT, sample_services
 
 from framework.runner import load_service
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def compose() -> dict:  # type: ignore[type-arg]
@@ -19,7 +15,7 @@ def compose() -> dict:  # type: ignore[type-arg]
 def test_every_service_command_loads_a_framework_service():
     services = compose()["services"]
     app_services = {name: spec for name, spec in services.items() if name != "nats"}
-    mesh_up = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mesh"]["services"]
+    mesh_up = sample_services()
     assert set(app_services) == {load_service(spec).name for spec in mesh_up}  # as `just up`
     for name, spec in app_services.items():
         command = spec["command"]

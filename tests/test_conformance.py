@@ -124,15 +124,10 @@ async def wait_settled(
             state[sub.durable] = (info.num_pending, info.num_ack_pending)
         return all(pending == unacked == 0 for pending, unacked in state.values())
 
-    started = time.monotonic()
-    with anyio.move_on_after(timeout):
-        while not await settled():
-            await anyio.sleep(0.05)
-        return
-    raise AssertionError(
-        f"consumers not settled after {time.monotonic() - started:.1f}s "
-        f"(pending, unacked) {state}: {report()}"
-    )
+    def unsettled() -> str:
+        return f"consumers to settle; (pending, unacked) {state}: {report()}"
+
+    await wait_until(settled, timeout, unsettled, 0.05)
 
 
 async def publish_batch(
@@ -671,19 +666,20 @@ async def test_handled_event_is_acked_once_the_server_is_back(
     await anyio.sleep(6)
     await anyio.to_thread.run_sync(nats_server.start)
     sub = svc.subscribers[0]
-    acked = False
 
     async def settled() -> bool:
-        info = await client.js.consumer_info(sub.stream, sub.durable)
-        return info.num_ack_pending == 0 and info.num_pending == 0
+        with contextlib.suppress(Exception):  # the client is still reconnecting
+            info = await client.js.consumer_info(sub.stream, sub.durable)
+            return info.num_ack_pending == 0 and info.num_pending == 0
+        return False
 
-    with anyio.move_on_after(5):
-        while not acked:
-            with contextlib.suppress(Exception):  # the client is still reconnecting
-                acked = await settled()
-            await anyio.sleep(0.1)
-    assert acked, (
-        f"handled once but still unacked 5 s after the server came back: it is "
-        f"redelivered after ack_wait and handled again; {tally.report()}"
+    await wait_until(
+        settled,
+        5,
+        lambda: (
+            "the ack of the event handled once (still unacked after the server came back: "
+            f"it is redelivered after ack_wait and handled again); {tally.report()}"
+        ),
+        0.1,
     )
     tally.assert_exactly_once()

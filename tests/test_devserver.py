@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from framework.dev.devserver import (
     free_port,
     wait_jetstream_ready,
 )
+from framework.testing import eventually
 
 
 async def _connect(servers: str | list[str], **options: Any) -> Any:
@@ -29,18 +30,6 @@ async def _connect(servers: str | list[str], **options: Any) -> Any:
         return None
 
     return await nats.connect(servers=servers, error_cb=quiet, connect_timeout=2, **options)
-
-
-async def _eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
-    """Retry ``check`` until it returns without raising (failover takes a moment)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        try:
-            return await check()
-        except Exception:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.1)
 
 
 def _refuses(port: int) -> bool:
@@ -215,18 +204,27 @@ async def test_cluster_replicates_and_survives_node_loss(nats_cluster: NatsClust
     node = next(n for n in nats_cluster.nodes if n.server_name == follower)
     node.kill()
     assert not node.running
-    ack = await _eventually(lambda: js.publish("orders.created", b"2"))
+
+    async def publishes() -> Any:
+        try:
+            return await js.publish("orders.created", b"2")
+        except Exception:  # failover takes a moment
+            return None
+
+    ack = await eventually(publishes, 10, "a publish to the two remaining replicas", 0.1)
     assert ack.seq == 2
 
     # Bring it back: it rejoins and catches up.
     node.restart()
 
-    async def all_current() -> None:
-        si = await js.stream_info("ORDERS")
-        assert si.state.messages == 2
-        assert si.cluster is not None
-        peers = si.cluster.replicas or []
-        assert len(peers) == 2 and all(p.current and not p.offline for p in peers)
+    async def all_current() -> bool:
+        try:
+            si = await js.stream_info("ORDERS")
+        except Exception:  # the cluster may not answer while the node rejoins
+            return False
+        peers = (si.cluster.replicas or []) if si.cluster is not None else []
+        current = len(peers) == 2 and all(p.current and not p.offline for p in peers)
+        return si.state.messages == 2 and current
 
-    await _eventually(all_current, within=15)
+    await eventually(all_current, 15, "the restarted node to catch up", 0.1)
     await nc.close()

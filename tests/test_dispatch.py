@@ -6,6 +6,7 @@ import asyncio
 
 import anyio
 
+from framework.testing import eventually
 from framework.transport.dispatch import WorkerPool
 
 
@@ -60,9 +61,8 @@ async def test_a_blocking_handler_does_not_hold_up_the_others():
         pool.start(tg)
         await anyio.sleep(0.01)
         await _burst(pool, 8)
-        with anyio.fail_after(2):
-            while len(started) < 8:  # each blocked handler woke the next worker
-                await anyio.sleep(0.001)
+        # each blocked handler woke the next worker
+        await eventually(lambda: len(started) >= 8, 2, "eight handlers started", 0.001)
         assert sorted(started) == list(range(8))
         release.set()
         assert await pool.close(1.0)
@@ -96,9 +96,7 @@ async def test_at_most_size_handlers_run_and_at_most_size_wait():
         assert most == 4  # four run
         assert submitted == 8  # four more wait; the ninth submit waits for room
         release.set()
-        with anyio.fail_after(2):
-            while submitted < 20:
-                await anyio.sleep(0.001)
+        await eventually(lambda: submitted >= 20, 2, "all 20 submitted", 0.001)
         assert await pool.close(1.0)
     assert most == 4
 
@@ -159,8 +157,6 @@ async def test_several_submitters_waiting_for_room_all_get_through():
             tg.start_soon(feed, start)
         await anyio.sleep(0.05)
         release.set()
-        with anyio.fail_after(2):
-            while len(handled) < 15:
-                await anyio.sleep(0.001)
+        await eventually(lambda: len(handled) >= 15, 2, "all 15 handled", 0.001)
         assert await pool.close(1.0)
     assert sorted(handled) == [*range(5), *range(100, 105), *range(200, 205)]

@@ -11,6 +11,7 @@ import anyio
 import msgspec
 import nats
 import pytest
+from support.events import OrderCreated
 
 from framework import (
     BatchPublisher,
@@ -28,11 +29,6 @@ from framework import (
 )
 from framework.streams import deadletter_stream, ensure_stream
 from framework.testing import eventually as wait_until
-
-
-class OrderCreated(msgspec.Struct):
-    order_id: str
-    amount_cents: int
 
 
 async def test_publish_waits_for_ack_and_dedupes_by_event_id(serve, client):
@@ -121,16 +117,7 @@ async def test_always_failing_event_is_dead_lettered_and_replayable(serve, clien
         "order.created.v1", OrderCreated("o-9", 900), event_id="evt-9", headers={"X-Tenant": "t1"}
     )
     await wait_until(lambda: len(attempts) == 3)
-    letters: list = []
-
-    async def dead_lettered() -> None:
-        with anyio.fail_after(5):
-            while not letters:
-                letters.extend(await list_dead_letters(client))
-                await anyio.sleep(0.05)
-
-    await dead_lettered()
-    (letter,) = letters
+    (letter,) = await wait_until(lambda: list_dead_letters(client), 5, "a dead letter", 0.05)
     assert (letter.reason, letter.attempts, letter.event_id) == ("max_deliver", 3, "evt-9")
     assert "provider unavailable" in letter.error
     assert (letter.service, letter.handler) == ("payments", "broken")
@@ -191,11 +178,7 @@ async def test_reject_dead_letters_without_retry(serve, client):
 
     await serve(svc)
     await client.publish("order.created.v1", OrderCreated("o", -1))
-    letters: list = []
-    with anyio.fail_after(5):
-        while not letters:
-            letters = await list_dead_letters(client)
-            await anyio.sleep(0.05)
+    letters = await wait_until(lambda: list_dead_letters(client), 5, "a dead letter", 0.05)
     assert (letters[0].reason, letters[0].error, attempts) == ("rejected", "amount is negative", 1)
 
 

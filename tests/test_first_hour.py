@@ -20,6 +20,7 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
+from support.cli import mesh_cli
 
 from framework import (
     ClientClosed,
@@ -235,14 +236,7 @@ def test_mesh_run_without_a_server_exits_7_with_the_reason(tmp_path: Path) -> No
     )
     url = f"nats://127.0.0.1:{free_port()}"
     env = {**os.environ, "NATS_CONNECT_TIMEOUT": "1", "PYTHONPATH": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-m", "framework.cli", "run", "lonely:service", "--url", url],
-        capture_output=True,
-        text=True,
-        timeout=HANG,
-        cwd=tmp_path,
-        env=env,
-    )
+    done = mesh_cli("run", "lonely:service", "--url", url, cwd=tmp_path, env=env, timeout=HANG)
     assert done.returncode == 7, done.stderr
     assert f"mesh: cannot connect to NATS at {url} within 1s" in done.stderr
     assert "NATS_URL" in done.stderr and "Traceback" not in done.stderr

@@ -7,7 +7,6 @@ still get through when the fast path cannot be taken.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Awaitable
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import BadHeaderError
 
+from framework.testing import eventually
 from framework.transport import wire
 from framework.transport.headers import EventFields, outgoing
 from framework.transport.timers import Deadlines
@@ -101,10 +101,7 @@ async def test_messages_arrive_through_the_fast_path_and_the_fallback(client: An
     finally:
         nc._max_pending_size = limit
     await nc.flush()
-    for _ in range(200):
-        if len(received) == 3:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(received) == 3, what="the three messages")
     headers = {"X-A": "1", "Correlation-Id": "c-1"}
     assert received == [(b"fast", headers), (b"fallback", headers), (b"plain", None)]
 
@@ -142,7 +139,7 @@ async def test_deadlines_fire_in_order_once_and_never_after_done() -> None:
     key = deadlines.add(0.02, "finished in time")
     deadlines.done(key)
     deadlines.add(10.0, "far")
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(fired) == 2, what="the two deadlines to pass")
     assert fired == ["early", "late"]
     assert len(deadlines) == 1  # "far" is still watched
     deadlines.close()
@@ -164,5 +161,27 @@ async def test_deadlines_callback_may_add_more() -> None:
     fired: list[int] = []
     deadlines = Deadlines(lambda n: (fired.append(n), n < 3 and deadlines.add(0.001, n + 1)))
     deadlines.add(0.001, 0)
-    await asyncio.sleep(0.2)
+    await eventually(lambda: len(fired) == 4, what="four deadlines, each added by the last")
     assert fired == [0, 1, 2, 3]
+
+
+async def test_inline_subscriptions_fall_back_to_a_callback(nats_url: str) -> None:
+    """A nats-py whose `subscribe` takes no `future=` gets an ordinary callback."""
+
+    class WithoutFuture(NATS):
+        async def subscribe(self, subject: str, queue: str = "", cb: Any = None) -> Any:  # type: ignore[override]
+            return await super().subscribe(subject, queue=queue, cb=cb)
+
+    received: list[bytes] = []
+    for nc in (NATS(), WithoutFuture()):
+        await nc.connect(nats_url)
+        try:
+            sub = await wire.subscribe_inline(nc, "inline.test", lambda m: received.append(m.data))
+            assert (sub._future is not None) is (type(nc) is NATS)
+            await nc.publish("inline.test", b"x")
+            await nc.flush()
+            count = 1 if type(nc) is NATS else 2
+            await eventually(lambda count=count: len(received) == count, what="the message")
+        finally:
+            await nc.close()
+    assert received == [b"x", b"x"]

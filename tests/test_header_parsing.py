@@ -8,7 +8,7 @@ import random
 import pytest
 from nats.aio.client import Client as NATS
 
-from framework.transport.headers import parse_header_block
+from framework.transport.headers import install_header_parser, parse_header_block
 
 nats_py_parse = getattr(NATS, "_parse_header_lines", None)
 needs_nats_py_parser = pytest.mark.skipif(
@@ -90,3 +90,17 @@ def test_wire_size_counts_the_header_block_in_bytes():
         block += b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
         assert wire_size(b"xyz", headers) == 3 + len(block)
     assert wire_size(b"xyz", None) == wire_size(b"xyz", {}) == 3
+
+
+def test_the_parser_is_installed_only_where_nats_py_has_the_method():
+    """A nats-py without `_parse_header_lines` keeps its own parsing, untouched."""
+
+    class OtherClient:  # a nats-py release that parses headers another way
+        def _parse_headers(self, raw: bytes) -> dict[str, str]:
+            return {}
+
+    other = OtherClient()
+    assert install_header_parser(other) is False
+    assert not hasattr(other, "_parse_header_lines")
+    current = NATS()
+    assert install_header_parser(current) is (nats_py_parse is not None)

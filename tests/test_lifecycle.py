@@ -16,6 +16,7 @@ import pytest
 
 from framework import BatchPublisher, DeadlineExceeded, NoResponders, Service, connect
 from framework.dev.devserver import NatsServer
+from framework.testing import eventually
 
 
 class Job(msgspec.Struct):
@@ -82,16 +83,14 @@ async def test_service_serves_again_after_server_restart(nats_server: NatsServer
     async with connect(nats_server.url) as client:
         assert await client.call("phoenix.echo", "before", returns=str) == "before"
         nats_server.restart()
-        with anyio.fail_after(15):
-            while True:
-                try:
-                    assert (
-                        await client.call("phoenix.echo", "after", returns=str, timeout=1)
-                        == "after"
-                    )
-                    break
-                except (NoResponders, DeadlineExceeded, Exception):
-                    await anyio.sleep(0.2)
+
+        async def answers_again() -> bool:
+            try:
+                return await client.call("phoenix.echo", "after", returns=str, timeout=1) == "after"
+            except (NoResponders, DeadlineExceeded, Exception):  # reconnecting, re-subscribing
+                return False
+
+        await eventually(answers_again, 15, "an answer after the restart", 0.2)
 
 
 SERVICE_MODULE = textwrap.dedent(
@@ -121,9 +120,7 @@ async def test_run_stops_gracefully_on_signal(tmp_path: Path, nats_url, signum):
     )
     try:
         async with connect(nats_url) as client:
-            with anyio.fail_after(15):
-                while not await client.ping("sig", timeout=0.2):
-                    await anyio.sleep(0.1)
+            await eventually(lambda: client.ping("sig", timeout=0.2), 15, "sig started", 0.1)
             async with anyio.create_task_group() as tg:
                 answers: list[int] = []
 
@@ -170,9 +167,8 @@ async def test_a_replica_stopping_mid_stream_leaves_nothing_stuck(nats_url, idem
         # `first` stopped: what it had pulled finished within the grace period
         began = time.monotonic()
         async with replica("second", 0.0).serve(nats_url):
-            with anyio.fail_after(10):  # ack_wait is 30 s: well before it
-                while len(handled) < 6:
-                    await anyio.sleep(0.02)
+            # ack_wait is 30 s: well before it
+            await eventually(lambda: len(handled) >= 6, 10, "all six handled")
         assert time.monotonic() - began < 10
     assert sorted(n for _, n in handled) == list(range(6))  # each exactly once
     assert any(name == "first" for name, _ in handled)
@@ -222,7 +218,6 @@ async def test_events_still_being_looked_up_at_stop_are_handed_back(nats_url):
             stop_began = time.monotonic()  # leaving `serve` stops `first` now
         assert handled == []  # stopped with the batch unhandled
         async with replica("second").serve(nats_url):
-            with anyio.fail_after(10):  # ack_wait is 30 s: handed back, not waited out
-                while len(handled) < 4:
-                    await anyio.sleep(0.02)
+            # ack_wait is 30 s: handed back, not waited out
+            await eventually(lambda: len(handled) >= 4, 10, "all four handled")
     assert sorted(handled) == [("second", n) for n in range(4)]

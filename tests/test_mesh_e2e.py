@@ -11,13 +11,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
 import anyio
 import pytest
+from support.cli import MESH_MODULE, Running, alive, children, mesh_cli
 
 from framework import connect
 from framework.dev.devserver import free_port
@@ -42,25 +41,9 @@ ORDERS = 50
 DECLINED_EVERY = 5  # every fifth order is above the provider's limit
 
 
-def _children(pid: int) -> dict[int, str]:
-    """Child processes of `pid` with their command lines (from /proc)."""
-    found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent == pid:
-                found[int(entry.name)] = (
-                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                )
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
+class MeshProcess(Running):
+    """`mesh up` of the shop's saga services in `workdir`, on `port`."""
 
-
-class MeshProcess:
     def __init__(self, workdir: Path, port: int) -> None:
         config = workdir / "nats.conf"
         config.write_text('listen: 127.0.0.1:4222\njetstream { store_dir: ".mesh/jetstream" }\n')
@@ -76,50 +59,14 @@ class MeshProcess:
             "PAYMENTS_LEDGER": str(self.ledger),
             "LOG_FORMAT": "json",
         }
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "framework.cli",
-                "up",
-                "--port",
-                str(port),
-                "--no-color",
-                "--config",
-                str(config),
-            ],
-            cwd=workdir,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def said(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
+        argv = [*MESH_MODULE, "up", "--port", str(port), "--no-color", "--config", str(config)]
+        super().__init__(argv, workdir, env)
 
     def child(self, name: str) -> int:
-        for pid, cmdline in _children(self.proc.pid).items():
+        for pid, cmdline in children(self.proc.pid).items():
             if f"services.{name}:service" in cmdline:
                 return pid
         raise LookupError(f"no {name} process")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                return self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
 
 
 def _request(n: int) -> CreateOrder:
@@ -145,19 +92,15 @@ async def test_mesh_end_to_end_with_payments_killed_mid_stream(tmp_path: Path):
 
             final: dict[str, Order] = {}
 
-            async def all_final() -> None:
-                with anyio.fail_after(90):
-                    while len(final) < ORDERS:
-                        for order in placed:
-                            if order.id not in final:
-                                now = await client.call(
-                                    "orders.get", GetOrder(order.id), returns=Order
-                                )
-                                if now.status in ("confirmed", "cancelled"):
-                                    final[order.id] = now
-                        await anyio.sleep(0.2)
+            async def all_final() -> bool:
+                for order in placed:
+                    if order.id not in final:
+                        now = await client.call("orders.get", GetOrder(order.id), returns=Order)
+                        if now.status in ("confirmed", "cancelled"):
+                            final[order.id] = now
+                return len(final) == ORDERS
 
-            await all_final()
+            await _until(all_final, 90, lambda: f"{ORDERS - len(final)} orders final", 0.2)
         expected = {
             order.id: "cancelled" if n % DECLINED_EVERY == 0 else "confirmed"
             for n, order in enumerate(placed)
@@ -192,7 +135,7 @@ async def test_mesh_end_to_end_with_payments_killed_mid_stream(tmp_path: Path):
         code = mesh.stop()
         assert mesh.said("mesh: stopped"), "".join(mesh.lines[-30:])
     assert code == 0
-    assert not _children(mesh.proc.pid)
+    assert not children(mesh.proc.pid)
 
 
 def test_detached_mesh_runs_in_the_background_until_down(tmp_path: Path):
@@ -203,14 +146,7 @@ def test_detached_mesh_runs_in_the_background_until_down(tmp_path: Path):
     env = {**os.environ, "MESH_OUTBOX": str(tmp_path / "outbox.jsonl")}
 
     def mesh(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "framework.cli", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
+        return mesh_cli(*args, cwd=tmp_path, env=env, timeout=90)
 
     started = mesh("up", "--detach", "--port", str(port), "--config", "nats.conf")
     assert started.returncode == 0, started.stdout + started.stderr
@@ -226,9 +162,7 @@ def test_detached_mesh_runs_in_the_background_until_down(tmp_path: Path):
         stopped = mesh("down")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not (tmp_path / ".mesh" / "mesh.pid").exists()
-    assert (
-        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    )
+    assert not alive(pid)  # gone, or a zombie whose parent has not reaped it yet
 
 
 async def test_services_stop_when_the_supervisor_is_killed(tmp_path: Path):
@@ -237,10 +171,10 @@ async def test_services_stop_when_the_supervisor_is_killed(tmp_path: Path):
     mesh = MeshProcess(tmp_path, port)
     try:
         await _until(lambda: mesh.said("mesh: ready"), 60, "mesh ready")
-        children = _children(mesh.proc.pid)
-        services = [pid for pid, cmd in children.items() if "framework.cli run" in cmd]
-        servers = [pid for pid, cmd in children.items() if "nats-server" in cmd]
-        assert len(services) == 4 and len(servers) == 1, children
+        started = children(mesh.proc.pid)
+        services = [pid for pid, cmd in started.items() if "framework.cli run" in cmd]
+        servers = [pid for pid, cmd in started.items() if "nats-server" in cmd]
+        assert len(services) == 4 and len(servers) == 1, started
     finally:
         mesh.proc.kill()
         mesh.proc.wait()

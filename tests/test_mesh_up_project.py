@@ -8,16 +8,12 @@ nats-server started by `mesh up` itself.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.cli import mesh_cli, mesh_up, project_env
 
 from framework.dev.devserver import free_port
 from framework.dev.project import ProjectConfigError, find_project
@@ -71,55 +67,8 @@ def make_project(root: Path, pyproject: str | None = PYPROJECT) -> Path:
     return root
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, **extra}
-    env.pop("PYTHONPATH", None)  # the project's modules come from the project, not from us
-    return env
-
-
-def mesh_run(*args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str = "") -> Any:
-    return subprocess.run(
-        [sys.executable, "-m", "framework.cli", *args],
-        cwd=cwd,
-        env=env or clean_env(),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-class MeshUp:
-    """`mesh up` as a user starts it, in the foreground, its output collected."""
-
-    def __init__(self, cwd: Path, port: int, *args: str, env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "framework.cli", "up", "--port", str(port), "--no-color", *args],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def said(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                return self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+def mesh_run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Any:
+    return mesh_cli(*args, cwd=cwd, env=env or project_env())
 
 
 async def test_mesh_up_starts_the_services_of_a_users_project(tmp_path: Path) -> None:
@@ -127,9 +76,9 @@ async def test_mesh_up_starts_the_services_of_a_users_project(tmp_path: Path) ->
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     greeted = tmp_path / "greeted.txt"
-    env = clean_env(GREETED_FILE=str(greeted))
+    env = project_env(GREETED_FILE=str(greeted))
     started_in = project / "greeter_app"  # a subdirectory: the project is found upwards
-    mesh = MeshUp(started_in, port, env=env)
+    mesh = mesh_up(started_in, port, env=env)
     try:
         await eventually(lambda: mesh.said("mesh: ready"), 60, "mesh up ready")
         assert mesh.said(f"(from {project / 'pyproject.toml'}) in {project}")
@@ -154,7 +103,7 @@ async def test_mesh_toml_and_service_flags(tmp_path: Path) -> None:
     project = make_project(tmp_path, pyproject=None)
     (project / "mesh.toml").write_text('services = ["greeter_app.nothere:service"]\n')
     port = free_port()
-    mesh = MeshUp(project, port, "--service", "greeter_app.service:service", env=clean_env())
+    mesh = mesh_up(project, port, "--service", "greeter_app.service:service", env=project_env())
     try:
         await eventually(lambda: mesh.said("mesh: ready"), 60, "mesh up ready")
         assert mesh.said("greeter (from --service)")

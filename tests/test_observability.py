@@ -17,12 +17,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
 import msgspec
 import pytest
 import structlog
@@ -30,14 +29,15 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from support.otel import recorded_spans, sdk_provider
 
 from framework import Context, NotFound, Service, ServiceError, configure_logging
 from framework.observability.console_traces import TraceTreePrinter
 from framework.observability.logging import REDACTED, add_trace_ids
+from framework.testing import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,20 +68,14 @@ class Otel:
 
 @pytest.fixture(scope="module")
 def otel() -> Iterator[Otel]:
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    printer = TraceTreePrinter(stream=io.StringIO())
-    provider.add_span_processor(printer)
-    reader: InMemoryMetricReader | None = None
-    if not isinstance(otel_metrics.get_meter_provider(), MeterProvider):
-        reader = InMemoryMetricReader()
-        otel_metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    yield Otel(exporter, reader, printer)
-    exporter.shutdown()  # later modules' spans are dropped, not kept in memory
+    with recorded_spans() as exporter:  # later modules' spans are dropped, not kept in memory
+        printer = TraceTreePrinter(stream=io.StringIO())
+        sdk_provider().add_span_processor(printer)
+        reader: InMemoryMetricReader | None = None
+        if not isinstance(otel_metrics.get_meter_provider(), MeterProvider):
+            reader = InMemoryMetricReader()
+            otel_metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        yield Otel(exporter, reader, printer)
     printer.stream = io.StringIO()
 
 
@@ -97,15 +91,6 @@ _unique = itertools.count(1)
 
 def unique(name: str) -> str:
     return f"{name}{next(_unique)}"
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    with anyio.fail_after(timeout):
-        while True:
-            result = predicate()
-            if result:
-                return result
-            await anyio.sleep(0.02)
 
 
 def by_name(spans: Sequence[ReadableSpan], name: str) -> list[ReadableSpan]:
@@ -154,8 +139,8 @@ async def test_one_trace_across_three_services_with_conventions_and_logs(serve, 
     with structlog.testing.capture_logs() as logs:
         receipt = await client.call("orders.create", Order("o-1"), returns=Receipt)
         assert receipt.status == "pending"
-        await wait_for(lambda: by_name(sdk.spans(), "process ledger.record"))
-        await wait_for(lambda: by_name(sdk.spans(), "process events.order.created.v1"))
+        await eventually(lambda: by_name(sdk.spans(), "process ledger.record"))
+        await eventually(lambda: by_name(sdk.spans(), "process events.order.created.v1"))
 
     spans = sdk.spans()
     chain = [
@@ -246,7 +231,7 @@ async def test_user_spans_and_plain_client_calls_nest_under_the_handler(serve, c
         spans = sdk.spans()
         return spans if len(by_name(spans, "process back.store")) == 2 else None
 
-    spans = await wait_for(finished)
+    spans = await eventually(finished)
     ids = {s.context.span_id: s for s in spans}
 
     def ancestry(span: ReadableSpan) -> list[str]:
@@ -283,7 +268,7 @@ async def test_batched_publishes_are_producer_spans_the_consumers_continue(serve
         spans = sdk.spans()
         return spans if len(by_name(spans, "process events.order.created.v1")) == 3 else None
 
-    spans = await wait_for(finished)
+    spans = await eventually(finished)
     (root,) = by_name(spans, "import")
     producers = by_name(spans, "publish events.order.created.v1")
     assert len(producers) == 3
@@ -317,7 +302,7 @@ async def test_correlation_id_is_carried_through_calls_and_events_from_handlers(
 
     await serve(svc)
     await client.call(f"{svc.name}.start", Order("o-4"), correlation_id="order-42")
-    await wait_for(lambda: len(seen) == 2)
+    await eventually(lambda: len(seen) == 2)
     assert [(name, cid) for name, cid, _ in seen] == [
         ("first", "order-42"),
         ("second", "order-42"),
@@ -377,7 +362,7 @@ async def test_redelivered_event_is_two_process_spans_linked_to_one_producer(ser
     await serve(svc)
     await client.publish("order.created.v1", OrderCreated("o-7"))
     name = "process events.order.created.v1"
-    await wait_for(lambda: len(by_name(sdk.spans(), name)) == 2)
+    await eventually(lambda: len(by_name(sdk.spans(), name)) == 2)
     spans = sdk.spans()
     producer = one(spans, "publish events.order.created.v1")
     first, second = sorted(by_name(spans, name), key=lambda s: s.start_time or 0)
@@ -444,7 +429,7 @@ async def test_metrics_for_an_endpoint_and_a_subscriber(serve, client, sdk):
         dead = [p for p in found.get("mesh.subscriber.dead_lettered", []) if p.value == 1]
         return found if dead and point(found, "mesh.handler.handled", **sub).value == 3 else None
 
-    found = await wait_for(settled)
+    found = await eventually(settled)
     assert point(found, "mesh.handler.handled", **rpc).value == 4
     assert point(found, "mesh.handler.failed", **rpc).value == 1
     assert point(found, "mesh.handler.duration", **rpc).count == 4
@@ -481,7 +466,7 @@ async def test_console_printer_prints_an_indented_tree(serve, client, sdk):
     await client.call("edge.get", Order("o-8"), returns=Receipt)
     stream = sdk.printer.stream
     assert isinstance(stream, io.StringIO)
-    text = await wait_for(lambda: stream.getvalue())
+    text = await eventually(lambda: stream.getvalue())
     lines = text.splitlines()
     assert lines[0].startswith("trace ") and "(6 spans" in lines[0]
     rows = lines[1:]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import Counter
 from typing import Any
 
@@ -17,29 +16,15 @@ import anyio
 import msgspec
 import pytest
 import structlog
+from support.cli import mesh, mesh_command
+from support.events import OrderCreated
 
 from framework import ConfigConflict, Context, Service
-from framework.cli.main import main
 from framework.events.ownership import Owner, is_newer
 from framework.rpc.discovery import divergences
 from framework.testing import eventually
 
 DURABLE = "payments_on_order_created"
-
-
-async def mesh(*argv: str) -> int:
-    """`mesh ...` in-process: it runs its own event loop, so in a thread."""
-    return await anyio.to_thread.run_sync(main, list(argv))
-
-
-def mesh_command() -> list[str]:
-    """The installed console script, as a user would run it."""
-    return [sys.executable, "-m", "framework.cli"]
-
-
-class OrderCreated(msgspec.Struct):
-    order_id: str
-    amount_cents: int
 
 
 class OrderPlaced(msgspec.Struct):  # the README's idea of the same event: another schema

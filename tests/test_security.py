@@ -441,20 +441,14 @@ def test_secure_conf_is_valid_and_binds_loopback() -> None:
     assert "password: $" in text and 'password: "' not in text  # no password in the file
 
 
-async def test_secure_conf_lets_the_sample_mesh_work(
-    secure_server: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_secure_conf_lets_the_sample_mesh_work(secure_server: Any, outbox: Any) -> None:
     """The real sample services, each as its own user, take an order to confirmed."""
+    from support.shop import order_when
+
     from services import inventory, notifications, orders, payments, receipts
-    from services.contracts import CreateOrder, GetOrder, Order, OrderItem
+    from services.contracts import CreateOrder, Order, OrderItem
 
-    sent: list[Any] = []
-
-    class Recorder:
-        async def send(self, notification: Any) -> None:
-            sent.append(notification)
-
-    monkeypatch.setattr(notifications, "sender", Recorder())  # not the outbox file
+    sent = outbox.sent  # a list, not the outbox file
     async with AsyncExitStack() as stack:
         for module in (notifications, payments, inventory, receipts, orders):
             client = await stack.enter_async_context(as_user(secure_server, module.service.name))
@@ -470,11 +464,7 @@ async def test_secure_conf_lets_the_sample_mesh_work(
         await wait_until(lambda: len(sent) == 2, 10, "the receipt (the receipts.render job)")
         assert sorted(note.kind for note in sent) == ["order_confirmed", "receipt"]
 
-        async def confirmed() -> bool:
-            found = await edge.call("orders.get", GetOrder(order.id), returns=Order)
-            return found.status == "confirmed"
-
-        await wait_until(confirmed, 5, "order confirmed")
+        await order_when(edge, order.id, lambda found: found.status == "confirmed", 5)
 
         async def all_answer() -> bool:
             names = {info.name for info in await edge.ping(timeout=0.3)}

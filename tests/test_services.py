@@ -9,11 +9,12 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from support.shop import order_when
 
 from framework import BadRequest, NotFound, ServiceError, list_dead_letters, replay_dead_letter
 from framework.runner import load_service
 from framework.testing import eventually
-from services import inventory, notifications, orders, payments
+from services import notifications, orders, payments
 from services.contracts import (
     ORDER_CREATED,
     PAYMENT_FAILED,
@@ -21,7 +22,6 @@ from services.contracts import (
     GetOrder,
     GetPayment,
     ListOrders,
-    Notification,
     Order,
     OrderCreated,
     OrderItem,
@@ -31,49 +31,15 @@ from services.contracts import (
 )
 
 
-class RecordingSender:
-    def __init__(self) -> None:
-        self.sent: list[Notification] = []
-
-    async def send(self, notification: Notification) -> None:
-        self.sent.append(notification)
-
-
-@pytest.fixture
-def outbox(monkeypatch: pytest.MonkeyPatch) -> RecordingSender:
-    recorder = RecordingSender()
-    monkeypatch.setattr(notifications, "sender", recorder)
-    return recorder
-
-
-@pytest.fixture
-def provider(monkeypatch: pytest.MonkeyPatch) -> payments.SimulatedProvider:
-    fresh = payments.SimulatedProvider()
-    monkeypatch.setattr(payments, "provider", fresh)
-    return fresh
-
-
-@pytest.fixture
-async def mesh(serve: Any, outbox: RecordingSender, provider: payments.SimulatedProvider) -> None:
-    for module in (notifications, payments, inventory, orders):
-        await serve(module.service)
-
-
 async def order_reaches(client: Any, order_id: str, status: str) -> Order:
-    async def reached() -> bool:
-        order = await client.call("orders.get", GetOrder(order_id), returns=Order)
-        return bool(order.status == status)
-
-    await eventually(reached)
-    result: Order = await client.call("orders.get", GetOrder(order_id), returns=Order)
-    return result
+    return await order_when(client, order_id, lambda order: order.status == status, 10)
 
 
 def order_of(cents: int, customer: str = "c-1", **options: Any) -> CreateOrder:
     return CreateOrder(customer, [OrderItem("book-dune", 2, cents // 2)], **options)
 
 
-async def test_order_is_confirmed_and_customer_notified_once(mesh, client, outbox, provider):
+async def test_order_is_confirmed_and_customer_notified_once(shop, client, outbox, provider):
     order = await client.call("orders.create", order_of(5000), returns=Order)
     assert (order.status, order.total_cents) == ("pending", 5000)
 
@@ -87,7 +53,7 @@ async def test_order_is_confirmed_and_customer_notified_once(mesh, client, outbo
     assert provider.charged == {confirmed.payment_id: 5000}
 
 
-async def test_large_amount_is_declined_and_order_cancelled(mesh, client, outbox, provider):
+async def test_large_amount_is_declined_and_order_cancelled(shop, client, outbox, provider):
     order = await client.call("orders.create", order_of(250_000), returns=Order)
     cancelled = await order_reaches(client, order.id, "cancelled")
     assert cancelled.reason is not None and "above the limit" in cancelled.reason
@@ -190,7 +156,7 @@ class UnavailableOnce(payments.SimulatedProvider):
 
 
 async def test_transient_provider_failure_is_retried_with_the_same_payment(
-    mesh, client, monkeypatch
+    shop, client, monkeypatch
 ):
     flaky = UnavailableOnce()
     monkeypatch.setattr(payments, "provider", flaky)
@@ -200,7 +166,7 @@ async def test_transient_provider_failure_is_retried_with_the_same_payment(
     assert flaky.charged == {confirmed.payment_id: 900}
 
 
-async def test_same_idempotency_key_creates_one_order(mesh, client, provider):
+async def test_same_idempotency_key_creates_one_order(shop, client, provider):
     request = order_of(1200, idempotency_key="cart-42")
     first = await client.call("orders.create", request, returns=Order)
     second = await client.call("orders.create", request, returns=Order)
@@ -212,7 +178,7 @@ async def test_same_idempotency_key_creates_one_order(mesh, client, provider):
         await client.call("orders.create", other, returns=Order)
 
 
-async def test_flaky_notifier_is_retried_until_it_succeeds(mesh, client, outbox, monkeypatch):
+async def test_flaky_notifier_is_retried_until_it_succeeds(shop, client, outbox, monkeypatch):
     flaky = notifications.FlakySender(outbox, failures=2)
     monkeypatch.setattr(notifications, "sender", flaky)
     order = await client.call("orders.create", order_of(300), returns=Order)
@@ -223,7 +189,7 @@ async def test_flaky_notifier_is_retried_until_it_succeeds(mesh, client, outbox,
 
 
 async def test_notification_past_max_deliver_is_dead_lettered_then_replayed(
-    mesh, client, outbox, monkeypatch
+    shop, client, outbox, monkeypatch
 ):
     flaky = notifications.FlakySender(outbox, failures=5)  # max_deliver is 5
     monkeypatch.setattr(notifications, "sender", flaky)
@@ -248,7 +214,7 @@ async def test_notification_past_max_deliver_is_dead_lettered_then_replayed(
     assert await list_dead_letters(client, service="notifications") == []
 
 
-async def test_refund_flow(mesh, client, provider):
+async def test_refund_flow(shop, client, provider):
     order = await client.call("orders.create", order_of(4000), returns=Order)
     confirmed = await order_reaches(client, order.id, "confirmed")
 
@@ -265,7 +231,7 @@ async def test_refund_flow(mesh, client, provider):
         await client.call("payments.refund", Refund("ord-missing"), returns=Payment)
 
 
-async def test_declined_payment_cannot_be_refunded(mesh, client):
+async def test_declined_payment_cannot_be_refunded(shop, client):
     order = await client.call("orders.create", order_of(200_000), returns=Order)
     await order_reaches(client, order.id, "cancelled")
     with pytest.raises(ServiceError) as raised:
@@ -273,7 +239,7 @@ async def test_declined_payment_cannot_be_refunded(mesh, client):
     assert raised.value.code == 409
 
 
-async def test_impossible_transition_is_rejected_to_dead_letters(mesh, client):
+async def test_impossible_transition_is_rejected_to_dead_letters(shop, client):
     order = await client.call("orders.create", order_of(800), returns=Order)
     confirmed = await order_reaches(client, order.id, "confirmed")
     await client.publish(PAYMENT_FAILED, PaymentFailed(order.id, "pay-x", "card stolen"))
@@ -288,7 +254,7 @@ async def test_impossible_transition_is_rejected_to_dead_letters(mesh, client):
     assert await client.call("orders.get", GetOrder(order.id), returns=Order) == confirmed
 
 
-async def test_list_filters_by_customer_and_status(mesh, client):
+async def test_list_filters_by_customer_and_status(shop, client):
     ok = await client.call("orders.create", order_of(100, "alice"), returns=Order)
     big = await client.call("orders.create", order_of(500_000, "alice"), returns=Order)
     await client.call("orders.create", order_of(100, "bob"), returns=Order)

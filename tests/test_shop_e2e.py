@@ -14,10 +14,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
-import tomllib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +24,7 @@ import anyio
 import httpx
 import msgspec
 import pytest
-from test_mesh_e2e import _children
+from support.cli import MESH_MODULE, Running, alive, children, sample_project
 
 from framework import connect
 from framework.dev.devserver import free_port
@@ -39,44 +36,24 @@ pytestmark = pytest.mark.slow
 
 ORDERS = 300
 ORDER_TIMEOUT = 6.0  # the saga deadline, short so the outage hits it
-ROOT = Path(__file__).resolve().parent.parent
 PRICES = {"book-dune": 1_999, "mug-owl": 850, "pen-ink": 299, "lamp-arc": 4_500, "bike-road": 9_900}
 OUTAGE_AT, KILL_INVENTORY_AT, RESTART_NATS_AT = 70, 160, 230
 
 
-class Mesh:
+class Mesh(Running):
     """`mesh up` in a temporary project directory, with its output collected."""
 
     def __init__(self, workdir: Path, port: int, env: dict[str, str]) -> None:
         self.workdir = workdir
         self.port = port
         (workdir / "nats.conf").write_text('jetstream { store_dir: ".mesh/jetstream" }\n')
-        services = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mesh"]["services"]
-        listed = ", ".join(f'"{spec}"' for spec in services)
-        (workdir / "mesh.toml").write_text(f'services = [{listed}]\nnats_config = "nats.conf"\n')
-        command = [sys.executable, "-m", "framework.cli", "up", "--port", str(port), "--no-color"]
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            command,
-            cwd=workdir,
-            env={**os.environ, **env, "LOG_FORMAT": "json"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
+        sample_project(workdir, nats_config="nats.conf")
+        argv = [*MESH_MODULE, "up", "--port", str(port), "--no-color"]
+        super().__init__(argv, workdir, {**os.environ, **env, "LOG_FORMAT": "json"})
         self.replacement: subprocess.Popen[bytes] | None = None
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def said(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
     def child(self, needle: str) -> tuple[int, str]:
-        for pid, cmdline in _children(self.proc.pid).items():
+        for pid, cmdline in children(self.proc.pid).items():
             if needle in cmdline:
                 return pid, cmdline
         raise LookupError(f"no process {needle}")
@@ -87,23 +64,14 @@ class Mesh:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            status = Path(f"/proc/{pid}/stat").read_text().split()[2]
-            if status == "Z":
-                break
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         log = (self.workdir / "nats-restarted.log").open("ab")
         self.replacement = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=log)
 
-    def stop(self) -> int:
+    def stop(self, signum: int = signal.SIGINT, timeout: float = 40) -> int:
         try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGINT)
-                try:
-                    return self.proc.wait(timeout=40)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-            return self.proc.wait()
+            return super().stop(signum, timeout)
         finally:
             if self.replacement is not None:
                 self.replacement.terminate()

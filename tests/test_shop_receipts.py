@@ -7,45 +7,18 @@ from typing import Any
 
 import anyio
 import pytest
+from support.shop import Outbox, final, serve_shop
 
 from framework import NotFound
 from framework.testing import eventually
 from services import inventory, notifications, orders, payments, receipts
-from services.contracts import CreateOrder, GetOrder, GetReceipt, Notification, Order, OrderItem
-
-
-class Outbox:
-    def __init__(self) -> None:
-        self.sent: list[Notification] = []
-
-    async def send(self, notification: Notification) -> None:
-        self.sent.append(notification)
+from services.contracts import CreateOrder, GetReceipt, Order, OrderItem
 
 
 @pytest.fixture
-def outbox(monkeypatch: pytest.MonkeyPatch) -> Outbox:
-    recorder = Outbox()
-    monkeypatch.setattr(notifications, "sender", recorder)
-    monkeypatch.setattr(payments, "provider", payments.SimulatedProvider())
+async def shop(serve: Any, outbox: Outbox, provider: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(receipts, "LINE_DELAY", 0.2)  # long enough to watch its progress
-    return recorder
-
-
-@pytest.fixture
-async def shop(serve: Any, outbox: Outbox) -> None:
-    for module in (notifications, payments, inventory, receipts, orders):
-        await serve(module.service)
-
-
-async def final(client: Any, order_id: str) -> Order:
-    found: list[Order] = []
-
-    async def done() -> bool:
-        found[:] = [await client.call("orders.get", GetOrder(order_id), returns=Order)]
-        return found[0].status != "pending"
-
-    await eventually(done, 15)
-    return found[0]
+    await serve_shop(serve, notifications, payments, inventory, receipts, orders)
 
 
 async def test_a_confirmed_order_gets_one_receipt_with_progress(client, shop, outbox):

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from support.shop import final
 
 from framework import NotFound
 from framework.testing import eventually
@@ -31,7 +32,6 @@ from services.contracts import (
     GetOrder,
     GetPayment,
     GetStock,
-    Notification,
     Order,
     OrderCancelled,
     OrderCreated,
@@ -48,49 +48,8 @@ from services.contracts import (
 )
 
 
-class RecordingSender:
-    def __init__(self) -> None:
-        self.sent: list[Notification] = []
-
-    async def send(self, notification: Notification) -> None:
-        self.sent.append(notification)
-
-
-@pytest.fixture
-def outbox(monkeypatch: pytest.MonkeyPatch) -> RecordingSender:
-    recorder = RecordingSender()
-    monkeypatch.setattr(notifications, "sender", recorder)
-    return recorder
-
-
-@pytest.fixture
-def provider(monkeypatch: pytest.MonkeyPatch) -> payments.SimulatedProvider:
-    fresh = payments.SimulatedProvider()
-    monkeypatch.setattr(payments, "provider", fresh)
-    return fresh
-
-
-@pytest.fixture
-async def shop(serve: Any, outbox: RecordingSender, provider: Any) -> None:
-    for module in (notifications, payments, inventory, orders):
-        await serve(module.service)
-
-
 def basket(*lines: tuple[str, int, int], customer: str = "c-1") -> CreateOrder:
     return CreateOrder(customer, [OrderItem(sku, qty, price) for sku, qty, price in lines])
-
-
-async def final(client: Any, order_id: str, timeout: float = 15.0) -> Order:
-    """The order once it is no longer pending."""
-    result: list[Order] = []
-
-    async def done() -> bool:
-        order = await client.call("orders.get", GetOrder(order_id), returns=Order)
-        result[:] = [order]
-        return order.status != "pending"
-
-    await eventually(done, timeout, lambda: f"order {order_id} to be final: {result}")
-    return result[0]
 
 
 async def stock(client: Any, sku: str) -> StockItem:

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from typing import Any
 
 import anyio
-import pytest
+from support.cli import mesh_cli
+from support.shop import final
 
 from framework import Service
 from framework.cli.replay import replay
 from framework.testing import eventually
-from services import inventory, notifications, orders, payments, views
+from services import views
 from services.contracts import (
     ORDER_CANCELLED,
     ORDER_CONFIRMED,
@@ -24,7 +24,6 @@ from services.contracts import (
     CustomerOrders,
     CustomerQuery,
     DailyRevenue,
-    GetOrder,
     ListOrders,
     Order,
     OrderCancelled,
@@ -36,28 +35,10 @@ from services.contracts import (
 )
 
 
-class Outbox:
-    async def send(self, notification: Any) -> None:
-        pass
-
-
-@pytest.fixture
-async def shop(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(notifications, "sender", Outbox())
-    monkeypatch.setattr(payments, "provider", payments.SimulatedProvider())
-    for module in (notifications, payments, inventory, orders):
-        await serve(module.service)
-
-
 async def place(client: Any, customer: str, cents: int, sku: str = "book-dune") -> Order:
     request = CreateOrder(customer, [OrderItem(sku, 1, cents)])
     order: Order = await client.call("orders.create", request, returns=Order)
-
-    async def final() -> bool:
-        now = await client.call("orders.get", GetOrder(order.id), returns=Order)
-        return bool(now.status != "pending")
-
-    await eventually(final)
+    await final(client, order.id)
     return order
 
 
@@ -169,15 +150,7 @@ async def test_mesh_replay_command(client, shop, nats_url):
     env = {**os.environ, "ORDERS_VIEW": "v3", "NATS_URL": nats_url}
 
     def mesh(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [
-            sys.executable,
-            "-m",
-            "framework.cli",
-            "replay",
-            "services.orders:service",
-            *args,
-        ]
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        return mesh_cli("replay", "services.orders:service", *args, env=env)
 
     done = await anyio.to_thread.run_sync(mesh, "--handler", "view_v3_*")
     assert done.returncode == 0, done.stdout + done.stderr

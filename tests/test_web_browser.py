@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from test_web_dashboard import Shipping
-from web_support import CHROMIUM_ARGS, chromium_path, http_server
+from support.shop import Outbox, SlowProvider, serve_shop
+from web_support import CHROMIUM_ARGS, Parcel, Shipping, chromium_path, http_server
 
 from framework.testing import eventually
 from framework.web.dashboard import create_app
-from services import inventory, notifications, orders, payments
+from services import payments
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
 CHROMIUM = chromium_path()
@@ -28,24 +28,6 @@ pytestmark = pytest.mark.skipif(
     reason="no Chromium to drive: `apt-get install chromium` (Debian) or set CHROMIUM_PATH",
 )
 VIEWPORT = {"width": 1280, "height": 860}
-
-
-class SlowProvider(payments.SimulatedProvider):
-    """A card network that takes a second: the page is watching before the order is final."""
-
-    async def charge(self, key: str, amount_cents: int, order_id: str = "") -> str | None:
-        import anyio
-
-        await anyio.sleep(1.0)
-        return await super().charge(key, amount_cents, order_id)
-
-
-class Outbox:
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    async def send(self, notification: Any) -> None:
-        self.sent.append(notification)
 
 
 @pytest_asyncio.fixture
@@ -62,11 +44,9 @@ async def page() -> AsyncIterator[Any]:
 
 
 @pytest_asyncio.fixture
-async def shop(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(notifications, "sender", Outbox())
-    monkeypatch.setattr(payments, "provider", SlowProvider())
-    for module in (notifications, payments, inventory, orders):
-        await serve(module.service)
+async def shop(serve: Any, outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(payments, "provider", SlowProvider(1.0))  # watching before it is final
+    await serve_shop(serve)
 
 
 @pytest_asyncio.fixture
@@ -127,8 +107,6 @@ async def test_services_are_listed_with_counts_that_change_live(
 async def test_a_dead_letter_appears_and_replay_from_the_page_gets_it_handled(
     serve: Any, dashboard: str, page: Any, client: Any
 ) -> None:
-    from test_web_dashboard import Parcel
-
     shipping = Shipping()
     await serve(shipping.service)
     await page.goto(dashboard + "/#deadletters")

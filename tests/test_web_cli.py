@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from support.cli import MESH_MODULE
 from web_support import http_server
 
 from framework.cli.main import main
@@ -20,7 +21,7 @@ from framework.web.dashboard import create_app
 
 def start_dashboard(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "framework.cli", "dashboard", *args],
+        [*MESH_MODULE, "dashboard", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

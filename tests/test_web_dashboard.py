@@ -9,39 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 import pytest_asyncio
-from web_support import Frame, http_server, read_frames
+from web_support import Frame, Parcel, Shipping, http_server, read_frames
 
-from framework import Context, Reject, Service
+from framework import Service
 from framework.testing import eventually
 from framework.web.dashboard import create_app
 
 ACTION = {"X-Mesh-Dashboard": "1"}
-
-
-class Parcel(msgspec.Struct):
-    parcel_id: str
-
-
-class Shipping:
-    """A service whose handler rejects parcels until it is 'fixed' (a deploy, in life)."""
-
-    def __init__(self) -> None:
-        self.fixed = False
-        self.handled: list[str] = []
-        self.service = Service("shipping", version="2.1.0", description="Ships parcels")
-
-        @self.service.rpc("quote")
-        async def quote(req: Parcel) -> int:
-            return len(req.parcel_id)
-
-        @self.service.subscribe("parcel.shipped.v1", max_deliver=1)
-        async def on_shipped(event: Parcel, ctx: Context) -> None:
-            if not self.fixed:
-                raise Reject(f"cannot ship {event.parcel_id} yet")
-            self.handled.append(event.parcel_id)
 
 
 @pytest.fixture

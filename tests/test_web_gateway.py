@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from support.shop import Outbox, SlowProvider, serve_shop
 from web_support import Frame, http_server, read_frames
 
-from services import inventory, notifications, orders, payments
+from services import payments
 
 ORDER = {
     "customer_id": "alice",
@@ -20,32 +21,12 @@ ORDER = {
 }
 
 
-class SlowProvider(payments.SimulatedProvider):
-    """A card network that takes a moment: the stream is open before the order is final."""
-
-    async def charge(self, key: str, amount_cents: int, order_id: str = "") -> str | None:
-        import anyio
-
-        await anyio.sleep(0.5)
-        return await super().charge(key, amount_cents, order_id)
-
-
-class Outbox:
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    async def send(self, notification: Any) -> None:
-        self.sent.append(notification)
-
-
 @pytest_asyncio.fixture
 async def http(
-    serve: Any, nats_url: str, monkeypatch: pytest.MonkeyPatch
+    serve: Any, nats_url: str, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[httpx.AsyncClient]:
-    monkeypatch.setattr(notifications, "sender", Outbox())
-    monkeypatch.setattr(payments, "provider", SlowProvider())
-    for module in (notifications, payments, inventory, orders):
-        await serve(module.service)
+    monkeypatch.setattr(payments, "provider", SlowProvider(0.5))  # the stream opens first
+    await serve_shop(serve)
     monkeypatch.setenv("NATS_URL", nats_url)
     from services import gateway
 
@@ -238,23 +219,6 @@ async def test_leaving_an_order_stream_unsubscribes_its_watch(http: httpx.AsyncC
     from framework.testing import eventually
 
     await eventually(lambda: len(gateway.edge.client.nc._subs) == subscriptions)
-
-
-@pytest.fixture(scope="module")
-def spans() -> Any:
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
 
 
 async def test_one_trace_from_the_http_request_to_the_notification(

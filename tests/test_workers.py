@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import textwrap
-import threading
-from pathlib import Path
 
 import anyio
 import pytest
+from support.cli import MESH_MODULE, Running, alive, project_env
 
 from framework import connect
 from framework.cli.main import ExitCode, main
@@ -58,41 +56,6 @@ WORKER_APP = textwrap.dedent(
 WORKER_ARGS = ("--workers", "2", "--grace", "5")
 
 
-class Workers:
-    """`mesh run workerapp:svc --workers 2` as a subprocess, its output collected."""
-
-    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "framework.cli", "run", "workerapp:svc", *WORKER_ARGS],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def said(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 async def _instances(client) -> dict[str, int]:
     """Instance id -> pid of every running workersample, asked through the service itself."""
     pings = await client.ping("workersample", timeout=0.3)
@@ -108,9 +71,8 @@ async def _instances(client) -> dict[str, int]:
 async def test_two_workers_share_the_work_restart_and_stop_gracefully(tmp_path, nats_url):
     (tmp_path / "workerapp.py").write_text(WORKER_APP)
     handled = tmp_path / "handled.txt"
-    env = {**os.environ, "NATS_URL": nats_url, "HANDLED_FILE": str(handled)}
-    env.pop("PYTHONPATH", None)
-    run = Workers(tmp_path, env)
+    env = project_env(NATS_URL=nats_url, HANDLED_FILE=str(handled))
+    run = Running([*MESH_MODULE, "run", "workerapp:svc", *WORKER_ARGS], tmp_path, env)
     try:
         async with connect(nats_url) as client:
 
@@ -169,7 +131,7 @@ async def test_two_workers_share_the_work_restart_and_stop_gracefully(tmp_path, 
     assert "mesh: SIGTERM: stopping worker 1, worker 2" in output
     assert "mesh: stopped" in output and "Traceback" not in output
     assert output.count("service stopped") >= 2  # each worker drained and said so
-    assert not [pid for pid in workers_now if _alive(pid)]
+    assert not [pid for pid in workers_now if alive(pid)]
 
 
 async def test_a_crash_loop_backs_off(tmp_path):

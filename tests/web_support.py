@@ -1,4 +1,5 @@
-"""Shared by the web tests: real HTTP servers (uvicorn, in the test's loop) and SSE reading."""
+"""Shared by the web tests: real HTTP servers (uvicorn, in the test's loop), SSE reading,
+and a service for the dashboard to show."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
 import uvicorn
 
+from framework import Context, Reject, Service
 from framework.dev.devserver import free_port
 
 CHROMIUM_ARGS = [
@@ -88,3 +91,26 @@ async def read_frames(response: httpx.Response) -> AsyncIterator[Frame]:
             frame.data = f"{frame.data}\n{value}" if frame.data else value
         elif name == "id":
             frame.id = value
+
+
+class Parcel(msgspec.Struct):
+    parcel_id: str
+
+
+class Shipping:
+    """A service whose handler rejects parcels until it is 'fixed' (a deploy, in life)."""
+
+    def __init__(self) -> None:
+        self.fixed = False
+        self.handled: list[str] = []
+        self.service = Service("shipping", version="2.1.0", description="Ships parcels")
+
+        @self.service.rpc("quote")
+        async def quote(req: Parcel) -> int:
+            return len(req.parcel_id)
+
+        @self.service.subscribe("parcel.shipped.v1", max_deliver=1)
+        async def on_shipped(event: Parcel, ctx: Context) -> None:
+            if not self.fixed:
+                raise Reject(f"cannot ship {event.parcel_id} yet")
+            self.handled.append(event.parcel_id)

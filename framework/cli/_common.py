@@ -14,7 +14,7 @@ import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import anyio
 import msgspec
@@ -42,12 +42,15 @@ __all__ = [
     "exit_code_for",
     "exit_codes_help",
     "grace_seconds",
+    "in_range",
     "load_spec",
     "one_line",
     "open_client",
     "parse_headers",
+    "port",
     "positive_int",
     "print_json",
+    "print_result",
     "read_payload",
     "seconds",
     "table",
@@ -57,6 +60,9 @@ __all__ = [
 Handler: TypeAlias = Callable[[argparse.Namespace], int]
 """A command: takes the parsed arguments, returns the exit code (or raises CliError)."""
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+_N = TypeVar("_N", int, float)
+_V = TypeVar("_V")
 
 DISCOVERY_TIMEOUT = 0.5
 CONNECT_DEADLINE = 10.0  # the whole connection attempt, over every server in the URL list
@@ -156,16 +162,40 @@ def exit_code_for(error: ServiceError) -> ExitCode:
 # --- argument types and checks --------------------------------------------------------
 
 
-def _number(text: str, what: str) -> float:
+def _parsed(text: str, kind: Callable[[str], _N], what: str) -> _N:
+    """`kind(text)`, or the usage error argparse prints: `not <what>: '<text>'`."""
     try:
-        return float(text)
+        return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
 
 
+def in_range(kind: Callable[[str], _N], what: str, low: _N, high: _N) -> Callable[[str], _N]:
+    """An argparse type: `what`, parsed by `kind` (int or float), from `low` to `high`.
+
+    Args:
+        kind: parses the text (`int`, `float`).
+        what: what the value is, for the error message (e.g. "a port number").
+        low: the smallest value accepted.
+        high: the largest value accepted.
+    """
+
+    def parse(text: str) -> _N:
+        value = _parsed(text, kind, what)
+        if not low <= value <= high:  # NaN is refused too
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}: {text!r}")
+        return value
+
+    return parse
+
+
+port = in_range(int, "a port number", 1, 65535)
+"""argparse type: a TCP port, 1-65535."""
+
+
 def seconds(text: str) -> float:
     """argparse type: a positive, finite number of seconds."""
-    value = _number(text, "a number of seconds")
+    value = _parsed(text, float, "a number of seconds")
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
     return value
@@ -173,7 +203,7 @@ def seconds(text: str) -> float:
 
 def grace_seconds(text: str) -> float:
     """argparse type: zero or more (finite) seconds."""
-    value = _number(text, "a number of seconds")
+    value = _parsed(text, float, "a number of seconds")
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be zero or more seconds: {text!r}")
     return value
@@ -181,10 +211,7 @@ def grace_seconds(text: str) -> float:
 
 def positive_int(text: str) -> int:
     """argparse type: a whole number, 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    value = _parsed(text, int, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
     return value
@@ -275,6 +302,26 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
 def print_json(value: Any) -> None:
     """Pretty JSON on stdout: replies, msgspec structs, lists of them."""
     print(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
+
+
+def print_result(
+    value: _V, as_json: bool, render: Callable[[_V], str], empty: str | None = None
+) -> None:
+    """How every command shows what it found: JSON with `--json`, else `render(value)`.
+
+    Args:
+        value: what the command found (a struct, a reply, a list of them).
+        as_json: `--json` was given: `print_json(value)` and nothing else.
+        render: the text for a person (a table, a description).
+        empty: for a list, what to say on stderr when it is empty (stdout stays empty,
+            for scripts); None renders an empty list like any other.
+    """
+    if as_json:
+        print_json(value)
+    elif empty is not None and not value:
+        print(empty, file=sys.stderr)
+    else:
+        print(render(value))
 
 
 def one_line(text: str, width: int) -> str:

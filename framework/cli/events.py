@@ -38,6 +38,7 @@ from ._common import (
     parse_headers,
     positive_int,
     print_json,
+    print_result,
     read_payload,
     table,
     with_client,
@@ -159,9 +160,8 @@ def _payload_text(data: str) -> str:
     return msgspec.json.format(data.encode(), indent=2).decode()
 
 
-def _no_dead_letters(service: str | None) -> None:
-    where = f" for service {service}" if service else ""
-    print(f"no dead letters{where}", file=sys.stderr)
+def _no_dead_letters(service: str | None) -> str:
+    return f"no dead letters for service {service}" if service else "no dead letters"
 
 
 # --- publish -------------------------------------------------------------------------
@@ -254,6 +254,11 @@ def _dlq_row(letter: DeadLetter, now: float) -> tuple[object, ...]:
     )
 
 
+def _dlq_table(letters: Sequence[DeadLetter]) -> str:
+    now = time.time()
+    return table([_dlq_row(letter, now) for letter in letters], _DLQ_HEADERS)
+
+
 def cmd_dlq_ls(args: argparse.Namespace) -> int:
     """The dead letters, oldest first."""
     from ..events.deadletter import list_dead_letters
@@ -264,13 +269,7 @@ def cmd_dlq_ls(args: argparse.Namespace) -> int:
     async def body(client: Client) -> int:
         with anyio.fail_after(timeout):
             letters = await list_dead_letters(client, service=args.service, limit=args.limit)
-        if args.json:
-            print_json(letters)
-        elif not letters:
-            _no_dead_letters(args.service)
-        else:
-            now = time.time()
-            print(table([_dlq_row(letter, now) for letter in letters], _DLQ_HEADERS))
+        print_result(letters, args.json, _dlq_table, _no_dead_letters(args.service))
         return ExitCode.OK
 
     return with_client(args, body)
@@ -315,10 +314,7 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
                 letter = await get_dead_letter(client, args.id)
         except NotFound as error:
             raise CliError(f"{error.message} (see `mesh dlq ls`)", ExitCode.NOT_FOUND) from None
-        if args.json:
-            print_json(letter)
-        else:
-            print(_describe(letter))
+        print_result(letter, args.json, _describe)
         return ExitCode.OK
 
     return with_client(args, body)
@@ -371,7 +367,7 @@ async def _replay_todo(
     with anyio.fail_after(timeout):
         letters = await list_dead_letters(client, service=args.service, limit=sys.maxsize)
     if not letters:
-        _no_dead_letters(args.service)
+        print(_no_dead_letters(args.service), file=sys.stderr)
     return [(letter.id, letter) for letter in letters]
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from ..errors import DeadlineExceeded, NotFound
 from ..jobs.backend import Backend
 from ..jobs.handle import JobHandle
 from ..jobs.options import PRIORITIES, Kind
-from ..jobs.schedule import list_schedules
+from ..jobs.schedule import Schedule, list_schedules
 from ..jobs.status import JOB_STATES, JobStatus, presented
 from ._common import (
     CliError,
@@ -40,6 +40,7 @@ from ._common import (
     add_command,
     add_connection_options,
     print_json,
+    print_result,
     read_payload,
     table,
     with_client,
@@ -82,19 +83,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
         found = [presented(s) for s in await backend.store.scan(pattern)]
         found = [s for s in found if args.state is None or s.state == args.state]
         found.sort(key=lambda s: s.enqueued_at or datetime.min, reverse=True)
-        found = found[: args.limit]
-        if args.json:
-            print_json(found)
-        elif not found:
-            print("no jobs", file=sys.stderr)
-        else:
-            print(table([_row(s) for s in found], _HEADERS))
+        print_result(found[: args.limit], args.json, _jobs_table, "no jobs")
         return ExitCode.OK
 
     return with_client(args, body)
 
 
 _HEADERS = ("KIND", "ID", "STATE", "PROGRESS", "ATTEMPT", "ENQUEUED", "MESSAGE")
+
+
+def _jobs_table(found: Sequence[JobStatus]) -> str:
+    return table([_row(status) for status in found], _HEADERS)
 
 
 def _row(status: JobStatus) -> list[object]:
@@ -116,10 +115,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     async def body(client: Client) -> int:
         status = await JobHandle(client, args.kind, args.id).status()
-        if args.json:
-            print_json(status)
-        else:
-            print(_details(status))
+        print_result(status, args.json, _details)
         return ExitCode.OK
 
     return with_client(args, body)
@@ -267,19 +263,18 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 
     async def body(client: Client) -> int:
         found = await list_schedules(client, args.kind)
-        if args.json:
-            print_json(found)
-        elif not found:
-            print("no schedules", file=sys.stderr)
-        else:
-            rows = [
-                (s.kind, s.name, s.spec, s.priority, s.time_zone or None, _payload(s.payload))
-                for s in found
-            ]
-            print(table(rows, ("KIND", "NAME", "SCHEDULE", "PRIORITY", "TIME ZONE", "PAYLOAD")))
+        print_result(found, args.json, _schedules_table, "no schedules")
         return ExitCode.OK
 
     return with_client(args, body)
+
+
+def _schedules_table(found: Sequence[Schedule]) -> str:
+    rows = [
+        (s.kind, s.name, s.spec, s.priority, s.time_zone or None, _payload(s.payload))
+        for s in found
+    ]
+    return table(rows, ("KIND", "NAME", "SCHEDULE", "PRIORITY", "TIME ZONE", "PAYLOAD"))
 
 
 def _payload(value: Any) -> str | None:

@@ -26,7 +26,7 @@ from ._common import (
     Subparsers,
     add_command,
     load_spec,
-    positive_int,
+    port,
     seconds,
 )
 
@@ -123,7 +123,7 @@ def _add_up(subparsers: Subparsers) -> None:
         metavar="FILE",
         help="nats-server config (default: `nats_config` of [tool.mesh] or mesh.toml, if any)",
     )
-    up.add_argument("--port", type=positive_int, default=4222, help="client port (default: 4222)")
+    up.add_argument("--port", type=port, default=4222, help="client port (default: 4222)")
     up.add_argument(
         "--ready-timeout",
         type=seconds,

@@ -33,6 +33,7 @@ from ._common import (
     parse_headers,
     positive_int,
     print_json,
+    print_result,
     read_payload,
     table,
     with_client,
@@ -208,10 +209,7 @@ def _discovery(
         responses = await verb(client)(args.name, timeout=timeout)
         if not responses:
             return _none_found(args.name, timeout)
-        if args.json:
-            print_json(responses)
-        else:
-            print(render(responses))
+        print_result(responses, args.json, render)
         return ExitCode.OK
 
     return with_client(args, body)

@@ -26,7 +26,9 @@ from ._common import (
     add_command,
     add_connection_options,
     discovery_timeout,
+    in_range,
     load_spec,
+    port,
     with_client,
 )
 
@@ -40,24 +42,7 @@ DEFAULT_PORT = 8484
 _MISSING_EXTRA = 'needs the web extra: pip install "natsmesh-framework[web]"'
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"a port is 1-65535: {text!r}")
-    return value
-
-
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0.1 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"between 0.1 and 60 seconds: {text!r}")
-    return value
+_interval = in_range(float, "a number of seconds", 0.1, 60)
 
 
 def _start_line(host: str, port: int) -> str:
@@ -168,7 +153,7 @@ def register(subparsers: Subparsers) -> Mapping[str, Handler]:
         help="address to bind (default: 127.0.0.1, this machine only)",
     )
     dashboard.add_argument(
-        "--port", type=_port, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})"
+        "--port", type=port, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})"
     )
     dashboard.add_argument(
         "--interval",
