@@ -34,13 +34,16 @@ class Watchdog:
         self._cancelled: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._count = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> tuple[int, asyncio.Task[Any]]:
-        task = asyncio.current_task()
+        loop = self._loop
+        if loop is None:  # looked up once: asyncio's lookup asks the kernel for the pid
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None, "a watchdog watches tasks"
         self._count += 1
         key = self._count
-        loop = task.get_loop()
         deadline = loop.time() + self.limit
         self._watched[key] = (deadline, task)
         if self._timer is None:

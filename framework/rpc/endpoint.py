@@ -121,6 +121,7 @@ class RpcEndpoint:
         self._sub: Any = None
         self._cache: ResponseCache | None = None
         self._deadlines = Deadlines(_cancel)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._decoder = (
             decoder_for(signature.payload_type)
             if signature.payload_type is not NO_PAYLOAD
@@ -150,6 +151,9 @@ class RpcEndpoint:
             self._cache = await ResponseCache.open(client, self.service, self.name)
 
     async def start(self, client: Client, task_group: TaskGroup) -> None:
+        # this serve's loop (an endpoint can be served again, on another loop)
+        self._loop = asyncio.get_running_loop()
+        self._deadlines = Deadlines(_cancel)
         self._pool = WorkerPool(self._handle, self.max_concurrency)
         self._pool.start(task_group)
         self._sub = await client.nc.subscribe(
@@ -267,7 +271,8 @@ class RpcEndpoint:
         # One timer for the endpoint's deadlines, not asyncio.timeout's per request (5 us,
         # measured; an anyio scope costs three times that). It cancels the handler's task
         # as asyncio.timeout would, and only its own cancellation becomes a 408.
-        task = asyncio.current_task()
+        loop = self._loop  # asyncio's own lookup of the loop asks the kernel for the pid
+        task = asyncio.current_task(loop) if loop is not None else asyncio.current_task()
         assert task is not None
         watch = _Watch(task)
         key = self._deadlines.add(deadline - time.time(), watch)

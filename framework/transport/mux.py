@@ -74,6 +74,7 @@ class Mux:
         # bench/fast_batch_ids.py). The inbox's NUID makes the counter token unique.
         self._batch_suffix = self._prefix.rsplit(".", 2)[-2]
         self._sub: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
         self._count = 0
         # token -> (future, replies collected so far; None for a single reply; or the
@@ -103,7 +104,10 @@ class Mux:
         token = format(self._count, "x")
         if batch is not None:
             token += self._batch_suffix
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:  # looked up once: asyncio's lookup asks the kernel for the pid
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending[token] = (future, batch if batch is not None else [] if many else None)
         return token, future
 
