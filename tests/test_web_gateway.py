@@ -251,14 +251,3 @@ async def test_one_trace_from_the_http_request_to_the_notification(
     # (the shop's handler that confirms goes on, to enqueue the receipt: its span ends later)
     await eventually(lambda: expected <= names(), what=lambda: f"{expected - names()} in the trace")
     assert expected <= names()
-
-
-async def test_reports_without_background_jobs_is_501(http: httpx.AsyncClient) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("framework.jobs") is not None:
-        pytest.skip("background jobs exist: tests/test_web_jobs.py covers /reports")
-    reply = await http.post("/reports", json={"pages": 1})
-    assert reply.status_code == 501
-    assert "no background jobs" in reply.json()["error"]["message"]
-    assert (await http.get("/jobs/reports.render/r-1/events")).status_code == 501
