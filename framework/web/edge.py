@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
     from ..events.publish import PublishAck
+    from ..jobs.handle import JobHandle
     from .events import EventWatch, MeshEvent
 
 __all__ = [
@@ -397,21 +398,15 @@ class MeshEdge:
             timeout=timeout,
         )
 
-    async def enqueue(self, kind: str, payload: Any, **options: Any) -> Any:
+    async def enqueue(self, kind: str, payload: Any, **options: Any) -> JobHandle[Any]:
         """`client.enqueue` (a `JobHandle`), carrying the HTTP request's correlation id;
         `options` are those of `Client.enqueue` (`job_id`, `delay`, `priority`, ...)."""
-        client: Any = self.client
-        if not hasattr(client, "enqueue"):
-            raise ServiceError(501, "this version of the framework has no background jobs")
         options.setdefault("correlation_id", correlation_id())
-        return await client.enqueue(kind, payload, **options)
+        return await self.client.enqueue(kind, payload, **options)
 
-    def job(self, kind: str, job_id: str) -> Any:
+    def job(self, kind: str, job_id: str) -> JobHandle[Any]:
         """`client.job`: a handle to an existing job (`status()`, `watch()`, `cancel()`)."""
-        client: Any = self.client
-        if not hasattr(client, "job"):
-            raise ServiceError(501, "this version of the framework has no background jobs")
-        return client.job(kind, job_id)
+        return self.client.job(kind, job_id)
 
     def events(
         self,
