@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from support.otel import recorded_spans, sdk_provider
 
-from framework import Context, NotFound, Service, ServiceError, configure_logging
+from framework import Context, NotFound, Reject, Service, ServiceError, configure_logging
 from framework.observability.console_traces import TraceTreePrinter
 from framework.observability.logging import REDACTED, add_trace_ids
 from framework.testing import eventually
@@ -661,3 +661,34 @@ def test_no_sdk_is_seen_at_once_when_a_provider_is_installed():
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert done.stdout.strip() == "ok", done.stderr
+
+
+async def test_metrics_for_a_job_kind(serve, client, sdk):
+    """`mesh.job.*` report a kind's successes, failures and running jobs per `job.kind`."""
+    if sdk.reader is None:
+        pytest.skip("another module installed the MeterProvider first")
+    svc = Service(unique("metered_jobs"))
+
+    @svc.job("work", max_attempts=1)
+    async def work(req: Order) -> Order:
+        if req.order_id == "bad":
+            raise Reject("cannot do it")
+        return req
+
+    await serve(svc)
+    kind = f"{svc.name}.work"
+    await (await client.enqueue(kind, Order("a"))).result(timeout=10)
+    with pytest.raises(ServiceError):  # JobFailed
+        await (await client.enqueue(kind, Order("bad"))).result(timeout=10)
+
+    def settled() -> dict[str, list[Any]] | None:
+        found = read_metrics(sdk.reader)  # type: ignore[arg-type]
+        done = [
+            p for p in found.get("mesh.job.failed", []) if dict(p.attributes) == {"job.kind": kind}
+        ]
+        return found if done and done[0].value == 1 else None
+
+    found = await eventually(settled)
+    assert point(found, "mesh.job.succeeded", **{"job.kind": kind}).value == 1
+    assert point(found, "mesh.job.failed", **{"job.kind": kind}).value == 1
+    assert point(found, "mesh.job.running", **{"job.kind": kind}).value == 0
