@@ -13,6 +13,7 @@ import asyncio
 import weakref
 from typing import TYPE_CHECKING
 
+from .barrier import ReadBarrier
 from .declare import ensure_jobs_stream, open_kinds_bucket, open_status_bucket
 from .kinds import KindRegistry
 from .messages import JobMessage, JobMessages, message_status, supersedes
@@ -34,6 +35,7 @@ class Backend:
         self.store = store
         self.messages = store.messages
         self.kinds = kinds
+        self.barrier = ReadBarrier(client.nc)  # shared by the connection's workers
 
     @classmethod
     async def of(cls, client: Client) -> Backend:

@@ -42,6 +42,7 @@ from ..observability.logging import get_logger
 from ..transport import headers as h
 from ..transport.codec import DECODE_ERRORS, decoder_for
 from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
+from .barrier import ReadBarrier
 from .context import JobContext
 from .control import JOB_ID, JOB_REVISION, JOB_SCHEDULE
 from .messages import parse_revision
@@ -121,7 +122,10 @@ class Processor:
         stats: HandlerStats,
         counts: JobCounts,
         limiter: RateLimiter | None,
+        barrier: ReadBarrier | None = None,
     ) -> None:
+        """`barrier`: the connection's, which the cancel notices come on (None: a held
+        job's record is read before it starts instead)."""
         self.client = client
         self.store = store
         self.kind = kind
@@ -132,6 +136,7 @@ class Processor:
         self.stats = stats
         self.counts = counts
         self.limiter = limiter
+        self.barrier = barrier
         self.running: dict[str, RunningJob] = {}
         self.settler: Settler | None = None  # records successes in bursts, when set
         # job id -> (revision of its `cancelled` record, sequence of the message it
@@ -164,9 +169,10 @@ class Processor:
             return False
         return notice[1] == delivery.sequence or (revision > 0 and notice[0] > revision)
 
-    async def process(self, msg: Any) -> bool:
+    async def process(self, msg: Any, held: bool = False) -> bool:
         """Decide, claim, run and settle one delivered job message: True when its
-        outcome was handed to the settler (which settles the message), else settled."""
+        outcome was handed to the settler (which settles the message), else settled.
+        `held`: the message waited for a slot (a cancel notice may be on its way)."""
         delivery = Delivery.of(msg)
         headers: Mapping[str, str] = msg.headers or {}
         try:
@@ -176,7 +182,7 @@ class Processor:
             await self._dead_letter(msg, delivery, "invalid_headers", exc.message, "-")
             await msg.term()
             return False
-        run = await self._claim(msg, job_id, delivery, headers)
+        run = await self._claim(msg, job_id, delivery, headers, held)
         if run is None:
             self.counts.skipped += 1
             await msg.ack()
@@ -209,7 +215,7 @@ class Processor:
     # -- claim -----------------------------------------------------------------------
 
     async def _claim(
-        self, msg: Any, job_id: str, delivery: Delivery, headers: Mapping[str, str]
+        self, msg: Any, job_id: str, delivery: Delivery, headers: Mapping[str, str], held: bool
     ) -> RunningJob | None:
         key = self.kind.status_key(job_id)
         limited = self.limiter is None
@@ -219,10 +225,13 @@ class Processor:
         if enqueued is not None:  # the common case: no read; `running` written later
             if self.limiter is not None:
                 await self.limiter.acquire()
-            if self._cancelled_since(job_id, enqueued[1], delivery):
-                return None  # cancelled after this message was queued: never runs
-            status = self._running(enqueued[0], job_id, msg, delivery, headers)
-            return RunningJob(self.store, key, status, enqueued[1], claimed=False)
+                limited = held = True  # it waited for its turn, as a held job does
+            if not held or await self._notices_read():
+                if self._cancelled_since(job_id, enqueued[1], delivery):
+                    return None  # cancelled after this message was queued: never runs
+                status = self._running(enqueued[0], job_id, msg, delivery, headers)
+                return RunningJob(self.store, key, status, enqueued[1], claimed=False)
+            # the notices may not all be read (connection trouble): the record decides
         for _ in range(CLAIM_TRIES):
             entry = await self.store.get(key)
             current = None if earlier_run(entry.status, revision, delivery) else entry.status
@@ -238,6 +247,12 @@ class Processor:
                 continue  # changed meanwhile (cancelled, claimed): decide again
             return RunningJob(self.store, key, status, revision_now)
         raise RuntimeError(f"job {self.kind}/{job_id}: record kept changing, not claimed")
+
+    async def _notices_read(self) -> bool:
+        """Whether every cancel notice sent before now has been read (and handled: they
+        are handled as they are read), so `_cancelled_since` knows of any cancel that
+        returned while the job was held (`barrier`)."""
+        return self.barrier is not None and await self.barrier.wait()
 
     def _as_enqueued(
         self,

@@ -25,6 +25,7 @@ from ..errors import ConfigConflict
 from ..observability import metrics as handler_metrics
 from ..observability.logging import get_logger
 from ..streams import deadletter_stream, differences, ensure_stream
+from ..transport import wire
 from ..transport.codec import encode_payload, schema_json
 from ..transport.dispatch import WorkerPool
 from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
@@ -218,6 +219,7 @@ class JobWorker:
             stats=self.stats,
             counts=self.counts,
             limiter=RateLimiter(await client.mux(), self.job_kind, limit) if limit else None,
+            barrier=backend.barrier,
         )
         self._stopping = False
         self._taken = 0
@@ -231,14 +233,15 @@ class JobWorker:
         self._processor.settler = self._settler
         self._pool = WorkerPool(self._handle, self.options.max_concurrency)
         self._pool.start(task_group)
+        # notices are handled as they are read (no task hop), before any job is pulled
+        self._cancel_sub = await wire.subscribe_inline(
+            client.nc, self.job_kind.cancel_subject, self._on_cancel
+        )
         consumers = [self.job_kind.consumer(p) for p in PRIORITIES]
         self._puller = Puller(
             client.nc, JOBS_STREAM, consumers, PRIORITIES, self._hand_over, self._free
         )
         await self._puller.start()
-        self._cancel_sub = await client.nc.subscribe(
-            self.job_kind.cancel_subject, cb=self._on_cancel
-        )
         self._scope = anyio.CancelScope()
         task_group.start_soon(self._run_loops)
         handler_metrics.track(self)
@@ -281,20 +284,24 @@ class JobWorker:
         return self.capacity - self._taken
 
     async def _hand_over(self, msg: Any) -> None:
+        # every slot taken: the job is held until one frees (and is started only once
+        # every cancel notice sent before then has been read: `Processor.process`)
+        held = self._taken >= self.options.max_concurrency
         self._taken += 1
         self._active[id(msg)] = (msg, time.monotonic())
         assert self._pool is not None
-        await self._pool.submit(msg)
+        await self._pool.submit((msg, held))
 
-    async def _handle(self, msg: Any) -> None:
+    async def _handle(self, taken: tuple[Any, bool]) -> None:
         assert self._processor is not None
+        msg, held = taken
         self.stats.in_flight += 1
         handed = False
         try:
             if self._stopping:
                 await msg.nak()  # another replica takes it now, not after ack_wait
                 return
-            handed = await self._processor.process(msg)
+            handed = await self._processor.process(msg, held=held)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 with contextlib.suppress(Exception):
@@ -317,7 +324,8 @@ class JobWorker:
         if self._puller is not None:
             self._puller.wake()
 
-    async def _on_cancel(self, msg: Any) -> None:
+    def _on_cancel(self, msg: Any) -> None:
+        """A cancel notice, handled in the connection's read loop as it is read."""
         if self._processor is not None:
             job_id, *numbers = msg.data.decode("utf-8", "replace").split(" ")
             revision, seq = ([int(n) if n.isdigit() else 0 for n in numbers] + [0, 0])[:2]

@@ -1,0 +1,71 @@
+"""A read barrier on a connection: wait until everything the server sent before now is read.
+
+A worker holding a job it has not started learns of a cancel from the core NATS cancel
+notice alone, and `cancel()` returns once the canceller's server has routed that notice
+to the worker's connection, not once the worker has read it. Before such a job starts,
+the worker sends a PING and waits for its PONG: the server writes the PONG after
+whatever it had queued for the connection before the PING came (one connection's
+messages are delivered in order), so a notice routed before then has been read by the
+time the PONG is, and handled too, as cancel notices are handled in the read loop
+itself (`wire.subscribe_inline`).
+
+One PING serves every job that starts in the same moment: the first waiter opens a
+round, lets the event loop run once so that the others of that moment join it, then
+sends the PING; anyone arriving after the PING has left waits for the next round (an
+earlier PING may have reached the server before the cancel did).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+__all__ = ["ReadBarrier"]
+
+TIMEOUT = 5.0  # seconds a PONG may take; after that the barrier says it failed
+
+
+class _Round:
+    __slots__ = ("done", "read")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.read = False
+
+
+class ReadBarrier:
+    """Coalesced PING/PONG round trips on one nats-py connection (see the module)."""
+
+    def __init__(self, nc: Any, timeout: float = TIMEOUT) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._open: _Round | None = None  # the round whose PING has not been sent yet
+        self.rounds = 0  # PINGs sent, for tests and stats
+
+    async def wait(self) -> bool:
+        """True once everything the server routed to this connection before the call
+        has been read; False if that cannot be known (no connection, no PONG in time):
+        the caller then asks the record instead."""
+        joined = self._open
+        if joined is not None:
+            await joined.done.wait()
+            return joined.read
+        current = self._open = _Round()
+        try:
+            await anyio.lowlevel.checkpoint()  # the other jobs of this moment join
+            self._open = None  # from here on, a newcomer needs a PING sent after it came
+            self.rounds += 1
+            if not self._nc.is_connected:
+                return False  # (finally: the followers are told the same)
+            with anyio.move_on_after(self._timeout):
+                await self._nc.flush(max(1, int(self._timeout)))
+                current.read = True
+        except Exception:
+            current.read = False
+        finally:
+            if self._open is current:
+                self._open = None
+            current.done.set()
+        return current.read
