@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,23 +113,26 @@ class WorkerProcess:
             self.proc.wait(10)
 
 
+def pending_count(client: Any, count: int) -> Callable[[], Awaitable[bool]]:
+    """Whether the kind's normal queue has `count` messages delivered and not acked."""
+
+    async def check() -> bool:
+        info = await client.js.consumer_info(JOBS_STREAM, KIND.consumer("normal"))
+        return bool(info.num_ack_pending == count)
+
+    return check
+
+
 async def test_held_jobs_cancelled_while_their_worker_stalls_never_run(client, nats_url, tmp_path):
     slots = 4
     process = WorkerProcess(nats_url, tmp_path, slots)
-
-    def pending(count: int) -> Any:
-        async def check() -> bool:
-            info = await client.js.consumer_info(JOBS_STREAM, KIND.consumer("normal"))
-            return info.num_ack_pending == count
-
-        return check
 
     try:
         await eventually(lambda: (tmp_path / "ready").exists(), 30, process.report)
         blocking = [await client.enqueue(str(KIND), job_id=f"block-{i}") for i in range(slots)]
         await eventually(lambda: len(process.started()) == slots, 10, process.report)
         held = [await client.enqueue(str(KIND), job_id=f"held-{i}") for i in range(2)]
-        await eventually(pending(slots + 2), what="the worker to hold both")
+        await eventually(pending_count(client, slots + 2), what="the worker to hold both")
         chunk = bytes(client.nc.max_payload - 1024)
         with paused(process.proc.pid):
             for _ in range(TRAFFIC_MESSAGES):  # read by the worker before the notices
@@ -139,7 +143,7 @@ async def test_held_jobs_cancelled_while_their_worker_stalls_never_run(client, n
         for handle in blocking:
             await handle.result(timeout=30)
         await eventually(lambda: process.traffic() == TRAFFIC_MESSAGES, 30, process.report)
-        await eventually(pending(0), what="the held messages to be acked")
+        await eventually(pending_count(client, 0), what="the held messages to be acked")
         assert sorted(process.started()) == [f"block-{i}" for i in range(slots)]
         for handle in held:
             with pytest.raises(JobCancelled):
@@ -147,6 +151,43 @@ async def test_held_jobs_cancelled_while_their_worker_stalls_never_run(client, n
         await held[0].retry()  # a retry runs, the cancel notice notwithstanding
         await held[0].result(timeout=10)
         assert process.started()[-1] == "held-0"
+    finally:
+        process.stop()
+
+
+async def test_a_held_job_whose_worker_reconnected_meanwhile_asks_its_record(
+    client, nats_server, tmp_path
+):
+    """The cancel notice is sent while the holding worker is cut off (its server
+    restarted while the process was paused): lost with the old connection. After the
+    worker reconnects, a PING on the new one proves nothing about the notice, so the
+    held job starts only if its record says so."""
+    process = WorkerProcess(nats_server.url, tmp_path, 1)
+
+    async def worker_answers() -> bool:
+        try:
+            await client.nc.request(f"$SRV.PING.{KIND.service}", b"", timeout=0.5)
+        except Exception:
+            return False
+        return True
+
+    try:
+        await eventually(lambda: (tmp_path / "ready").exists(), 30, process.report)
+        blocking = await client.enqueue(str(KIND), job_id="block-0")
+        await eventually(lambda: process.started() == ["block-0"], 10, process.report)
+        held = await client.enqueue(str(KIND), job_id="held-0")
+        await eventually(pending_count(client, 2), what="the worker to hold the second job")
+        with paused(process.proc.pid):
+            await anyio.to_thread.run_sync(nats_server.restart)
+            await eventually(lambda: client.nc.is_connected, 10, "the test client to reconnect")
+            assert await held.cancel() is True  # the worker's connection is gone: unheard
+        await eventually(worker_answers, 30, "the worker to reconnect")
+        (tmp_path / RELEASE).touch()
+        await blocking.result(timeout=30)
+        await eventually(pending_count(client, 0), what="the held message to be acked")
+        assert process.started() == ["block-0"], process.report()
+        with pytest.raises(JobCancelled):
+            await held.result(timeout=1)
     finally:
         process.stop()
 
@@ -169,15 +210,15 @@ async def test_a_read_barrier_returns_once_everything_sent_before_it_is_read(cli
         seen: list[tuple[bool, int]] = []
 
         async def wait() -> None:
-            seen.append((await barrier.wait(), received))
+            seen.append((await barrier.wait(barrier.mark()), received))
 
         async with anyio.create_task_group() as tg:
             for _ in range(16):  # jobs starting in the same moment: one PING for all
                 tg.start_soon(wait)
         assert seen == [(True, TRAFFIC_MESSAGES)] * 16
         assert barrier.rounds == 1
-        assert await barrier.wait() is True and barrier.rounds == 2  # later: a PING of its own
-    assert await barrier.wait() is False  # closed: cannot know what was sent
+        assert await barrier.wait(0) is True and barrier.rounds == 2  # later: a PING of its own
+    assert await barrier.wait(0) is False  # closed: cannot know what was sent
 
 
 async def test_a_held_job_is_checked_against_its_record_when_the_barrier_fails(client, nats_url):
@@ -209,7 +250,7 @@ async def test_a_held_job_is_checked_against_its_record_when_the_barrier_fails(c
         limiter=None,
         barrier=ReadBarrier(lost.nc),  # a connection that cannot answer a PING
     )
-    assert await processor.process(msg, held=True) is False
+    assert await processor.process(msg, held_since=0) is False
     assert ran == [] and job_worker.counts.skipped == 1  # the record said cancelled
 
 

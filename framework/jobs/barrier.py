@@ -9,6 +9,9 @@ messages are delivered in order), so a notice routed before then has been read b
 time the PONG is, and handled too, as cancel notices are handled in the read loop
 itself (`wire.subscribe_inline`).
 
+A connection lost and made again meanwhile may have lost a notice with it: a wait
+taken on an earlier connection (`mark`) fails, and the job's record decides.
+
 One PING serves every job that starts in the same moment: the first waiter opens a
 round, lets the event loop run once so that the others of that moment join it, then
 sends the PING; anyone arriving after the PING has left waits for the next round (an
@@ -44,10 +47,21 @@ class ReadBarrier:
         self._open: _Round | None = None  # the round whose PING has not been sent yet
         self.rounds = 0  # PINGs sent, for tests and stats
 
-    async def wait(self) -> bool:
+    def mark(self) -> int:
+        """The connection's reconnect count: taken when a job starts to wait, and given
+        to `wait`, which fails if the connection was lost since (what the server sent
+        while it was down, a cancel notice among it, is lost with it)."""
+        return int(self._nc.stats.get("reconnects", 0))
+
+    async def wait(self, since: int) -> bool:
         """True once everything the server routed to this connection before the call
-        has been read; False if that cannot be known (no connection, no PONG in time):
-        the caller then asks the record instead."""
+        has been read, on the connection of `since` (a `mark`); False if that cannot
+        be known (no connection, one reconnected since, no PONG in time): the caller
+        then asks the record instead."""
+        return await self._round() and self.mark() == since
+
+    async def _round(self) -> bool:
+        """Join the round still open (its PING not sent), or open one and send it."""
         joined = self._open
         if joined is not None:
             await joined.done.wait()

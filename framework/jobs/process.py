@@ -169,10 +169,15 @@ class Processor:
             return False
         return notice[1] == delivery.sequence or (revision > 0 and notice[0] > revision)
 
-    async def process(self, msg: Any, held: bool = False) -> bool:
+    def mark(self) -> int:
+        """What a job that starts to wait for a slot is taken with (`process`)."""
+        return self.barrier.mark() if self.barrier is not None else 0
+
+    async def process(self, msg: Any, held_since: int | None = None) -> bool:
         """Decide, claim, run and settle one delivered job message: True when its
         outcome was handed to the settler (which settles the message), else settled.
-        `held`: the message waited for a slot (a cancel notice may be on its way)."""
+        `held_since`: the `mark` of when it was taken, if it waited for a slot (a
+        cancel notice may have come meanwhile); None if it started at once."""
         delivery = Delivery.of(msg)
         headers: Mapping[str, str] = msg.headers or {}
         try:
@@ -182,7 +187,7 @@ class Processor:
             await self._dead_letter(msg, delivery, "invalid_headers", exc.message, "-")
             await msg.term()
             return False
-        run = await self._claim(msg, job_id, delivery, headers, held)
+        run = await self._claim(msg, job_id, delivery, headers, held_since)
         if run is None:
             self.counts.skipped += 1
             await msg.ack()
@@ -215,7 +220,12 @@ class Processor:
     # -- claim -----------------------------------------------------------------------
 
     async def _claim(
-        self, msg: Any, job_id: str, delivery: Delivery, headers: Mapping[str, str], held: bool
+        self,
+        msg: Any,
+        job_id: str,
+        delivery: Delivery,
+        headers: Mapping[str, str],
+        held_since: int | None,
     ) -> RunningJob | None:
         key = self.kind.status_key(job_id)
         limited = self.limiter is None
@@ -223,10 +233,11 @@ class Processor:
         revision = queued[0] if queued is not None else None
         enqueued = self._as_enqueued(job_id, msg, delivery, headers, queued)
         if enqueued is not None:  # the common case: no read; `running` written later
-            if self.limiter is not None:
+            if self.limiter is not None:  # waiting for its turn, as a held job does
+                held_since = self.mark() if held_since is None else held_since
                 await self.limiter.acquire()
-                limited = held = True  # it waited for its turn, as a held job does
-            if not held or await self._notices_read():
+                limited = True
+            if held_since is None or await self._notices_read(held_since):
                 if self._cancelled_since(job_id, enqueued[1], delivery):
                     return None  # cancelled after this message was queued: never runs
                 status = self._running(enqueued[0], job_id, msg, delivery, headers)
@@ -248,11 +259,11 @@ class Processor:
             return RunningJob(self.store, key, status, revision_now)
         raise RuntimeError(f"job {self.kind}/{job_id}: record kept changing, not claimed")
 
-    async def _notices_read(self) -> bool:
+    async def _notices_read(self, since: int) -> bool:
         """Whether every cancel notice sent before now has been read (and handled: they
-        are handled as they are read), so `_cancelled_since` knows of any cancel that
-        returned while the job was held (`barrier`)."""
-        return self.barrier is not None and await self.barrier.wait()
+        are handled as they are read), on the connection the job was taken on, so
+        `_cancelled_since` knows of any cancel that returned while it was held."""
+        return self.barrier is not None and await self.barrier.wait(since)
 
     def _as_enqueued(
         self,

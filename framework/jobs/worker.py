@@ -286,22 +286,22 @@ class JobWorker:
     async def _hand_over(self, msg: Any) -> None:
         # every slot taken: the job is held until one frees (and is started only once
         # every cancel notice sent before then has been read: `Processor.process`)
+        assert self._pool is not None and self._processor is not None
         held = self._taken >= self.options.max_concurrency
         self._taken += 1
         self._active[id(msg)] = (msg, time.monotonic())
-        assert self._pool is not None
-        await self._pool.submit((msg, held))
+        await self._pool.submit((msg, self._processor.mark() if held else None))
 
-    async def _handle(self, taken: tuple[Any, bool]) -> None:
+    async def _handle(self, taken: tuple[Any, int | None]) -> None:
         assert self._processor is not None
-        msg, held = taken
+        msg, held_since = taken
         self.stats.in_flight += 1
         handed = False
         try:
             if self._stopping:
                 await msg.nak()  # another replica takes it now, not after ack_wait
                 return
-            handed = await self._processor.process(msg, held=held)
+            handed = await self._processor.process(msg, held_since)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 with contextlib.suppress(Exception):
