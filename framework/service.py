@@ -211,7 +211,7 @@ class Service:
           with equal keys run one at a time, in stream order, within one replica.
         - `max_ack_pending` (None: max(1000, 4 * max_concurrency); >= 1): deliveries the
           consumer leaves unacked at once, all replicas together.
-        - `max_unsettled` (None: 4 * max_concurrency, 64 at the defaults; >= max_concurrency):
+        - `max_unsettled` (None: 8 * max_concurrency, 128 at the defaults; >= max_concurrency):
           events of an idempotent subscriber handed to the handlers and not yet settled
           (marker stored, then acked) at once in one replica. It bounds what a crash can
           run twice; wider lets markers be stored in bigger batches (faster).

@@ -596,14 +596,14 @@ async def test_no_more_than_max_unsettled_events_wait_for_their_markers(
     assert set(handled.values()) == {1}  # the ones that waited were stored, not rerun
 
 
-def test_max_unsettled_is_four_times_max_concurrency_unless_given():
-    """The documented default bound on what a crash can run twice: 64 at the defaults."""
-    assert SubscribeOptions().unsettled_limit == 64
-    assert SubscribeOptions(max_concurrency=5).unsettled_limit == 20
+def test_max_unsettled_is_eight_times_max_concurrency_unless_given():
+    """The documented default bound on what a crash can run twice: 128 at the defaults."""
+    assert SubscribeOptions().unsettled_limit == 128
+    assert SubscribeOptions(max_concurrency=5).unsettled_limit == 40
     assert SubscribeOptions(max_concurrency=5, max_unsettled=5).unsettled_limit == 5
     svc = Service("bounded")
     svc.subscribe("order.created.v1")(_noop_order_handler)
-    assert svc.subscribers[0].metadata()["max_unsettled"] == "64"
+    assert svc.subscribers[0].metadata()["max_unsettled"] == "128"
 
 
 async def _noop_order_handler(event: OrderCreated) -> None:

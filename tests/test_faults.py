@@ -125,7 +125,7 @@ async def test_sigkill_consumer_mid_stream_loses_nothing_and_applies_each_effect
     assert not lost, f"{len(lost)} acknowledged events never handled, e.g. {sorted(lost)[:5]}"
     assert handled == expected
     # Idempotency marks after the handler: only what was unsettled at the kill reruns,
-    # at most the documented bound (`max_unsettled`, by default 4 * max_concurrency).
+    # at most the documented bound (`max_unsettled`, by default 8 * max_concurrency).
     assert duplicated_runs <= bound
     # The business-key check in the handler makes every effect exact.
     assert set(effects) == {f"o-{i}" for i in range(total)}

@@ -17,7 +17,7 @@ from .idempotency import DEFAULT_TTL
 __all__ = ["DEFAULT_BACKOFF", "SUBSCRIBE_DEFAULTS", "UNSETTLED_PER_HANDLER", "SubscribeOptions"]
 
 DEFAULT_BACKOFF = (1.0, 5.0, 15.0, 60.0)
-UNSETTLED_PER_HANDLER = 4  # the default `max_unsettled`, per `max_concurrency`
+UNSETTLED_PER_HANDLER = 8  # the default `max_unsettled`, per `max_concurrency`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
