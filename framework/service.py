@@ -182,6 +182,7 @@ class Service:
         dead_letter: bool = SUBSCRIBE_DEFAULTS.dead_letter,
         ordered_by: Callable[[Any], Hashable] | None = SUBSCRIBE_DEFAULTS.ordered_by,
         max_ack_pending: int | None = SUBSCRIBE_DEFAULTS.max_ack_pending,
+        max_unsettled: int | None = SUBSCRIBE_DEFAULTS.max_unsettled,
     ) -> Callable[[F], F]:
         """Handle every `event_type` event through a durable consumer shared by replicas.
 
@@ -210,6 +211,10 @@ class Service:
           with equal keys run one at a time, in stream order, within one replica.
         - `max_ack_pending` (None: max(1000, 4 * max_concurrency); >= 1): deliveries the
           consumer leaves unacked at once, all replicas together.
+        - `max_unsettled` (None: 8 * max_concurrency, 128 at the defaults; >= max_concurrency):
+          events of an idempotent subscriber handed to the handlers and not yet settled
+          (marker stored, then acked) at once in one replica. It bounds what a crash can
+          run twice; wider lets markers be stored in bigger batches (faster).
         """
         check_event_type(event_type)
         # every keyword but `name` is a SubscribeOptions field, defaults read from it

@@ -27,6 +27,7 @@ from framework import (
     list_dead_letters,
     replay_dead_letter,
 )
+from framework.events.options import SubscribeOptions
 from framework.streams import deadletter_stream, ensure_stream
 from framework.testing import eventually as wait_until
 
@@ -546,18 +547,27 @@ async def test_an_event_whose_marker_cannot_be_stored_is_never_acked(serve, clie
     assert sub.stats.dead_lettered == 0
 
 
-async def test_no_more_than_max_concurrency_events_wait_for_their_markers(serve, client):
+@pytest.mark.parametrize("max_unsettled", [4, 6])
+async def test_no_more_than_max_unsettled_events_wait_for_their_markers(
+    serve, client, max_unsettled
+):
     """What a crash could run twice (handled, marker not yet stored) stays within
-    max_concurrency even while markers cannot be stored."""
+    `max_unsettled`, not `max_concurrency`, even while markers cannot be stored. (While
+    nothing settles, the pull window, twice `max_concurrency`, takes no more than 8.)"""
+    bound = max_unsettled
     handled: Counter[str] = Counter()
     svc = Service("bounded")
 
-    @svc.subscribe("order.created.v1", max_concurrency=4, max_processing_time=30)
+    @svc.subscribe(
+        "order.created.v1", max_concurrency=4, max_unsettled=max_unsettled, max_processing_time=30
+    )
     async def on_created(event: OrderCreated) -> None:
         handled[event.order_id] += 1
 
     await serve(svc)
     sub = svc.subscribers[0]
+    assert sub.options.unsettled_limit == bound
+    assert sub.metadata()["max_unsettled"] == str(bound)
     bucket = "KV_processed_bounded_on_created"
     reply = await client.nc.request(f"$JS.API.STREAM.INFO.{bucket}", b"")
     config = json.loads(reply.data)["config"]
@@ -566,23 +576,44 @@ async def test_no_more_than_max_concurrency_events_wait_for_their_markers(serve,
     await wait_until(lambda: handled["first"] == 1)
     await client.nc.request(f"$JS.API.STREAM.UPDATE.{bucket}", json.dumps(config).encode())
 
+    total = bound + 16
     async with BatchPublisher(client) as batch:
-        for n in range(20):
+        for n in range(total):
             await batch.publish("order.created.v1", OrderCreated(str(n), n), event_id=f"e-{n}")
-    await wait_until(lambda: sum(handled.values()) >= 1 + 4)
+    await wait_until(lambda: sum(handled.values()) >= 1 + bound)
     await anyio.sleep(1.0)  # the settlement keeps retrying; nothing more may start
-    assert sum(handled.values()) == 1 + 4, handled
+    assert sum(handled.values()) == 1 + bound, handled
 
     config["max_msgs"] = -1
     await client.nc.request(f"$JS.API.STREAM.UPDATE.{bucket}", json.dumps(config).encode())
-    await wait_until(lambda: len(handled) == 21, timeout=15)
+    await wait_until(lambda: len(handled) == total + 1, timeout=15)
 
     async def settled() -> bool:
         info = await client.js.consumer_info(sub.stream, sub.durable)
         return info.num_ack_pending == 0 and info.num_pending == 0
 
     await wait_until(settled, timeout=15)
-    assert set(handled.values()) == {1}  # the four that waited were stored, not rerun
+    assert set(handled.values()) == {1}  # the ones that waited were stored, not rerun
+
+
+def test_max_unsettled_is_eight_times_max_concurrency_unless_given():
+    """The documented default bound on what a crash can run twice: 128 at the defaults."""
+    assert SubscribeOptions().unsettled_limit == 128
+    assert SubscribeOptions(max_concurrency=5).unsettled_limit == 40
+    assert SubscribeOptions(max_concurrency=5, max_unsettled=5).unsettled_limit == 5
+    svc = Service("bounded")
+    svc.subscribe("order.created.v1")(_noop_order_handler)
+    assert svc.subscribers[0].metadata()["max_unsettled"] == "128"
+
+
+async def _noop_order_handler(event: OrderCreated) -> None:
+    pass
+
+
+def test_max_unsettled_below_max_concurrency_is_refused_where_declared():
+    svc = Service("bounded")
+    with pytest.raises(ValueError, match=r"max_unsettled \(8\) must be at least max_concurrency"):
+        svc.subscribe("order.created.v1", max_concurrency=16, max_unsettled=8)
 
 
 async def test_a_batch_publisher_kept_for_many_batches_holds_one_batch(serve, client):

@@ -7,7 +7,7 @@ redelivery comes to the same process) finds no marker and would run the handler 
 second time. This table closes that window inside the process: an id is claimed right
 before its handler runs and released when its outcome is settled, and the last ids
 marked are remembered so a lookup made just before their markers were stored is not
-trusted. It is bounded: claims by the subscriber's admission (`max_concurrency`), the
+trusted. It is bounded: claims by the subscriber's admission (`max_unsettled`), the
 remembered marks by `remember`. What it cannot see is another process: two replicas run
 one event twice only when one of them held it past `ack_wait` (a pause, a partition)
 and the other took it over, or when one event was published twice under one id outside

@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 from .idempotency import DEFAULT_TTL
 
-__all__ = ["DEFAULT_BACKOFF", "SUBSCRIBE_DEFAULTS", "SubscribeOptions"]
+__all__ = ["DEFAULT_BACKOFF", "SUBSCRIBE_DEFAULTS", "UNSETTLED_PER_HANDLER", "SubscribeOptions"]
 
 DEFAULT_BACKOFF = (1.0, 5.0, 15.0, 60.0)
+UNSETTLED_PER_HANDLER = 8  # the default `max_unsettled`, per `max_concurrency`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,6 +51,10 @@ class SubscribeOptions:
     max_ack_pending: int | None = None
     """Deliveries unacknowledged at once, all replicas together (>= 1; None: see
     `ack_pending_limit`)."""
+    max_unsettled: int | None = None
+    """Events of an idempotent subscriber between hand-over to the handlers and
+    settlement (marker stored, then acked) at once in one replica: the most a crash
+    can run twice (>= max_concurrency; None: see `unsettled_limit`)."""
 
     def __post_init__(self) -> None:
         # a list is accepted for `backoff` (the README shows one); kept as a tuple, so
@@ -68,6 +73,11 @@ class SubscribeOptions:
             _positive("max_processing_time", self.max_processing_time)
         if self.max_ack_pending is not None and self.max_ack_pending < 1:
             raise ValueError("max_ack_pending must be at least 1 (or None)")
+        if self.max_unsettled is not None and self.max_unsettled < self.max_concurrency:
+            raise ValueError(
+                f"max_unsettled ({self.max_unsettled}) must be at least max_concurrency "
+                f"({self.max_concurrency}), or None for {UNSETTLED_PER_HANDLER} * max_concurrency"
+            )
 
     @classmethod
     def pick(cls, arguments: Mapping[str, Any]) -> SubscribeOptions:
@@ -80,6 +90,15 @@ class SubscribeOptions:
     def ack_pending_limit(self) -> int:
         """`max_ack_pending`, or by default max(1000, 4 * max_concurrency)."""
         return self.max_ack_pending or max(1000, 4 * self.max_concurrency)
+
+    @property
+    def unsettled_limit(self) -> int:
+        """`max_unsettled`, or by default `UNSETTLED_PER_HANDLER * max_concurrency`.
+
+        Wider than `max_concurrency` so that markers are stored in batches big enough
+        for the server (its cost is mostly per batch) while the handlers work on.
+        """
+        return self.max_unsettled or UNSETTLED_PER_HANDLER * self.max_concurrency
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds before the attempt after `attempt` (1-based): the last delay repeats."""

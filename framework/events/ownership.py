@@ -58,8 +58,8 @@ def schema_hash(schema_json: str) -> str:
 def shared_settings(options: SubscribeOptions) -> dict[str, Any]:
     """The options every replica must agree on, as JSON values.
 
-    `max_concurrency` and `ordered_by` are left out: they act within one replica, so
-    replicas on machines of different sizes may differ. `deliver` is fixed on the
+    `max_concurrency`, `max_unsettled` and `ordered_by` are left out: they act within
+    one replica, so replicas on machines of different sizes may differ. `deliver` is fixed on the
     consumer itself (a `ConfigConflict` when it differs). `max_ack_pending` is the
     effective limit, so replicas differing in `max_concurrency` above 250 (which raises
     the default limit) must set it explicitly.

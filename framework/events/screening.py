@@ -3,9 +3,9 @@
 Screening: the events that arrived in one event-loop iteration (a pull's worth) are
 looked up together (which were already handled?), one request instead of a wait per
 event, and queue up, looked up and in arrival order. Admission: at most
-`max_concurrency` screened events are between hand-over to the workers and settlement
+`max_unsettled` screened events are between hand-over to the workers and settlement
 (marker stored, then acked) at once, so what a crash can run twice (handled, marker
-not yet stored) stays within `max_concurrency`; the rest wait here, not in parked
+not yet stored) stays within `max_unsettled`; the rest wait here, not in parked
 workers.
 
 Admission is a counter, not a wait: an event that settles hands the next one waiting
@@ -41,7 +41,7 @@ class Screening:
     def __init__(
         self,
         processed: ProcessedIds,
-        max_concurrency: int,
+        max_unsettled: int,
         *,
         consumer: str,
         inflight: InFlight,
@@ -50,7 +50,7 @@ class Screening:
         self._processed = processed
         self._inflight = inflight  # its `marks` stamp each lookup
         self._health = health
-        self._limit = max_concurrency
+        self._limit = max_unsettled
         self._consumer = consumer
         self._arrived: list[Msg] = []  # deliveries not yet taken by the lookup task
         self._ready: deque[Delivery] = deque()  # looked up, waiting for admission

@@ -8,7 +8,15 @@ fast-ingest batch where the server allows it) and each event is acked once its m
 is stored. The usual path has no task and no wait: the batch is queued on the
 connection at once and acked from its reply, as it is read (`ProcessedIds.mark_now`),
 so a settled event's place goes to the next one in the same step; a batch that cannot
-go that way, or fails, is settled by a task that retries. The guarantee is unchanged: no event is acked before its marker is stored.
+go that way, or fails, is settled by a task that retries. The guarantee is unchanged:
+no event is acked before its marker is stored.
+
+One such batch is on the wire at a time: what is handed over while its reply is
+awaited goes out as the next batch when that reply is read. The server's cost is
+mostly per batch (about 30 us a marker in batches of 16, 12 us in batches of 256,
+measured on loopback), so under load batches grow to what the subscriber's
+`max_unsettled` allows instead of many small batches each costing a full store;
+when idle, a lone event's marker goes out at once.
 A marker that cannot be stored is retried, the event kept alive by the subscriber's
 in-progress acks, for as long as a handler may take; then the event is nak'd, and its
 redelivery runs the handler again (the documented at-least-once window). Failing
@@ -65,6 +73,7 @@ class Settlement:
         self._nak_delay = nak_delay
         self._queued: list[_Entry] = []
         self._running = 0  # batches being marked and acked
+        self._sending = 0  # batches sent by `mark_now` whose reply is not read yet
         self._idle = anyio.Event()
         self._idle.set()
 
@@ -78,20 +87,25 @@ class Settlement:
         """Mark what was handed over so far now, and write it to the server at once
         (the workers call this before they park); otherwise it happens in the next
         event-loop iteration."""
-        if self._queued:
-            self._flush()
+        if self._queued and self._flush():
             self._processed.write_now()
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Send what is queued unless a batch is on the wire; whether a batch went now."""
+        if self._sending:  # goes when that reply is read: one batch on the wire, bigger
+            return False
         batch, self._queued = self._queued, []
         if not batch:
-            return
+            return False
         if self._running == 0:
             self._idle = anyio.Event()
         self._running += 1
         ids = [event_id for _, event_id, _ in batch]
-        if not self._processed.mark_now(ids, lambda error: self._marked(batch, error)):
-            self._task_group.start_soon(self._settle, batch)
+        if self._processed.mark_now(ids, lambda error: self._marked(batch, error)):
+            self._sending += 1
+            return True
+        self._task_group.start_soon(self._settle, batch)
+        return False
 
     def _marked(self, batch: list[_Entry], error: Exception | None) -> None:
         """A batch sent by `mark_now` is stored (`error` None): ack each event, as the
@@ -102,8 +116,10 @@ class Settlement:
         are woken before the connection's flusher is, their markers go out in the
         same socket write as these acks.
         """
+        self._sending -= 1
         if error is not None:
             self._task_group.start_soon(self._settle, batch)  # still counted as running
+            self._flush()
             return
         self._health.ok("markers")
         for msg, event_id, elapsed in batch:
@@ -117,6 +133,7 @@ class Settlement:
             self._finished()
         else:  # reconnecting or a full buffer: acks that must wait for room
             self._task_group.start_soon(self._ack_all, batch)
+        self._flush()
 
     async def _ack_all(self, entries: list[_Entry]) -> None:
         try:

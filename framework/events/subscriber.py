@@ -7,7 +7,7 @@ stop); each part has one job:
 - `Puller` (pull.py): pull requests sized to free capacity, status replies,
   in-progress acks for long handlers;
 - `Screening` (screening.py, idempotent subscribers): one lookup per pull of which
-  events were already handled, and admission of at most `max_concurrency` of them;
+  events were already handled, and admission of at most `max_unsettled` of them;
 - `Processor` (processing.py): one delivery through the handler, run by a
   `WorkerPool` of `max_concurrency` workers;
 - `Outcomes` (outcome.py): nak with backoff, or dead-letter then terminate;
@@ -145,6 +145,7 @@ class Subscriber:
             "consumer": self.durable,
             "max_deliver": str(self.options.max_deliver),
             "max_concurrency": str(self.options.max_concurrency),
+            "max_unsettled": str(self.options.unsettled_limit),
             "idempotent": str(self.options.idempotent).lower(),
             "event_schema": schema_json(self.signature.payload_type),
         }
@@ -201,7 +202,7 @@ class Subscriber:
         if self._processed is not None and inflight is not None:
             screening = Screening(
                 self._processed,
-                options.max_concurrency,
+                options.unsettled_limit,
                 consumer=self.durable,
                 inflight=inflight,
                 health=health,
@@ -224,6 +225,7 @@ class Subscriber:
             processor.process,
             options.max_concurrency,
             on_idle=processor.flush if self._processed is not None else None,
+            queue=options.unsettled_limit if self._processed is not None else None,
         )
         pool.start(task_group)
         if screening is not None:

@@ -41,16 +41,20 @@ class WorkerPool:
         size: int,
         *,
         on_idle: Callable[[], None] | None = None,
+        queue: int | None = None,
     ) -> None:
         """`on_idle` runs whenever a worker finds nothing waiting, before it parks: in
         the same task step as the handlers it ran (a settlement flushes there what
-        they handed over, instead of one event-loop iteration later)."""
+        they handed over, instead of one event-loop iteration later). `queue` (default
+        `size`) is how many messages may wait for a worker; a caller that bounds what
+        it hands over itself may allow more, so that its bound, not the pool's, decides."""
         if size < 1:
             raise ValueError("max_concurrency must be at least 1")
         self._handle = handle
         self._on_idle = on_idle
         self._size = size
-        self._waiting: deque[Any] = deque()  # at most `size` messages
+        self._queue = queue or size
+        self._waiting: deque[Any] = deque()  # at most `queue` messages
         self._idle: deque[asyncio.Future[None]] = deque()  # one per idle worker, a stack
         self._waking = 0  # workers woken that have not run yet
         self._room: deque[asyncio.Future[None]] = deque()  # submits waiting for room
@@ -72,16 +76,16 @@ class WorkerPool:
         await self._enqueue(message)
 
     def offer(self, message: Any) -> bool:
-        """`submit` without waiting: False (nothing taken) when `size` messages wait or
+        """`submit` without waiting: False (nothing taken) when `queue` messages wait or
         the pool is closing. For callers that bound what they hand over themselves."""
-        if self._closed or len(self._waiting) >= self._size:
+        if self._closed or len(self._waiting) >= self._queue:
             return False
         self._waiting.append(message)
         self._wake_one()
         return True
 
     async def _enqueue(self, message: Any) -> None:
-        while len(self._waiting) >= self._size:
+        while len(self._waiting) >= self._queue:
             room = asyncio.get_running_loop().create_future()
             self._room.append(room)
             try:
