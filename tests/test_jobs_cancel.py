@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from faultkit import paused
 
@@ -204,20 +205,30 @@ async def test_a_read_barrier_returns_once_everything_sent_before_it_is_read(cli
         await reader.nc.flush()
         barrier = ReadBarrier(reader.nc)
         chunk = bytes(client.nc.max_payload - 1024)
-        for _ in range(TRAFFIC_MESSAGES):
-            await client.nc.publish(TRAFFIC_SUBJECT, chunk)
-        await client.nc.flush()  # routed to the reader, as a cancel notice is by cancel()
         seen: list[tuple[bool, int]] = []
+
+        async def traffic() -> None:
+            for _ in range(TRAFFIC_MESSAGES):
+                await client.nc.publish(TRAFFIC_SUBJECT, chunk)
+            await client.nc.flush()  # routed to the reader, as a cancel notice by cancel()
 
         async def wait() -> None:
             seen.append((await barrier.wait(barrier.mark()), received))
 
+        await traffic()
         async with anyio.create_task_group() as tg:
             for _ in range(16):  # jobs starting in the same moment: one PING for all
                 tg.start_soon(wait)
         assert seen == [(True, TRAFFIC_MESSAGES)] * 16
         assert barrier.rounds == 1
-        assert await barrier.wait(0) is True and barrier.rounds == 2  # later: a PING of its own
+        await traffic()
+        seen.clear()
+        async with anyio.create_task_group() as tg:
+            for _ in range(9):  # one moment after another, while the first PONG is behind
+                tg.start_soon(wait)  # the traffic: the other 8 share the next PING
+                await anyio.lowlevel.checkpoint()
+        assert seen == [(True, 2 * TRAFFIC_MESSAGES)] * 9
+        assert barrier.rounds == 3
     assert await barrier.wait(0) is False  # closed: cannot know what was sent
 
 

@@ -12,10 +12,12 @@ itself (`wire.subscribe_inline`).
 A connection lost and made again meanwhile may have lost a notice with it: a wait
 taken on an earlier connection (`mark`) fails, and the job's record decides.
 
-One PING serves every job that starts in the same moment: the first waiter opens a
-round, lets the event loop run once so that the others of that moment join it, then
-sends the PING; anyone arriving after the PING has left waits for the next round (an
-earlier PING may have reached the server before the cancel did).
+One PING serves many jobs, and one is in flight at a time (a group commit): the first
+waiter opens a round, which the others join until its PING is sent; that happens once
+the event loop has run once (the others of that moment join), or, while an earlier
+PING is in flight, once its PONG is back. Anyone arriving after a PING has left waits
+for the next one (an earlier PING may have reached the server before the cancel did).
+Under load that is one PING per round trip, however many held jobs start.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class ReadBarrier:
         self._nc = nc
         self._timeout = timeout
         self._open: _Round | None = None  # the round whose PING has not been sent yet
+        self._flying: _Round | None = None  # the round whose PONG is awaited
         self.rounds = 0  # PINGs sent, for tests and stats
 
     def mark(self) -> int:
@@ -68,17 +71,21 @@ class ReadBarrier:
             return joined.read
         current = self._open = _Round()
         try:
-            await anyio.lowlevel.checkpoint()  # the other jobs of this moment join
-            self._open = None  # from here on, a newcomer needs a PING sent after it came
+            if self._flying is not None:  # one PING at a time: this round gathers meanwhile
+                await self._flying.done.wait()
+            else:
+                await anyio.lowlevel.checkpoint()  # the other jobs of this moment join
+            self._open, self._flying = None, current  # a newcomer now needs the next PING
             self.rounds += 1
-            if not self._nc.is_connected:
-                return False  # (finally: the followers are told the same)
-            await self._nc.flush(self._timeout)  # raises when no PONG comes in time
-            current.read = True
+            if self._nc.is_connected:
+                await self._nc.flush(self._timeout)  # raises when no PONG comes in time
+                current.read = True
         except Exception:
             current.read = False
         finally:
             if self._open is current:
                 self._open = None
+            if self._flying is current:
+                self._flying = None
             current.done.set()
         return current.read
