@@ -343,6 +343,10 @@ class Service:
     async def _prepare(self, client: Client) -> None:
         """Streams, consumers, buckets: fail with the real error before anything runs."""
         try:
+            if self._uses_jetstream():
+                from .streams import wait_for_jetstream
+
+                await wait_for_jetstream(client)
             if self.subscribers or self.streams or self.publishes:
                 from .streams import ensure_streams
 
@@ -357,6 +361,12 @@ class Service:
                 await handler.prepare(client)
         except NatsError as exc:
             raise mesh_error(exc, f"preparing service {self.name}") from exc
+
+    def _uses_jetstream(self) -> bool:
+        """Streams, consumers, job queues or stored replies: JetStream must answer."""
+        if self.subscribers or self.streams or self.publishes or self.jobs:
+            return True
+        return any(endpoint.idempotent for endpoint in self.endpoints)
 
     async def _start(self, client: Client, task_group: Any, responder: Responder) -> None:
         for endpoint in self.endpoints:

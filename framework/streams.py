@@ -11,6 +11,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import NotFoundError
 
@@ -30,12 +33,14 @@ __all__ = [
     "ensure_stream",
     "ensure_streams",
     "stream_name_for_domain",
+    "wait_for_jetstream",
 ]
 
 _log = get_logger("framework.streams")
 
 DAY = 24 * 3600.0
 DEADLETTER_STREAM = "DEADLETTER"
+JETSTREAM_WAIT = 30.0  # seconds a starting service waits for JetStream to answer
 
 
 def default_replicas() -> int:
@@ -151,6 +156,30 @@ def differences(
         if a != b:
             diff[name] = (a, b)
     return diff
+
+
+async def wait_for_jetstream(client: Client, timeout: float = JETSTREAM_WAIT) -> None:
+    """Return once JetStream answers (or after `timeout` seconds: the request that
+    follows then fails with the server's reason, as it would have at once).
+
+    A cluster takes clients before its nodes have elected a JetStream meta leader and
+    ignores JetStream requests until then: half a second after a start here, up to 9 s
+    on a busy machine. A service started together with its servers (a script, compose)
+    waits for that instead of failing on its first request. A server without JetStream
+    says so at once (no responders), and that is left to the request that follows too.
+    """
+    deadline = anyio.current_time() + timeout
+    warned = False
+    while (left := deadline - anyio.current_time()) > 0:
+        try:
+            await client.nc.request("$JS.API.INFO", b"", timeout=min(1.0, left))
+            return  # an answer, even a refusal, comes from JetStream
+        except NoRespondersError:
+            return
+        except NatsTimeout:
+            if not warned:
+                _log.warning("waiting for JetStream (a cluster electing its leader?)")
+                warned = True
 
 
 async def ensure_stream(client: Client, stream: Stream, *, strict: bool = True) -> None:
