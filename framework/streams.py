@@ -17,7 +17,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from .errors import ConfigConflict
+from .errors import ConfigConflict, PermissionDenied
 from .observability.logging import get_logger
 from .transport.names import EVENT_PREFIX, check_token, event_domain
 
@@ -41,6 +41,7 @@ _log = get_logger("framework.streams")
 DAY = 24 * 3600.0
 DEADLETTER_STREAM = "DEADLETTER"
 JETSTREAM_WAIT = 30.0  # seconds a starting service waits for JetStream to answer
+INFO_SUBJECT = "$JS.API.INFO"  # account info: any JetStream user may ask
 
 
 def default_replicas() -> int:
@@ -159,22 +160,25 @@ def differences(
 
 
 async def wait_for_jetstream(client: Client, timeout: float = JETSTREAM_WAIT) -> None:
-    """Return once JetStream answers (or after `timeout` seconds: the request that
-    follows then fails with the server's reason, as it would have at once).
+    """Return once JetStream answers, or after `timeout` seconds (the requests that
+    follow then fail as they would have without the wait).
 
     A cluster takes clients before its nodes have elected a JetStream meta leader and
-    ignores JetStream requests until then: half a second after a start here, up to 9 s
-    on a busy machine. A service started together with its servers (a script, compose)
+    ignores JetStream requests until then: about half a second after a start here, 5 s
+    and more on a busy machine. A service started together with its servers (a script, compose)
     waits for that instead of failing on its first request. A server without JetStream
-    says so at once (no responders), and that is left to the request that follows too.
+    (no responders) or a user not allowed to ask answers at once; what that means is
+    left to the request that follows.
     """
     deadline = anyio.current_time() + timeout
     warned = False
     while (left := deadline - anyio.current_time()) > 0:
+        ask = client.nc.request(INFO_SUBJECT, b"", timeout=min(1.0, left))
         try:
-            await client.nc.request("$JS.API.INFO", b"", timeout=min(1.0, left))
-            return  # an answer, even a refusal, comes from JetStream
-        except NoRespondersError:
+            # nats-py lowercases the server's -ERR text: a refusal names "$js.api.info"
+            await client.refusable(INFO_SUBJECT.lower(), ask)
+            return  # an answer, even an error, comes from JetStream
+        except (NoRespondersError, PermissionDenied):
             return
         except NatsTimeout:
             if not warned:

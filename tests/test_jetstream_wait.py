@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import pytest
 
-from framework import Service
-from framework.dev.devserver import NatsCluster
+from framework import MeshError, Service
+from framework.dev.devserver import NatsCluster, NatsServer
 
 
 async def test_a_service_waits_for_its_cluster_to_elect_a_leader(tmp_path: Path) -> None:
@@ -39,3 +40,27 @@ async def test_a_service_waits_for_its_cluster_to_elect_a_leader(tmp_path: Path)
             tasks.cancel_scope.cancel()
     finally:
         await anyio.to_thread.run_sync(cluster.cleanup)
+
+
+async def test_a_user_not_allowed_to_ask_is_not_kept_waiting(tmp_path: Path) -> None:
+    conf = tmp_path / "deny-info.conf"
+    conf.write_text(
+        'authorization { users: [{user: "svc", password: "pw",'
+        ' permissions: {publish: {deny: ["$JS.API.INFO"]}}}] }\n'
+    )
+    with NatsServer(config_file=conf, store_dir=tmp_path / "js") as server:
+        await anyio.to_thread.run_sync(server.start)
+        url = server.url.replace("nats://", "nats://svc:pw@")
+        service = Service("denied", publishes=["denied.done.v1"])
+        with anyio.fail_after(15):  # the wait gives up after 30 s; a refusal ends it at once
+            async with service.serve(url):
+                pass
+
+
+async def test_a_server_without_jetstream_fails_the_service_at_once() -> None:
+    with NatsServer(jetstream=False) as server:
+        await anyio.to_thread.run_sync(server.start)
+        service = Service("nojs", publishes=["nojs.done.v1"])
+        with anyio.fail_after(15), pytest.raises(MeshError):
+            async with service.serve(server.url):
+                pass
