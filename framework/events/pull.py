@@ -14,8 +14,9 @@ about `PLAIN_WINDOW_SECONDS` of its rate ahead: a slow handler still gets only w
 will start soon (1 ms handlers, 4 workers: 8), while no-op handlers are not held up by
 pull round trips. An idempotent subscriber's waiting events sit in screening, looked
 up but not admitted (so they do not count toward what a crash can run twice), and it
-takes `WINDOW_SECONDS` ahead: big lookups and pulls. Its deliveries are taken as
-nats-py reads them (no queue and task per message): screening only appends them.
+takes `WINDOW_SECONDS` ahead: big lookups and pulls. Deliveries are taken as nats-py
+reads them (no queue and task per message): screening only appends them, a plain
+subscriber's worker pool, which holds a whole window, only queues them.
 
 Pulls the server leaves unanswered (no message, status or heartbeat for `2.5 *
 PULL_HEARTBEAT` seconds after a pull) and pull requests or consumer checks that fail
@@ -60,7 +61,7 @@ WINDOW_SECONDS = 0.1  # an idempotent subscriber takes about this long's worth o
 PLAIN_WINDOW_SECONDS = 0.002  # a plain one: what it starts soon (its waiting is not screened)
 _RATE_EVERY = 0.2  # seconds between estimates of the settle rate
 
-Submit = Callable[[Msg], Awaitable[None]]  # to the worker pool, waits when it is full
+Offer = Callable[[Msg], bool]  # to the worker pool, without waiting: False when it is full
 Arrive = Callable[[Msg], None]  # to screening, which looks a pull's events up together
 
 
@@ -88,7 +89,7 @@ class Puller:
         self._nc: NATS | None = None
         self._sub: Subscription | None = None
         self._inbox = ""
-        self._submit: Submit | None = None
+        self._offer: Offer | None = None
         self._arrive: Arrive | None = None
         self._wake: anyio.Event | None = None
         self._last_activity = 0.0
@@ -101,10 +102,12 @@ class Puller:
         self._scope: anyio.CancelScope | None = None  # built in `start`: it needs a loop
         self._stopping = False
 
-    async def start(self, nc: NATS, submit: Submit, arrive: Arrive | None) -> None:
-        """Subscribe to the inbox; deliveries go to `arrive` when given (taken as they
-        are read, the window following the settle rate), else to `submit`."""
-        self._nc, self._submit, self._arrive = nc, submit, arrive
+    async def start(self, nc: NATS, offer: Offer, arrive: Arrive | None) -> None:
+        """Subscribe to the inbox; deliveries are taken as nats-py reads them (no queue
+        and task per message) and go to `arrive` when given, else to `offer`, which must
+        hold a whole window (one refused, which a lost-and-resent pull could cause, is
+        handed back)."""
+        self._nc, self._offer, self._arrive = nc, offer, arrive
         self._scope = anyio.CancelScope()
         self._stopping = False
         self._wake = anyio.Event()
@@ -113,10 +116,7 @@ class Puller:
         self._window_seconds = WINDOW_SECONDS if arrive is not None else PLAIN_WINDOW_SECONDS
         self._settled, self._rate_at = 0, (time.monotonic(), 0)
         self._inbox = nc.new_inbox()
-        if arrive is not None:
-            self._sub = await wire.subscribe_inline(nc, self._inbox, self._on_arrival)
-        else:
-            self._sub = await nc.subscribe(self._inbox, cb=self._on_delivery)
+        self._sub = await wire.subscribe_inline(nc, self._inbox, self._on_arrival)
 
     async def run(self) -> None:
         """Pull and keep alive until `stop`."""
@@ -136,6 +136,11 @@ class Puller:
             # for another replica now, instead of waiting out ack_wait
             with anyio.move_on_after(timeout), contextlib.suppress(Exception):
                 await self._sub.drain()  # type: ignore[no-untyped-call]
+
+    @property
+    def max_window(self) -> int:
+        """The most deliveries taken and not yet settled at once."""
+        return max(self._base, MAX_WINDOW)
 
     def release(self, key: int) -> None:
         """The delivery `key` (its `id`) is settled: room for another (the pull loop
@@ -165,8 +170,13 @@ class Puller:
             hand_back_now(msg)
             return
         self.taken += 1
-        assert self._arrive is not None
-        self._arrive(msg)
+        if self._arrive is not None:
+            self._arrive(msg)
+            return
+        assert self._offer is not None
+        if not self._offer(msg):
+            self.taken -= 1
+            hand_back_now(msg)
 
     def _heard(self) -> None:
         """Something arrived on the inbox: the server answers our pulls."""
@@ -174,22 +184,6 @@ class Puller:
         if self._pulls_failing:
             self._pulls_failing = False
             self.health.ok("pulls")
-
-    async def _on_delivery(self, msg: Msg) -> None:
-        self._heard()
-        if not msg.reply:
-            self._on_status(msg)
-            return
-        self._outstanding = max(0, self._outstanding - 1)
-        if self._stopping:
-            await hand_back(msg)
-            return
-        self.taken += 1
-        if self._arrive is not None:
-            self._arrive(msg)
-            return
-        assert self._submit is not None
-        await self._submit(msg)
 
     async def _pull_loop(self) -> None:
         nc = self._nc

@@ -221,11 +221,13 @@ class Subscriber:
             inflight=inflight,
             health=health,
         )
+        idempotent = self._processed is not None
         pool = WorkerPool(
             processor.process,
             options.max_concurrency,
-            on_idle=processor.flush if self._processed is not None else None,
-            queue=options.unsettled_limit if self._processed is not None else None,
+            on_idle=processor.flush if idempotent else None,
+            # what may wait: screening admits `unsettled_limit`, the puller takes a window
+            queue=options.unsettled_limit if idempotent else self._puller.max_window,
         )
         pool.start(task_group)
         if screening is not None:
@@ -233,7 +235,7 @@ class Subscriber:
             task_group.start_soon(screening.run)
         self._screening, self._processor, self._pool = screening, processor, pool
         arrive = screening.arrive if screening is not None else None
-        await self._puller.start(client.nc, pool.submit, arrive)
+        await self._puller.start(client.nc, pool.offer, arrive)
         task_group.start_soon(self._puller.run)
         metrics.track(self)
 
