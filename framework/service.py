@@ -187,9 +187,8 @@ class Service:
         """Handle every `event_type` event through a durable consumer shared by replicas.
 
         The handler takes the event (a type msgspec decodes) and optionally a `Context`.
-        The consumer records this program as its owner: another program under this name is
-        refused, changed options need a newer version or a takeover (see `Service`).
-        Options, with their defaults; one out of bounds raises `ValueError` here:
+        The consumer records this program as its owner (see `Service`). Options, with
+        their defaults; one out of bounds raises `ValueError` here:
 
         - `name` (the function's name): the subscriber; its consumer is `<service>_<name>`.
         - `max_deliver` (5, >= 1): attempts before the event is dead-lettered.
@@ -199,22 +198,18 @@ class Service:
           handler's event is kept alive by in-progress acks every third of it.
         - `max_concurrency` (16, >= 1): handlers running at once in one replica.
         - `max_processing_time` (300 s, > 0; None: no limit): a handler running longer is
-          cancelled and the attempt fails (`ProcessingTimeExceeded`).
-        - `deliver` ("all", or "new"): where a new consumer starts, the stream's oldest event
-          or the next one published; an existing consumer keeps its position.
-        - `idempotent` (True): an event whose id this subscriber already handled is acked
-          without running the handler (ids kept in a key-value bucket).
+          cancelled, the attempt fails (`ProcessingTimeExceeded`).
+        - `deliver` ("all", or "new"): where a new consumer starts (oldest or next event).
+        - `idempotent` (True): an event whose id was already handled here is acked unrun.
         - `idempotency_ttl` (7 days, > 0): how long a handled event id is remembered.
-        - `dead_letter` (True): an event given up on is copied to the `DEADLETTER` stream
-          before it is terminated; False: only terminated.
+        - `dead_letter` (True): an event given up on goes to `DEADLETTER`, then is terminated.
         - `ordered_by` (None, any function of the event returning a hashable key): events
           with equal keys run one at a time, in stream order, within one replica.
         - `max_ack_pending` (None: max(1000, 4 * max_concurrency); >= 1): deliveries the
           consumer leaves unacked at once, all replicas together.
-        - `max_unsettled` (None: 8 * max_concurrency, 128 at the defaults; >= max_concurrency):
-          events of an idempotent subscriber handed to the handlers and not yet settled
-          (marker stored, then acked) at once in one replica. It bounds what a crash can
-          run twice; wider lets markers be stored in bigger batches (faster).
+        - `max_unsettled` (None: 8 * max_concurrency; >= max_concurrency): events of an
+          idempotent subscriber handled or running, marker not yet stored, in one
+          replica: what a crash can run twice. Wider stores markers in bigger batches.
         """
         check_event_type(event_type)
         # every keyword but `name` is a SubscribeOptions field, defaults read from it
@@ -343,6 +338,10 @@ class Service:
     async def _prepare(self, client: Client) -> None:
         """Streams, consumers, buckets: fail with the real error before anything runs."""
         try:
+            if self._uses_jetstream():
+                from .streams import wait_for_jetstream
+
+                await wait_for_jetstream(client)
             if self.subscribers or self.streams or self.publishes:
                 from .streams import ensure_streams
 
@@ -357,6 +356,12 @@ class Service:
                 await handler.prepare(client)
         except NatsError as exc:
             raise mesh_error(exc, f"preparing service {self.name}") from exc
+
+    def _uses_jetstream(self) -> bool:
+        """Streams, consumers, job queues or stored replies: JetStream must answer."""
+        if self.subscribers or self.streams or self.publishes or self.jobs:
+            return True
+        return any(endpoint.idempotent for endpoint in self.endpoints)
 
     async def _start(self, client: Client, task_group: Any, responder: Responder) -> None:
         for endpoint in self.endpoints:

@@ -11,10 +11,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from .errors import ConfigConflict
+from .errors import ConfigConflict, PermissionDenied
 from .observability.logging import get_logger
 from .transport.names import EVENT_PREFIX, check_token, event_domain
 
@@ -30,12 +33,15 @@ __all__ = [
     "ensure_stream",
     "ensure_streams",
     "stream_name_for_domain",
+    "wait_for_jetstream",
 ]
 
 _log = get_logger("framework.streams")
 
 DAY = 24 * 3600.0
 DEADLETTER_STREAM = "DEADLETTER"
+JETSTREAM_WAIT = 30.0  # seconds a starting service waits for JetStream to answer
+INFO_SUBJECT = "$JS.API.INFO"  # account info: any JetStream user may ask
 
 
 def default_replicas() -> int:
@@ -151,6 +157,33 @@ def differences(
         if a != b:
             diff[name] = (a, b)
     return diff
+
+
+async def wait_for_jetstream(client: Client, timeout: float = JETSTREAM_WAIT) -> None:
+    """Return once JetStream answers, or after `timeout` seconds (the requests that
+    follow then fail as they would have without the wait).
+
+    A cluster takes clients before its nodes have elected a JetStream meta leader and
+    ignores JetStream requests until then: about half a second after a start here, 5 s
+    and more on a busy machine. A service started together with its servers (a script, compose)
+    waits for that instead of failing on its first request. A server without JetStream
+    (no responders) or a user not allowed to ask answers at once; what that means is
+    left to the request that follows.
+    """
+    deadline = anyio.current_time() + timeout
+    warned = False
+    while (left := deadline - anyio.current_time()) > 0:
+        ask = client.nc.request(INFO_SUBJECT, b"", timeout=min(1.0, left))
+        try:
+            # nats-py lowercases the server's -ERR text: a refusal names "$js.api.info"
+            await client.refusable(INFO_SUBJECT.lower(), ask)
+            return  # an answer, even an error, comes from JetStream
+        except (NoRespondersError, PermissionDenied):
+            return
+        except NatsTimeout:
+            if not warned:
+                _log.warning("waiting for JetStream (a cluster electing its leader?)")
+                warned = True
 
 
 async def ensure_stream(client: Client, stream: Stream, *, strict: bool = True) -> None:

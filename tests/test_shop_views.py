@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 from support.cli import mesh_cli
-from support.shop import final
+from support.shop import place, revenue_of
 
 from framework import Service
 from framework.cli.replay import replay
@@ -20,10 +20,8 @@ from services.contracts import (
     ORDER_CONFIRMED,
     ORDER_CREATED,
     ORDER_REFUNDED,
-    CreateOrder,
     CustomerOrders,
     CustomerQuery,
-    DailyRevenue,
     ListOrders,
     Order,
     OrderCancelled,
@@ -31,27 +29,12 @@ from services.contracts import (
     OrderCreated,
     OrderItem,
     OrderRefunded,
-    RevenueQuery,
 )
-
-
-async def place(client: Any, customer: str, cents: int, sku: str = "book-dune") -> Order:
-    request = CreateOrder(customer, [OrderItem(sku, 1, cents)])
-    order: Order = await client.call("orders.create", request, returns=Order)
-    await final(client, order.id)
-    return order
 
 
 async def customer_of(client: Any, customer: str, view: str | None = None) -> CustomerOrders:
     found: CustomerOrders = await client.call(
         "orders.customer", CustomerQuery(customer, view), returns=CustomerOrders
-    )
-    return found
-
-
-async def revenue_of(client: Any, view: str | None = None) -> list[DailyRevenue]:
-    found: list[DailyRevenue] = await client.call(
-        "orders.revenue", RevenueQuery(view=view), returns=list[DailyRevenue]
     )
     return found
 

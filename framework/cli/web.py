@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,6 +82,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         connect_timeout=connect_timeout,
     )
     print(_start_line(args.host, args.port), flush=True)
+    previous = signal.signal(signal.SIGTERM, _stopped)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     except SystemExit as exit_:  # uvicorn exits 3 when the lifespan fails (no NATS)
@@ -89,7 +91,16 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             "reachable?)",
             ExitCode.NO_CONNECTION,
         ) from exit_
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return ExitCode.OK
+
+
+def _stopped(signum: int, frame: object) -> None:
+    """uvicorn shuts down gracefully on SIGTERM, then raises the signal again: ended here
+    as after Ctrl-C (which uvicorn.run absorbs), so a stopped dashboard exits 0 as
+    `mesh run` does, instead of dying of the signal."""
+    raise KeyboardInterrupt
 
 
 def _write(document: dict[str, Any], output: str | None) -> None:

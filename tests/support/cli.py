@@ -3,12 +3,14 @@ subprocess (to completion, or in the background with its output collected)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -70,10 +72,14 @@ class Running:
     """A command in the background, stdout and stderr collected line by line.
 
     A thread reads the output as it comes, so the pipe never fills and blocks the
-    process, and a test can wait for a line (`said`) with `eventually`.
+    process, and a test can wait for a line (`said`) with `eventually`. With
+    `new_session`, the command and whatever it starts (a script's `cmd &`) form a process
+    group of their own, which `stop_group` ends as a whole.
     """
 
-    def __init__(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, argv: Sequence[str], cwd: Path, env: Mapping[str, str], new_session: bool = False
+    ) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             list(argv),
@@ -82,6 +88,7 @@ class Running:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=new_session,
         )
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -111,6 +118,22 @@ class Running:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return self.proc.wait()
+
+    def stop_group(self, timeout: float = 30) -> None:
+        """SIGTERM to every process of its group (started with `new_session`), SIGKILL to
+        those left after `timeout` seconds: nothing it started outlives the test."""
+        group = self.proc.pid
+        deadline = time.monotonic() + timeout
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signum)
+            while group_members(group) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not group_members(group):
+                break
+            deadline = time.monotonic() + 5
+        self.proc.wait(timeout=5)
+        assert not group_members(group), f"processes of group {group} survived SIGKILL"
 
 
 def sample_services() -> list[str]:
@@ -147,6 +170,21 @@ def process_state(pid: int) -> str | None:
 def alive(pid: int) -> bool:
     """Whether `pid` runs: it exists and is not a zombie waiting to be reaped."""
     return process_state(pid) not in (None, "Z")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that run (zombies left out), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 def children(pid: int) -> dict[int, str]:

@@ -14,7 +14,15 @@ import anyio
 
 from framework.testing import Serve, eventually
 from services import inventory, notifications, orders, payments
-from services.contracts import GetOrder, Notification, Order
+from services.contracts import (
+    CreateOrder,
+    DailyRevenue,
+    GetOrder,
+    Notification,
+    Order,
+    OrderItem,
+    RevenueQuery,
+)
 
 SHOP: tuple[ModuleType, ...] = (notifications, payments, inventory, orders)
 """The saga's services, in the order `serve_shop` starts them (orders last)."""
@@ -66,3 +74,19 @@ async def order_when(
 async def final(client: Any, order_id: str, timeout: float = 15.0) -> Order:
     """The order once it is no longer pending (confirmed or cancelled)."""
     return await order_when(client, order_id, lambda order: order.status != "pending", timeout)
+
+
+async def place(client: Any, customer: str, cents: int, sku: str = "book-dune") -> Order:
+    """One order of one `sku` at `cents`, through `orders.create`, once it is final."""
+    request = CreateOrder(customer, [OrderItem(sku, 1, cents)])
+    order: Order = await client.call("orders.create", request, returns=Order)
+    await final(client, order.id)
+    return order
+
+
+async def revenue_of(client: Any, view: str | None = None) -> list[DailyRevenue]:
+    """`orders.revenue` of the read model's generation `view` (default: the service's)."""
+    found: list[DailyRevenue] = await client.call(
+        "orders.revenue", RevenueQuery(view=view), returns=list[DailyRevenue]
+    )
+    return found

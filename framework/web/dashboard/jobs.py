@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-import structlog
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from ...jobs.messages import JobMessages, message_status
 from ...jobs.options import STATUS_BUCKET, Kind, id_token
 from ...jobs.status import JOB_STATES
+from ...observability.logging import get_logger
 from .sampler import Hub
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ ROWS = 100
 RETRY_BUCKET_AFTER = 2.0
 QUEUED_EVERY = 1.0  # seconds between reads of the jobs queued without a record yet
 MAX_QUEUED = 1000  # of those, read at most
-_log = structlog.get_logger("framework.web.dashboard")
+_log = get_logger("framework.web.dashboard")
 _FIELDS = (
     "kind", "id", "state", "priority", "progress", "message", "attempt", "max_attempts",
     "error", "enqueued_at", "started_at", "finished_at", "run_at", "worker",

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-import structlog
 from nats.js.errors import NotFoundError
 
 from ...events.deadletter import list_dead_letters
+from ...observability.logging import get_logger
 from ...streams import DEADLETTER_STREAM
 from ...transport.settings import redact_url
 from .traces import recent_traces
@@ -32,7 +32,7 @@ __all__ = ["DISCOVERY_TIMEOUT", "Hub", "Sampler"]
 DISCOVERY_TIMEOUT = 0.25
 INFO_EVERY = 10  # samples between full `$SRV.INFO` refreshes (new instances: at once)
 DEAD_LETTER_ROWS = 200
-_log = structlog.get_logger("framework.web.dashboard")
+_log = get_logger("framework.web.dashboard")
 
 
 class Hub:
