@@ -87,6 +87,8 @@ class _Errors:
 
     nats-py hands the server's -ERR 'Permissions Violation for Publish to "x"' only to
     error_cb; the publish or request that caused it would otherwise wait out its timeout.
+    It hands it lowercased, so calls are kept by their subject lowercased (two subjects
+    differing only in case, refused at the same moment, cannot be told apart).
     Until the first connection succeeds, failures are kept (`last`) for the error that
     `Client.open` raises, instead of being logged four times a second.
     """
@@ -103,15 +105,16 @@ class _Errors:
         """Note the task calling `subject`, so a refusal can end its wait at once."""
         task = asyncio.current_task()
         if task is not None:
-            self.calls.setdefault(subject, set()).add(task)
+            self.calls.setdefault(subject.lower(), set()).add(task)
         return task
 
     def unwatch(self, subject: str, task: asyncio.Task[Any]) -> None:
-        tasks = self.calls.get(subject)
+        key = subject.lower()
+        tasks = self.calls.get(key)
         if tasks is not None:
             tasks.discard(task)
             if not tasks:
-                del self.calls[subject]
+                del self.calls[key]
         self._refusals.pop(task, None)
 
     def refused(self, task: asyncio.Task[Any]) -> str | None:
@@ -127,7 +130,7 @@ class _Errors:
             reason = f"not allowed to publish to {subject}: {error}"
             if self.mux is not None:
                 self.mux.refuse(subject, reason)
-            for task in self.calls.get(subject, ()):
+            for task in self.calls.get(subject.lower(), ()):
                 if task not in self._refusals:
                     self._refusals[task] = reason
                     task.cancel()

@@ -175,8 +175,7 @@ async def wait_for_jetstream(client: Client, timeout: float = JETSTREAM_WAIT) ->
     while (left := deadline - anyio.current_time()) > 0:
         ask = client.nc.request(INFO_SUBJECT, b"", timeout=min(1.0, left))
         try:
-            # nats-py lowercases the server's -ERR text: a refusal names "$js.api.info"
-            await client.refusable(INFO_SUBJECT.lower(), ask)
+            await client.refusable(INFO_SUBJECT, ask)
             return  # an answer, even an error, comes from JetStream
         except (NoRespondersError, PermissionDenied):
             return

@@ -35,6 +35,7 @@ from framework import (
     Reject,
     Service,
     ServiceError,
+    connect,
     list_dead_letters,
 )
 from framework.dev.devserver import NatsServer
@@ -570,3 +571,19 @@ async def test_dead_letters_stay_within_the_services_own_subjects(secure_server:
         (letter,) = await list_dead_letters(orders, service="payments")
     assert letter.reason == "rejected"
     assert letter.subject == "events.order.created.v1"
+
+
+async def test_a_refused_request_to_a_subject_with_capitals_fails_at_once(tmp_path: Path) -> None:
+    """nats-py lowercases the server's -ERR text: the refusal must still find the call
+    (`$JS.API.*`, `$SRV.*` and users' own subjects have capitals) instead of letting it
+    wait out its timeout."""
+    conf = tmp_path / "deny.conf"
+    conf.write_text(
+        'authorization { users: [{user: "svc", password: "pw",'
+        ' permissions: {publish: {deny: ["Billing.Charge"]}}}] }\n'
+    )
+    with NatsServer(config_file=conf, jetstream=False) as server:
+        await anyio.to_thread.run_sync(server.start)
+        async with connect(server.url.replace("nats://", "nats://svc:pw@")) as client:
+            with anyio.fail_after(2), pytest.raises(ServiceError, match=r"(?i)permission"):
+                await client.call("Billing.Charge", {"order_id": "o-1"}, timeout=10)

@@ -255,10 +255,11 @@ class Mux:
 
     def refuse(self, subject: str, reason: str) -> None:
         """The server refused a publish to `subject` (a permissions violation, which
-        nats-py reports only to the error callback): the `request`s to it fail now
-        with `PermissionDenied`, instead of waiting out their timeouts."""
+        nats-py reports only to the error callback, lowercased): the `request`s to it
+        fail now with `PermissionDenied`, instead of waiting out their timeouts."""
+        subject = subject.lower()
         for token, sent_to in list(self._subjects.items()):
-            if sent_to == subject:
+            if sent_to.lower() == subject:
                 future = self._pending[token][0]
                 if not future.done():
                     future.set_exception(PermissionDenied(reason))
