@@ -17,6 +17,7 @@ mostly per batch (about 30 us a marker in batches of 16, 12 us in batches of 256
 measured on loopback), so under load batches grow to what the subscriber's
 `max_unsettled` allows instead of many small batches each costing a full store;
 when idle, a lone event's marker goes out at once.
+
 A marker that cannot be stored is retried, the event kept alive by the subscriber's
 in-progress acks, for as long as a handler may take; then the event is nak'd, and its
 redelivery runs the handler again (the documented at-least-once window). Failing

@@ -3,8 +3,8 @@
 nats-py runs a subscription callback one message at a time (and its `micro` module
 inherits that). Here the callback hands each message to a fixed pool of worker tasks
 through a bounded queue: at most `max_concurrency` handlers run at once, at most as many
-messages wait for a worker, and a full queue pushes back into the subscription's
-bounded pending queue. No task is spawned per message, and a worker is woken only when
+messages (or the pool's `queue`) wait for a worker, and a full queue pushes back into
+the subscription's bounded pending queue. No task is spawned per message, and a worker is woken only when
 no other is already on its way (see `WorkerPool._wake_one`).
 
 The hand-off never yields to the event loop while a slot is free: nats-py's callback
