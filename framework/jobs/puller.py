@@ -9,21 +9,32 @@ when all three are empty does it wait, with one long pull per consumer, for what
 comes first. Sweeps ask for exactly the free capacity, so nothing is taken that a
 worker cannot start soon; each kind has its own puller, so one kind's backlog never
 starves another kind of the same service.
+
+Deliveries are taken as nats-py reads them (no queue and task in between) and handed
+over before anything else is done, so an idle worker's handler starts one event-loop
+iteration after the job is read. A long pull that delivers a job behind which its
+queue is empty (the delivery's pending count, in its ack subject, is 0) is renewed at
+once, from the same callback, instead of waking the loop for a `no_wait` sweep and a
+new long pull: the waiting state is kept across the delivery, and the next job does
+not wait for two more round trips. Any other delivery ends its pull and wakes the loop
+as before (a backlog is always swept by priority).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import msgspec
 
 from ..observability.logging import get_logger
+from ..transport import wire
 from .options import priority_of
 
-__all__ = ["Puller"]
+__all__ = ["ACK_FIELDS_AT", "Puller", "pending_after"]
 
 _log = get_logger("framework.jobs")
 
@@ -31,18 +42,32 @@ LONG_POLL = 5.0  # seconds a waiting pull lasts before it is renewed
 ANSWER_GRACE = 2.0  # a pull the server has not ended this long after it should: lost
 MAX_BATCH = 256
 _encode = msgspec.json.Encoder().encode
+# tokens of a JetStream ack subject -> where its stream name is: `$JS.ACK.<stream>.
+# <consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`, with a domain
+# and an account hash before the stream (and a random token at the end) in the newer form
+ACK_FIELDS_AT = {9: 2, 11: 4, 12: 4}
+
+
+def pending_after(reply: str) -> int:
+    """How many messages the consumer held behind this delivery (-1: not known)."""
+    tokens = reply.split(".")
+    at = ACK_FIELDS_AT.get(len(tokens))
+    if at is None or not tokens[at + 6].isdigit():
+        return -1
+    return int(tokens[at + 6])
 
 
 class _Pull:
     """The one outstanding pull request of a consumer (at most one at a time)."""
 
-    __slots__ = ("asked", "deadline", "done", "got", "token")
+    __slots__ = ("asked", "deadline", "done", "got", "long", "token")
 
-    def __init__(self, token: str, asked: int, deadline: float) -> None:
+    def __init__(self, token: str, asked: int, deadline: float, long: bool) -> None:
         self.token = token  # in the reply subject: a late status of an older pull is ignored
         self.asked = asked
         self.got = 0
         self.deadline = deadline
+        self.long = long  # waits on the server for a message (else `no_wait`)
         self.done = anyio.Event()
 
 
@@ -55,10 +80,11 @@ class Puller:
         stream: str,
         consumers: Sequence[str],
         priorities: Sequence[str],
-        hand_over: Callable[[Any], Awaitable[None]],
+        hand_over: Callable[[Any], None],
         free: Callable[[], int],
     ) -> None:
-        """`consumers` in priority order (their subjects end with `priorities`); `hand_over` gets every delivered message;
+        """`consumers` in priority order (their subjects end with `priorities`);
+        `hand_over` gets every delivered message, as it is read (it must not block);
         `free` says how many more messages the worker can take."""
         self._nc = nc
         self._subjects = [f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{c}" for c in consumers]
@@ -74,7 +100,7 @@ class Puller:
     async def start(self) -> None:
         """Subscribe the inbox the pulls are answered on."""
         self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(self._inbox + ".*.*", cb=self._on_message)
+        self._sub = await wire.subscribe_inline(self._nc, self._inbox + ".*.*", self._on_message)
 
     async def stop(self, timeout: float) -> None:
         """Stop taking messages; those already on their way are still handed over."""
@@ -87,8 +113,10 @@ class Puller:
             self._sub = None
 
     def wake(self) -> None:
-        """Capacity was freed: pull again."""
-        self._wake.set()
+        """Capacity was freed: pull again, unless a pull waits on every queue already
+        (then there is nothing to ask for: whatever comes is delivered)."""
+        if None in self._pulls:
+            self._wake.set()
 
     async def run(self) -> None:
         """Pull until cancelled: sweep by priority, or wait on every queue when empty."""
@@ -132,14 +160,32 @@ class Puller:
                 await self._request(index, 1, body)
 
     async def _request(self, index: int, batch: int, options: dict[str, Any]) -> _Pull:
-        expires = options.get("expires", 0) / 1e9
-        self._count += 1
-        pull = _Pull(format(self._count, "x"), batch, time.monotonic() + expires + ANSWER_GRACE)
+        pull, body, reply = self._pull(index, batch, options)
         self._pulls[index] = pull
-        body = _encode({"batch": batch, **options})
-        reply = f"{self._inbox}.{index}.{pull.token}"
         await self._nc.publish(self._subjects[index], body, reply=reply)
         return pull
+
+    def _pull(self, index: int, batch: int, options: dict[str, Any]) -> tuple[_Pull, bytes, str]:
+        """A new pull of consumer `index`: its record, request body and reply subject."""
+        expires = options.get("expires", 0) / 1e9
+        self._count += 1
+        deadline = time.monotonic() + expires + ANSWER_GRACE
+        pull = _Pull(format(self._count, "x"), batch, deadline, long=expires > 0)
+        return pull, _encode({"batch": batch, **options}), f"{self._inbox}.{index}.{pull.token}"
+
+    def _renew(self, index: int, ended: _Pull) -> None:
+        """Replace consumer `index`'s long pull `ended`, which delivered the last job
+        its queue held, with a new one, without the loop; while the worker can take
+        more, as the loop would. Otherwise the pull ends and the loop decides."""
+        if self._pulls[index] is not ended:
+            return  # ended meanwhile (given up on): the loop has it
+        if self._free() > 0:
+            pull, body, reply = self._pull(index, 1, {"expires": int(LONG_POLL * 1e9)})
+            if wire.publish_now(self._nc, self._subjects[index], body, reply):
+                self._pulls[index] = pull
+                ended.done.set()
+                return
+        self._end(index)  # full, not connected or a full buffer
 
     def _expire_lost(self) -> None:
         """Pulls the server never ended (lost with a connection) free their capacity."""
@@ -168,16 +214,23 @@ class Puller:
             pull.done.set()
             self._wake.set()
 
-    async def _on_message(self, msg: Any) -> None:
+    def _on_message(self, msg: Any) -> None:
+        """A delivery or a status, as nats-py reads it (see the module)."""
         if not msg.reply:  # a status: the pull is over (404 none, 408 expired, 409 ...)
             self._on_status(msg)
             return
+        self._hand_over(msg)  # first: its handler starts before anything else is sent
         # a job: its subject names its priority, which is its consumer's index
         index = self._index.get(priority_of(msg.subject), -1)
         pull = self._pulls[index] if index >= 0 else None
-        if pull is not None:
-            pull.got += 1
-            if pull.got >= pull.asked:
-                self._end(index)
-        self._wake.set()
-        await self._hand_over(msg)
+        if pull is None:
+            self._wake.set()  # a straggler of a pull given up on
+            return
+        pull.got += 1
+        if pull.got < pull.asked:
+            return  # more may come on this pull; its end wakes the loop
+        if pull.long and pending_after(msg.reply) == 0:
+            # renewed once the handler has started (the next step of the loop)
+            asyncio.get_running_loop().call_soon(self._renew, index, pull)
+            return
+        self._end(index)

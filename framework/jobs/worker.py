@@ -22,6 +22,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from ..errors import ConfigConflict
+from ..events.pull import hand_back_now
 from ..observability import metrics as handler_metrics
 from ..observability.logging import get_logger
 from ..streams import deadletter_stream, differences, ensure_stream
@@ -88,6 +89,7 @@ class JobWorker:
         self._client: Client | None = None
         self._processor: Processor | None = None
         self._pool: WorkerPool | None = None
+        self._task_group: TaskGroup | None = None
         self._settler: Settler | None = None
         self._puller: Puller | None = None
         self._cancel_sub: Any = None
@@ -231,8 +233,11 @@ class JobWorker:
             retry_after=self.options.backoff[0],
         )
         self._processor.settler = self._settler
-        self._pool = WorkerPool(self._handle, self.options.max_concurrency)
+        self._pool = WorkerPool(
+            self._handle, self.options.max_concurrency, queue=self.capacity + len(PRIORITIES)
+        )
         self._pool.start(task_group)
+        self._task_group = task_group
         # notices are handled as they are read (no task hop), before any job is pulled
         self._cancel_sub = await wire.subscribe_inline(
             client.nc, self.job_kind.cancel_subject, self._on_cancel
@@ -283,14 +288,26 @@ class JobWorker:
             return 0
         return self.capacity - self._taken
 
-    async def _hand_over(self, msg: Any) -> None:
+    def _hand_over(self, msg: Any) -> None:
+        """A delivery, as it is read: to the pool, whose queue holds all the puller
+        takes (`capacity` and a long pull's message per priority), so it is refused
+        only while stopping (then handed back at once) or after a pull answered very
+        late (then queued from a task)."""
         # every slot taken: the job is held until one frees (and is started only once
         # every cancel notice sent before then has been read: `Processor.process`)
         assert self._pool is not None and self._processor is not None
         held = self._taken >= self.options.max_concurrency
+        taken = (msg, self._processor.mark() if held else None)
         self._taken += 1
         self._active[id(msg)] = (msg, time.monotonic())
-        await self._pool.submit((msg, self._processor.mark() if held else None))
+        if self._pool.offer(taken):
+            return
+        if self._stopping or self._task_group is None:
+            self._taken -= 1
+            self._active.pop(id(msg), None)
+            hand_back_now(msg)  # another replica takes it now, not after ack_wait
+            return
+        self._task_group.start_soon(self._pool.submit, taken)
 
     async def _handle(self, taken: tuple[Any, int | None]) -> None:
         assert self._processor is not None
