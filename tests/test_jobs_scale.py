@@ -111,6 +111,70 @@ async def test_high_priority_jobs_overtake_a_running_backlog(serve, client):
     assert sum(1 for job in order if job.startswith("low-")) < 200  # the backlog waited
 
 
+async def _pull_requests(client: Any, kind: str) -> list[dict[str, Any]]:
+    """Every pull request sent to a kind's consumers from now on (bodies, decoded)."""
+    seen: list[dict[str, Any]] = []
+
+    service, name = kind.split(".")
+    consumers = f"$JS.API.CONSUMER.MSG.NEXT.JOBS.job_{service}_{name}_"
+
+    async def record(msg: Any) -> None:
+        if msg.subject.startswith(consumers):
+            seen.append(msgspec.json.decode(msg.data))
+
+    await client.nc.subscribe("$JS.API.CONSUMER.MSG.NEXT.JOBS.*", cb=record)
+    await client.nc.flush()
+    return seen
+
+
+async def test_an_idle_worker_keeps_waiting_on_its_queues_across_jobs(serve, client):
+    """A job that leaves its queue empty does not make the worker sweep every queue
+    again (a `no_wait` pull each, then new long pulls): the long pull that brought it
+    is renewed, so the next job finds a pull waiting for it."""
+    service, done = Service("work"), Counter[str]()
+
+    @service.job("quick")
+    async def quick(job: JobContext) -> None:
+        done[job.job_id] += 1
+
+    await serve(service)
+    await (await client.enqueue("work.quick", job_id="warm-up")).result(timeout=10)
+    requests = await _pull_requests(client, "work.quick")
+    for n in range(10):
+        await (await client.enqueue("work.quick", job_id=f"q-{n}")).result(timeout=10)
+    await eventually(lambda: len(requests) >= 10, what=lambda: f"{len(requests)} pull requests")
+    assert not [r for r in requests if r.get("no_wait")], requests
+    assert all(r["batch"] == 1 and r["expires"] > 0 for r in requests)
+    assert done == Counter([f"q-{n}" for n in range(10)] + ["warm-up"])
+
+
+async def test_an_expired_long_pull_is_renewed_without_a_sweep(serve, client, monkeypatch):
+    from framework.jobs import puller
+
+    monkeypatch.setattr(puller, "LONG_POLL", 0.3)  # pulls of an idle worker expire often
+    service, done = Service("work"), Counter[str]()
+
+    @service.job("quiet")
+    async def quiet(job: JobContext) -> None:
+        done[job.job_id] += 1
+
+    await serve(service)
+
+    async def waiting_on_each_queue() -> bool:
+        for priority in ("high", "normal", "low"):
+            info = await client.js.consumer_info("JOBS", f"job_work_quiet_{priority}")
+            if not info.num_waiting:
+                return False
+        return True
+
+    await eventually(waiting_on_each_queue, what="a long pull on each queue (after a sweep)")
+    requests = await _pull_requests(client, "work.quiet")
+    await eventually(lambda: len(requests) >= 9, what="three rounds of expired pulls renewed")
+    assert not [r for r in requests if r.get("no_wait")], requests
+    assert await (await client.enqueue("work.quiet", job_id="then")).result(timeout=10) is None
+    assert done == Counter(["then"])
+
+
 async def test_a_rate_limit_holds_across_two_replicas(serve, client):
     starts: list[float] = []
     services = []

@@ -13,11 +13,12 @@ starves another kind of the same service.
 Deliveries are taken as nats-py reads them (no queue and task in between) and handed
 over before anything else is done, so an idle worker's handler starts one event-loop
 iteration after the job is read. A long pull that delivers a job behind which its
-queue is empty (the delivery's pending count, in its ack subject, is 0) is renewed at
-once, from the same callback, instead of waking the loop for a `no_wait` sweep and a
-new long pull: the waiting state is kept across the delivery, and the next job does
-not wait for two more round trips. Any other delivery ends its pull and wakes the loop
-as before (a backlog is always swept by priority).
+queue is empty (the delivery's pending count, in its ack subject, is 0), or that
+expires without one, is renewed by itself (right after that handler has started)
+instead of waking the loop for a `no_wait` sweep of every queue and new long pulls:
+an idle worker keeps waiting on every queue across a job, and the next job does not
+wait for those round trips. Any other delivery ends its pull and wakes the loop as
+before, so a backlog is always swept by priority.
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ class Puller:
 
     def _renew(self, index: int, ended: _Pull) -> None:
         """Replace consumer `index`'s long pull `ended`, which delivered the last job
-        its queue held, with a new one, without the loop; while the worker can take
-        more, as the loop would. Otherwise the pull ends and the loop decides."""
+        its queue held or expired, with a new one, without the loop; while the worker
+        can take more, as the loop would. Otherwise the pull ends and the loop decides."""
         if self._pulls[index] is not ended:
             return  # ended meanwhile (given up on): the loop has it
         if self._free() > 0:
@@ -205,6 +206,9 @@ class Puller:
         index = int(index_text)
         pull = self._pulls[index]
         if pull is not None and pull.token == token:
+            if status == "408" and pull.long and not pull.got:
+                self._renew(index, pull)  # expired: its queue stayed empty all along
+                return
             self._end(index)
 
     def _end(self, index: int) -> None:
