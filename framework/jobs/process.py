@@ -48,6 +48,7 @@ from .control import JOB_ID, JOB_REVISION, JOB_SCHEDULE
 from .messages import parse_revision
 from .metrics import JobCounts
 from .options import JOBS_STREAM, JobOptions, Kind, check_job_id, priority_of
+from .puller import ACK_FIELDS_AT
 from .ratelimit import RateLimiter
 from .run import RunningJob
 from .status import WAITING_STATES, JobStatus, encode_status, utcnow
@@ -79,7 +80,7 @@ class Delivery(msgspec.Struct):
     def of(cls, msg: Any) -> Delivery:
         """Read from the ack subject (nats-py's `metadata` only when it has another form)."""
         tokens = msg.reply.split(".")
-        at = {9: 2, 11: 4, 12: 4}.get(len(tokens))
+        at = ACK_FIELDS_AT.get(len(tokens))
         if at is not None:
             try:
                 return cls(int(tokens[at + 2]), int(tokens[at + 3]), int(tokens[at + 5]))

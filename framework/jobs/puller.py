@@ -43,9 +43,10 @@ LONG_POLL = 5.0  # seconds a waiting pull lasts before it is renewed
 ANSWER_GRACE = 2.0  # a pull the server has not ended this long after it should: lost
 MAX_BATCH = 256
 _encode = msgspec.json.Encoder().encode
-# tokens of a JetStream ack subject -> where its stream name is: `$JS.ACK.<stream>.
-# <consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`, with a domain
-# and an account hash before the stream (and a random token at the end) in the newer form
+# tokens in a JetStream ack subject -> the index of its stream name, after which come
+# consumer, delivery count, stream and consumer sequences, time and pending count:
+# `$JS.ACK.<stream>...`, or with a domain and an account hash before the stream (and
+# a random token at the end) in the newer form
 ACK_FIELDS_AT = {9: 2, 11: 4, 12: 4}
 
 
