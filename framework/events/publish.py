@@ -7,6 +7,7 @@ in flight with a bounded number unacknowledged.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -26,14 +27,22 @@ from ..transport import wire
 from ..transport.codec import encode_payload
 from ..transport.names import check_event_key, check_event_type, event_subject, guard_subject
 from ..transport.wire import header_block
-from ..transport.wire_errors import PubAck, api_error, publish_error
+from ..transport.wire_errors import PubAck, api_error, publish_error, status_error
 from ..transport.wire_errors import decode_pub_ack as _decode_pub_ack
 
 if TYPE_CHECKING:
     from ..client import Client
     from ..context import Context
 
-__all__ = ["BatchPublisher", "PublishAck", "build_event", "publish_error", "publish_event"]
+__all__ = [
+    "BatchPublisher",
+    "PublishAck",
+    "build_event",
+    "is_clustered",
+    "publish_error",
+    "publish_event",
+    "retryable",
+]
 
 
 class PublishAck(msgspec.Struct, frozen=True):
@@ -217,6 +226,28 @@ _NO_ACK = (
 )
 
 
+def is_clustered(client: Client) -> bool:
+    """Whether the connected server is part of a cluster (where a stream can be without
+    a reachable leader for a while)."""
+    return bool(client.nc._server_info.get("cluster"))
+
+
+def retryable(failure: BaseException, clustered: bool) -> bool:
+    """Whether a publish's failure is what a stream without a reachable leader looks
+    like, so that publishing again with the same event id may succeed: no answer in
+    time; and on a cluster also "no responders" (no leader subscribed: an election, a
+    partition) or JetStream's "temporarily unavailable" / "duplicate message id is in
+    process". Everything else (no stream on one server, too large, not permitted, a
+    real API error) fails at once. The one rule both publish paths follow."""
+    if isinstance(failure, NatsTimeoutError):
+        return True
+    if not clustered:
+        return False
+    if isinstance(failure, NoRespondersError):
+        return True
+    return isinstance(failure, APIError) and failure.err_code in _TRANSIENT
+
+
 async def _store(
     client: Client, subject: str, data: bytes, out: dict[str, str], timeout: float
 ) -> PubAck:
@@ -239,14 +270,12 @@ async def _store(
             ack = _decode_pub_ack(reply.data)
             if ack.error is None:
                 return ack
-            if ack.error.get("err_code") not in _TRANSIENT:
-                raise APIError.from_error(ack.error)
             failure: Exception = api_error(ack.error)
         except (NatsTimeoutError, NoRespondersError) as exc:
             failure = exc
-        clustered = bool(client.nc._server_info.get("cluster"))
-        if not clustered and not isinstance(failure, NatsTimeoutError):
-            raise failure  # one server: no stream captures it (or JetStream is off)
+        clustered = is_clustered(client)
+        if not retryable(failure, clustered):
+            raise failure  # a real API error; on one server, no stream captures it
         left = deadline - anyio.current_time()
         if not why and left > PROBE_AT_LEAST:  # never past the caller's timeout
             why = await _why_not_stored(mux, subject, failure, clustered, left - 0.1)
@@ -301,17 +330,61 @@ def _end(span: Any, error: BaseException) -> None:
     span.end()
 
 
+RETRY_FIRST_PAUSE = 0.1  # a batch's refused event is sent again after 0.1 s, doubling
+RETRY_MAX_PAUSE = 1.0  # ... up to 1 s between two attempts
+_NO_LEADER = (
+    "no stream answered: its stream has no leader reachable from this server (an "
+    "election, a network partition), or no stream captures it"
+)
+# a batch's pending event: id, subject, first sent (time.monotonic()), span, body and
+# header block (what sending it again needs)
+_Entry = tuple[str, str, float, Any, bytes, bytes]
+
+
+def _refusal(failure: BaseException) -> str:
+    """A retryable refusal in words, for the error of an event that ran out of time."""
+    if isinstance(failure, NoRespondersError):
+        return _NO_LEADER
+    if isinstance(failure, APIError):
+        return f"JetStream is unavailable: {failure.description or failure.err_code}"
+    return ""
+
+
+class _Retry:
+    """What a batch remembers of an event it sends again (only of those)."""
+
+    __slots__ = ("attempts", "due", "sent", "why")
+
+    def __init__(self, sent: float) -> None:
+        self.attempts = 1  # sends so far
+        self.sent = sent  # the last one (time.monotonic())
+        self.due: float | None = None  # when to send it again after a refusal
+        self.why = ""  # the last refusal in words ("": not answered)
+
+    def pause(self) -> float:
+        return min(RETRY_MAX_PAUSE, RETRY_FIRST_PAUSE * 2.0 ** (self.attempts - 1))
+
+
 class BatchPublisher:
     """Publishes without waiting for each ack, with at most `max_outstanding` unacked.
 
     Acks come back on one wildcard inbox of its own, matched by a counter token and
     decoded with msgspec: no future, task or callback per event, and no yield to the
     event loop while a slot is free (nats-py's `publish_async` pays for all of these).
-    An ack that does not come within `timeout` (lost with a connection) counts as a
-    failure and frees its slot. `flush()` (also on leaving `async with`) waits for every
-    ack and raises `PublishError` naming how many events were not stored (`failures`).
-    `acks` and `failures` describe one batch: the first publish after a flush starts
-    new ones, so a publisher kept for a long stream holds no more than a batch.
+
+    An event refused the way a stream without a reachable leader refuses (`retryable`,
+    the rule `publish` follows too: on a cluster a 503 "no responders" or JetStream's
+    "temporarily unavailable"; anywhere, no ack within 2 s) is sent again with the
+    same event id, so it is stored once, after 0.1 s doubling to 1 s, while `timeout`
+    since its first send allows. It keeps its slot meanwhile; the publisher's one
+    timer sends it again from what its pending entry keeps (subject, body, header
+    block), so a leader election delays a batch instead of failing it. Out of time,
+    or refused for any other reason (no stream on one server, not permitted, a real
+    API error), it is a failure. `flush()` (also on leaving `async with`) waits for
+    every ack and retry and raises `PublishError` naming how many events were not
+    stored (`failures`). `acks`, `failures` and `retried` describe one batch: the
+    first publish after a flush starts new ones, so a publisher kept for a long stream
+    holds no more than a batch.
     """
 
     def __init__(
@@ -320,13 +393,17 @@ class BatchPublisher:
         self._client = client
         self._slots = anyio.Semaphore(max_outstanding)
         self._timeout = timeout
-        self._pending: dict[str, tuple[str, str, float, Any]] = {}  # token: id, subject, sent, span
+        self._pending: dict[str, _Entry] = {}  # token -> the event, until acked or failed
+        self._retries: dict[str, _Retry] = {}  # token -> attempts, of events sent again
+        self._timer: asyncio.TimerHandle | None = None  # runs `_tick`
+        self._timer_at = 0.0
         self._count = 0
         self._prefix = ""
         self._sub: Any = None
         self._settled = anyio.Event()
-        self.acks: list[PublishAck] = []
+        self.acks: list[PublishAck] = []  # each stored event once
         self.failures: list[tuple[str, str]] = []  # (event id, error)
+        self.retried = 0  # sends again (of refused or unanswered events) in this batch
         self._flushed = False  # the next publish starts a new batch
 
     async def __aenter__(self) -> BatchPublisher:
@@ -347,9 +424,10 @@ class BatchPublisher:
     ) -> str:
         """Send one event without waiting for its ack; returns its event id.
 
-        Waits only while `max_outstanding` events are unacknowledged. Arguments are
-        those of `Client.publish` (`key` too); failures are collected for `flush()`
-        (`failures`), except those known at once (too large, no slot in time), raised here.
+        Waits only while `max_outstanding` events are unacknowledged (an event being
+        retried counts). Arguments are those of `Client.publish` (`key` too); failures
+        are collected for `flush()` (`failures`), except those known at once (too
+        large, no slot in time), raised here.
         """
         self._client.check_open()
         built = build_event(
@@ -358,7 +436,7 @@ class BatchPublisher:
         subject, data, out, event_id = built
         if self._flushed:
             self._flushed = False
-            self.acks, self.failures = [], []
+            self.acks, self.failures, self.retried = [], [], 0
         span = _producer_span(event_type, out, event_id, None)  # ends when the ack comes
         try:
             _check_size(self._client, data, out)
@@ -380,16 +458,19 @@ class BatchPublisher:
             raise
         self._count += 1
         token = format(self._count, "x")
-        self._pending[token] = (event_id, subject, time.monotonic(), span)
+        now = time.monotonic()
         try:
             block = header_block(out)  # nats-py's bytes, encoded once (BadHeaderError below)
+            self._pending[token] = (event_id, subject, now, span, data, block)
             await wire.publish(self._client.nc, subject, data, self._prefix + token, block)
         except Exception as exc:
-            del self._pending[token]
+            self._pending.pop(token, None)
             self._slots.release()
             error = publish_error(subject, exc)
             _end(span, error)
             raise error from None
+        if self._timer is None:
+            self._wake_at(now + min(ATTEMPT_TIMEOUT, self._timeout))
 
     async def _ack_inbox(self) -> None:
         """The wildcard inbox the acks of this batch come back on, subscribed once."""
@@ -415,62 +496,147 @@ class BatchPublisher:
                 )
 
     def _expire(self, sent_before: float) -> int:
-        """Acks that did not come in time (lost with a connection) are failures."""
+        """Events first sent before `sent_before` and still not stored are failures."""
         late = [token for token, entry in self._pending.items() if entry[2] <= sent_before]
         for token in late:
-            event_id, _, _, span = self._pending.pop(token)
-            self._failed(
-                event_id, span, PublishError(f"no acknowledgement within {self._timeout:g}s")
-            )
-            self._slots.release()
+            entry = self._pending.pop(token)
+            self._fail(token, entry, self._out_of_time(entry[1], self._retries.get(token)))
         return len(late)
 
-    def _failed(self, event_id: str, span: Any, error: PublishError) -> None:
-        self.failures.append((event_id, str(error)))
-        _end(span, error)
+    def _out_of_time(self, subject: str, retry: _Retry | None) -> PublishError:
+        """The error of an event that was not stored within `timeout`."""
+        if retry is None:
+            return PublishError(f"no acknowledgement within {self._timeout:g}s")
+        clustered = is_clustered(self._client)
+        why = retry.why or (_NO_ACK if clustered else "no acknowledgement from JetStream")
+        kind = StreamUnavailable if clustered or retry.why else PublishError
+        return kind(
+            f"{subject}: {why}; {retry.attempts} attempt(s) in {self._timeout:g} s. Not "
+            "stored (or not known stored): retry, publishing again with the same event "
+            "id is safe, it is stored once"
+        )
 
-    def _on_ack(self, msg: Any) -> None:
-        entry = self._pending.pop(msg.subject[len(self._prefix) :], None)
-        if entry is None:
-            return  # expired already
+    def _fail(self, token: str, entry: _Entry, error: PublishError) -> None:
+        """`entry` (taken out of the pending ones) was not stored: a failure."""
         self._slots.release()
-        event_id, subject, _, span = entry
-        if not msg.data:  # a status instead of an ack: 503, no stream answered
-            self._failed(event_id, span, self._unanswered(subject))
-        else:
-            try:
-                ack = _decode_pub_ack(msg.data)
-            except msgspec.MsgspecError as exc:
-                self._failed(event_id, span, PublishError(f"unreadable ack: {exc}"))
-            else:
-                if ack.error:
-                    error = publish_error(subject, api_error(ack.error))
-                    self._failed(event_id, span, error)
-                else:
-                    self.acks.append(PublishAck(ack.stream, ack.seq, event_id, ack.duplicate))
-                    span.end()
+        if self._retries:
+            self._retries.pop(token, None)
+        self.failures.append((entry[0], str(error)))
+        _end(entry[3], error)
         if not self._pending:
             self._settled.set()
 
-    def _unanswered(self, subject: str) -> PublishError:
-        """No stream answered: on one server none captures the subject; on a cluster
-        that is also what a stream without a reachable leader looks like."""
-        if not self._client.nc._server_info.get("cluster"):
-            return publish_error(subject, NoRespondersError())
-        return StreamUnavailable(
-            f"{subject}: no stream answered: its stream has no leader reachable from this "
-            "server (an election, a network partition), or no stream captures it. Not "
-            "stored: retry with the same event id (it is stored once)"
-        )
+    def _on_ack(self, msg: Any) -> None:
+        """JetStream's answer, read inline in nats-py's read loop: nothing awaits here."""
+        token = msg.subject[len(self._prefix) :]
+        entry = self._pending.pop(token, None)
+        if entry is None:
+            return  # failed already, or an earlier attempt's answer after the ack
+        if not msg.data:  # a status instead of an ack: 503, no stream answered
+            self._refused(token, entry, status_error(msg))
+            return
+        try:
+            ack = _decode_pub_ack(msg.data)
+        except msgspec.MsgspecError as exc:
+            self._fail(token, entry, PublishError(f"unreadable ack: {exc}"))
+            return
+        if ack.error:
+            self._refused(token, entry, api_error(ack.error))
+            return
+        self._slots.release()
+        if self._retries:
+            self._retries.pop(token, None)
+        self.acks.append(PublishAck(ack.stream, ack.seq, entry[0], ack.duplicate))
+        entry[3].end()
+        if not self._pending:
+            self._settled.set()
+
+    def _refused(self, token: str, entry: _Entry, failure: Exception) -> None:
+        """Sent again later if `failure` is retryable and time is left; else a failure."""
+        if not retryable(failure, is_clustered(self._client)):
+            self._fail(token, entry, publish_error(entry[1], failure))
+        elif not self._retry_later(token, entry, failure):
+            self._fail(token, entry, self._out_of_time(entry[1], self._retries.get(token)))
+
+    def _retry_later(self, token: str, entry: _Entry, failure: Exception) -> bool:
+        """Keep a refused event pending (with its slot) to be sent again after a pause,
+        if that comes before its timeout. A late refusal of an earlier attempt of an
+        event already waiting changes nothing."""
+        retry = self._retries.get(token)
+        if retry is None:
+            retry = self._retries[token] = _Retry(entry[2])
+        if retry.due is None:
+            retry.why = _refusal(failure)
+            retry.due = time.monotonic() + retry.pause()
+        if retry.due >= entry[2] + self._timeout:
+            return False
+        self._pending[token] = entry
+        self._wake_at(retry.due)
+        return True
+
+    def _wake_at(self, when: float) -> None:
+        """Run `_tick` at `when` (`time.monotonic()`), unless it runs before already."""
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        delay = max(0.0, when - time.monotonic())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        """The publisher's timer: what is past its timeout fails, what is due is sent
+        again (a refused event after its pause, an unanswered one after
+        `ATTEMPT_TIMEOUT`), and the timer is set for the next of these."""
+        self._timer = None
+        now = time.monotonic()
+        self._expire(now - self._timeout)
+        wake = math.inf
+        for token, entry in self._pending.items():
+            wake = min(wake, self._resend_if_due(token, entry, now), entry[2] + self._timeout)
+        if wake < math.inf:
+            self._wake_at(wake)
+
+    def _resend_if_due(self, token: str, entry: _Entry, now: float) -> float:
+        """Send `entry` again (same event id, reply subject and headers) if its time has
+        come; returns when to look at it again."""
+        retry = self._retries.get(token)
+        if retry is not None and retry.due is not None:
+            due = retry.due
+        else:  # in flight: sent again when unanswered for ATTEMPT_TIMEOUT
+            due = (entry[2] if retry is None else retry.sent) + ATTEMPT_TIMEOUT
+            if retry is not None and due <= now:
+                retry.why = ""
+        if due > now:
+            return due
+        if retry is None:
+            retry = self._retries[token] = _Retry(entry[2])
+        _, subject, _, _, data, block = entry
+        if wire.publish_now(self._client.nc, subject, data, self._prefix + token, block):
+            retry.attempts += 1
+            retry.sent, retry.due = now, None
+            self.retried += 1
+            return now + ATTEMPT_TIMEOUT
+        retry.due = now + RETRY_FIRST_PAUSE  # reconnecting, or a full buffer: soon again
+        return retry.due
 
     async def flush(self) -> list[PublishAck]:
-        """Every ack, or `PublishError` listing what was not stored (`failures`)."""
+        """Every ack, or `PublishError` listing what was not stored (`failures`).
+
+        Waits (at most `timeout`) for the acks, events being sent again included: an
+        event refused during a leader election is stored and acknowledged here once
+        the stream has a leader again, or fails once its `timeout` is over.
+        """
         with anyio.move_on_after(self._timeout):
             while self._pending:
                 self._settled = anyio.Event()
                 await self._settled.wait()
-        self._expire(float("inf"))
+        self._expire(math.inf)
         self._flushed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._retries.clear()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
