@@ -559,17 +559,19 @@ class BatchPublisher:
             self._fail(token, entry, self._out_of_time(entry[1], self._retries.get(token)))
 
     def _retry_later(self, token: str, entry: _Entry, failure: Exception) -> bool:
-        """Keep a refused event pending (with its slot) to be sent again after a pause,
-        if that comes before its timeout. A late refusal of an earlier attempt of an
-        event already waiting changes nothing."""
+        """Keep a refused event pending (with its slot) to be sent again after a pause
+        (the last one shortened to end just before its timeout); False when no time is
+        left. A late refusal of an earlier attempt of an event already waiting changes
+        nothing."""
         retry = self._retries.get(token)
         if retry is None:
             retry = self._retries[token] = _Retry(entry[2])
         if retry.due is None:
             retry.why = _refusal(failure)
-            retry.due = time.monotonic() + retry.pause()
-        if retry.due >= entry[2] + self._timeout:
-            return False
+            now = time.monotonic()  # the last attempt goes just before the timeout
+            retry.due = min(now + retry.pause(), entry[2] + self._timeout - RETRY_FIRST_PAUSE)
+            if retry.due <= now:
+                return False
         self._pending[token] = entry
         self._wake_at(retry.due)
         return True
