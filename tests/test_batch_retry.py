@@ -146,11 +146,12 @@ async def test_refusals_not_about_a_leader_fail_at_once(client: Client) -> None:
     assert batch.retried == 0
 
 
-async def test_a_real_api_error_on_a_cluster_fails_at_once(
+async def test_refusals_not_about_a_leader_fail_at_once_on_a_cluster(
     nats_cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a cluster a 503 is retried, but a JetStream API error that is not "temporarily
-    unavailable" (here: larger than the stream's max_msg_size) is not."""
+    """On a cluster a 503 is retried, but not when JetStream says no stream captures the
+    subject, nor a JetStream API error that is not "temporarily unavailable" (here:
+    larger than the stream's max_msg_size)."""
     monkeypatch.setenv("MESH_REPLICAS", "3")
     async with connect(nats_cluster.urls) as client:
         await wait_for_r3_placement(client)
@@ -159,16 +160,20 @@ async def test_a_real_api_error_on_a_cluster_fails_at_once(
         )
         batch = client.batch(timeout=30.0)
         started = time.monotonic()
-        with pytest.raises(PublishError, match=r"1 event\(s\) not stored"):
+        with pytest.raises(PublishError, match=r"2 event\(s\) not stored"):
             async with batch:
                 await batch.publish(EVENT, OrderCreated("o-small", 1), event_id="small")
                 await batch.publish(EVENT, OrderCreated("o" * 2000, 2), event_id="large")
+                await batch.publish("nowhere.to.go.v1", {"x": 1}, event_id="nowhere")
         took = time.monotonic() - started
     assert took < 10.0  # not the 30 s timeout
     assert [ack.event_id for ack in batch.acks] == ["small"]
-    [(event_id, error)] = batch.failures
-    assert event_id == "large", error
-    assert error.startswith(f"publish to {SUBJECT} failed: ") and "err_code 10054" in error
+    errors = dict(batch.failures)
+    assert set(errors) == {"large", "nowhere"}, batch.failures
+    assert errors["large"].startswith(f"publish to {SUBJECT} failed: ")
+    assert "err_code 10054" in errors["large"]  # the server's reason, as before
+    nowhere = "events.nowhere.to.go.v1"
+    assert errors["nowhere"] == str(publish_error(nowhere, NoRespondersError()))
     assert batch.retried == 0
 
 

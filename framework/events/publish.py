@@ -339,6 +339,7 @@ _NO_LEADER = (
 # a batch's pending event: id, subject, first sent (time.monotonic()), span, body and
 # header block (what sending it again needs)
 _Entry = tuple[str, str, float, Any, bytes, bytes]
+MAX_PROBES = 16  # subjects a batch asks JetStream about ("does a stream capture it?")
 
 
 def _refusal(failure: BaseException) -> str:
@@ -404,6 +405,9 @@ class BatchPublisher:
         self.acks: list[PublishAck] = []  # each stored event once
         self.failures: list[tuple[str, str]] = []  # (event id, error)
         self.retried = 0  # sends again (of refused or unanswered events) in this batch
+        self._probes: dict[str, str] = {}  # token -> subject, of questions asked
+        self._probed: set[str] = set()  # subjects asked about in this batch
+        self._uncaptured: set[str] = set()  # ... that no stream captures
         self._flushed = False  # the next publish starts a new batch
 
     async def __aenter__(self) -> BatchPublisher:
@@ -530,8 +534,10 @@ class BatchPublisher:
         """JetStream's answer, read inline in nats-py's read loop: nothing awaits here."""
         token = msg.subject[len(self._prefix) :]
         entry = self._pending.pop(token, None)
-        if entry is None:
-            return  # failed already, or an earlier attempt's answer after the ack
+        if entry is None:  # failed already, an earlier attempt's answer, or a probe's
+            if self._probes:
+                self._on_probe(token, msg)
+            return
         if not msg.data:  # a status instead of an ack: 503, no stream answered
             self._refused(token, entry, status_error(msg))
             return
@@ -553,8 +559,13 @@ class BatchPublisher:
 
     def _refused(self, token: str, entry: _Entry, failure: Exception) -> None:
         """Sent again later if `failure` is retryable and time is left; else a failure."""
-        if not retryable(failure, is_clustered(self._client)):
-            self._fail(token, entry, publish_error(entry[1], failure))
+        subject, clustered = entry[1], is_clustered(self._client)
+        if subject in self._uncaptured:
+            failure = NoStreamResponseError()
+        elif clustered and isinstance(failure, NoRespondersError):
+            self._probe(subject)  # or is it that no stream captures the subject?
+        if not retryable(failure, clustered):
+            self._fail(token, entry, publish_error(subject, failure))
         elif not self._retry_later(token, entry, failure):
             self._fail(token, entry, self._out_of_time(entry[1], self._retries.get(token)))
 
@@ -575,6 +586,38 @@ class BatchPublisher:
         self._pending[token] = entry
         self._wake_at(retry.due)
         return True
+
+    def _probe(self, subject: str) -> None:
+        """Ask JetStream (once a batch per subject, for at most `MAX_PROBES`) whether a
+        stream captures `subject`; the answer comes to this batch's inbox (`_on_probe`).
+        On a cluster a 503 also means that, and such an event fails at once, as a
+        single `publish` does, instead of being retried until its timeout."""
+        if subject in self._probed or len(self._probed) >= MAX_PROBES:
+            return
+        self._count += 1
+        token = f"p{self._count:x}"  # not a hex counter: no event's token
+        query = b'{"subject":' + msgspec.json.encode(subject) + b"}"
+        nc = self._client.nc
+        if wire.publish_now(nc, "$JS.API.STREAM.NAMES", query, self._prefix + token):
+            self._probed.add(subject)
+            self._probes[token] = subject
+
+    def _on_probe(self, token: str, msg: Any) -> None:
+        """JetStream's list of the streams that capture a subject: if there are none,
+        that subject's events fail now as `NoStream` (nothing was stored)."""
+        subject = self._probes.pop(token, None)
+        if subject is None:
+            return
+        try:
+            names = msgspec.json.decode(msg.data or b"{}")
+        except msgspec.MsgspecError:
+            return
+        if not isinstance(names, dict) or names.get("error") or names.get("streams"):
+            return  # captured (it has no leader now), or JetStream cannot say
+        self._uncaptured.add(subject)
+        error = publish_error(subject, NoStreamResponseError())
+        for late in [t for t, entry in self._pending.items() if entry[1] == subject]:
+            self._fail(late, self._pending.pop(late), error)
 
     def _wake_at(self, when: float) -> None:
         """Run `_tick` at `when` (`time.monotonic()`), unless it runs before already."""
@@ -639,6 +682,9 @@ class BatchPublisher:
             self._timer.cancel()
             self._timer = None
         self._retries.clear()
+        self._probes.clear()
+        self._probed.clear()
+        self._uncaptured.clear()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
