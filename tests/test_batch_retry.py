@@ -18,12 +18,14 @@ import anyio
 import anyio.to_thread
 import pytest
 from faultkit import EVENT, STREAM, OrderCreated, record_figures, wait_for_r3_placement
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
 from framework import BatchPublisher, Client, PublishError, connect
 from framework.dev.devserver import NatsCluster
 from framework.events.publish import publish_error
 from framework.streams import ensure_streams
+from framework.testing import eventually as wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -40,17 +42,25 @@ async def r3_stream(client: Client) -> str:
 
 
 async def stored_ids(client: Client) -> Counter[str]:
-    """How often each event id is in the stream (read back with an ordered consumer)."""
-    total = (await client.js.stream_info(STREAM)).state.messages
-    sub = await client.js.subscribe(f"events.{EVENT}", ordered_consumer=True)
-    ids: Counter[str] = Counter()
-    try:
-        for _ in range(total):
-            msg = await sub.next_msg(timeout=10)
-            ids[(msg.headers or {}).get("Nats-Msg-Id", "")] += 1
-    finally:
-        await sub.unsubscribe()
-    return ids
+    """How often each event id is in the stream, read back with an ordered consumer once
+    JetStream's API answers again (a killed node may have been the meta leader too)."""
+
+    async def read() -> Counter[str] | None:
+        ids: Counter[str] = Counter()
+        try:
+            total = (await client.js.stream_info(STREAM)).state.messages
+            sub = await client.js.subscribe(SUBJECT, stream=STREAM, ordered_consumer=True)
+        except NatsError:  # no meta leader yet: ask again
+            return None
+        try:
+            for _ in range(total):
+                msg = await sub.next_msg(timeout=10)
+                ids[(msg.headers or {}).get("Nats-Msg-Id", "")] += 1
+        finally:
+            await sub.unsubscribe()
+        return ids
+
+    return await wait_until(read, 60, "the stream read back", interval=0.5)
 
 
 async def publish_all(batch: BatchPublisher, total: int, fault_at: int, fault: Any) -> None:
