@@ -2,7 +2,8 @@
 
 A publish returns once JetStream has stored the event; its id is the `Nats-Msg-Id`, so
 a publish retried with the same id is stored once. `BatchPublisher` keeps many events
-in flight with a bounded number unacknowledged.
+in flight with a bounded number unacknowledged. Both send an event again (same id)
+while its stream has no reachable leader, by one rule (`retryable`), within a timeout.
 """
 
 from __future__ import annotations
