@@ -377,12 +377,12 @@ class BatchPublisher:
     An event refused the way a stream without a reachable leader refuses (`retryable`,
     the rule `publish` follows too: on a cluster a 503 "no responders" or JetStream's
     "temporarily unavailable"; anywhere, no ack within 2 s) is sent again with the
-    same event id, so it is stored once, after 0.1 s doubling to 1 s, while `timeout`
-    since its first send allows. It keeps its slot meanwhile; the publisher's one
-    timer sends it again from what its pending entry keeps (subject, body, header
-    block), so a leader election delays a batch instead of failing it. Out of time,
-    or refused for any other reason (no stream on one server, not permitted, a real
-    API error), it is a failure. `flush()` (also on leaving `async with`) waits for
+    same event id, so it is stored once: after 0.1 s doubling to 1 s (unanswered:
+    at once), while `timeout` since its first send allows. It keeps its slot
+    meanwhile; the publisher's one timer sends it again from what its pending entry
+    keeps (subject, body, header block), so a leader election delays a batch instead
+    of failing it. Out of time, or refused for any other reason (no stream: on a
+    cluster JetStream is asked; not permitted; a real API error), it is a failure. `flush()` (also on leaving `async with`) waits for
     every ack and retry and raises `PublishError` naming how many events were not
     stored (`failures`). `acks`, `failures` and `retried` describe one batch: the
     first publish after a flush starts new ones, so a publisher kept for a long stream
