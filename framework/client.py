@@ -35,8 +35,9 @@ from .errors import (
     PermissionDenied,
     ServiceError,
 )
+from .events.batch import BatchPublisher
 from .events.history import EventRecord, read_history
-from .events.publish import BatchPublisher, publish_event
+from .events.publish import publish_event
 from .jobs import enqueue as _jobs
 from .jobs import schedule as _schedules
 from .jobs.handle import JobHandle
