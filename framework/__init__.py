@@ -38,6 +38,7 @@ from .errors import (
     ServiceError,
     StreamUnavailable,
 )
+from .events.batch import BatchPublisher
 from .events.deadletter import (
     DeadLetter,
     discard_dead_letter,
@@ -47,7 +48,7 @@ from .events.deadletter import (
 )
 from .events.history import EventRecord
 from .events.idempotency import open_bucket
-from .events.publish import BatchPublisher, PublishAck
+from .events.publish import PublishAck
 from .jobs.context import JobContext
 from .jobs.errors import JobCancelled, JobFailed
 from .jobs.handle import JobHandle

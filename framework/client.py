@@ -35,8 +35,9 @@ from .errors import (
     PermissionDenied,
     ServiceError,
 )
+from .events.batch import BatchPublisher
 from .events.history import EventRecord, read_history
-from .events.publish import BatchPublisher, publish_event
+from .events.publish import publish_event
 from .jobs import enqueue as _jobs
 from .jobs import schedule as _schedules
 from .jobs.handle import JobHandle
@@ -521,10 +522,15 @@ class Client:
     def batch(self, *, max_outstanding: int = 256, timeout: float = 10.0) -> BatchPublisher:
         """Publish many events without waiting for each ack (`async with client.batch() as b`).
 
+        An event refused because its stream has no reachable leader (an election, a
+        partition) is sent again with the same event id, as `publish` does, so a batch
+        rides out an election; leaving the block waits for those retries too.
+
         Args:
-            max_outstanding: events sent but not yet acknowledged, at most; a publish
-                beyond it waits for a slot.
-            timeout: seconds an ack may take before its event counts as not stored.
+            max_outstanding: events sent but not yet acknowledged (retried ones
+                included), at most; a publish beyond it waits for a slot.
+            timeout: seconds from an event's first send (retries included) before it
+                counts as not stored.
         """
         self.check_open()
         return BatchPublisher(self, max_outstanding=max_outstanding, timeout=timeout)

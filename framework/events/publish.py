@@ -1,13 +1,14 @@
-"""Domain events on JetStream, the producing side: publish with an ack, or in batches.
+"""Domain events on JetStream, the producing side: one event, published with an ack.
 
 A publish returns once JetStream has stored the event; its id is the `Nats-Msg-Id`, so
-a publish retried with the same id is stored once. `BatchPublisher` keeps many events
-in flight with a bounded number unacknowledged.
+a publish retried with the same id is stored once. It is sent again (same id) while its
+stream has no reachable leader, by one rule (`retryable`) that the batches of
+`events.batch` follow too, within a timeout. Building an event, its producer span and
+the size check are shared with them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Mapping
@@ -22,10 +23,8 @@ from nats.js.errors import APIError, NoStreamResponseError
 from ..errors import PublishError, StreamUnavailable
 from ..observability import tracing as telemetry
 from ..transport import headers as h
-from ..transport import wire
 from ..transport.codec import encode_payload
 from ..transport.names import check_event_key, check_event_type, event_subject, guard_subject
-from ..transport.wire import header_block
 from ..transport.wire_errors import PubAck, api_error, publish_error
 from ..transport.wire_errors import decode_pub_ack as _decode_pub_ack
 
@@ -33,7 +32,18 @@ if TYPE_CHECKING:
     from ..client import Client
     from ..context import Context
 
-__all__ = ["BatchPublisher", "PublishAck", "build_event", "publish_error", "publish_event"]
+__all__ = [
+    "NO_ACK",
+    "PublishAck",
+    "build_event",
+    "check_size",
+    "end_span",
+    "is_clustered",
+    "producer_span",
+    "publish_error",
+    "publish_event",
+    "retryable",
+]
 
 
 class PublishAck(msgspec.Struct, frozen=True):
@@ -108,7 +118,7 @@ def expect_sequence(
         out[h.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT] = guard_subject(event_type, key)
 
 
-def _producer_span(
+def producer_span(
     event_type: str, out: dict[str, str], event_id: str, parent: Context | None
 ) -> Any:
     """The PRODUCER span of one event, its context injected into the event's headers.
@@ -130,7 +140,7 @@ def _producer_span(
     return span
 
 
-def _check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
+def check_size(client: Client, data: bytes, out: dict[str, str]) -> None:
     """nats-py checks only the payload; headers past max_payload close the connection."""
     size = h.wire_size(data, out)
     if size > client.nc.max_payload:
@@ -182,9 +192,9 @@ async def publish_event(
     built = build_event(client, event_type, event, event_id, headers, correlation_id, parent, key)
     subject, data, out, event_id = built
     expect_sequence(out, event_type, key, expected_last_subject_sequence)
-    span = _producer_span(event_type, out, event_id, parent)
+    span = producer_span(event_type, out, event_id, parent)
     try:
-        _check_size(client, data, out)
+        check_size(client, data, out)
         ack = await _send(client, subject, data, out, timeout, span)
         return PublishAck(ack.stream, ack.seq, event_id, ack.duplicate)
     finally:
@@ -211,10 +221,32 @@ PAUSES = (0.05, 0.1, 0.2, 0.25)  # between attempts a stream without a leader re
 _TRANSIENT = frozenset({10008, 10158})
 PROBE_TIMEOUT = 0.5  # asking JetStream why: which stream captures the subject
 PROBE_AT_LEAST = 0.2  # seconds left of the timeout for that question to be asked
-_NO_ACK = (
+NO_ACK = (
     "no acknowledgement in time (the stream may have no leader reachable from this "
     "server: an election or a network partition)"
 )
+
+
+def is_clustered(client: Client) -> bool:
+    """Whether the connected server is part of a cluster (where a stream can be without
+    a reachable leader for a while)."""
+    return bool(client.nc._server_info.get("cluster"))
+
+
+def retryable(failure: BaseException, clustered: bool) -> bool:
+    """Whether a publish's failure is what a stream without a reachable leader looks
+    like, so that publishing again with the same event id may succeed: no answer in
+    time; and on a cluster also "no responders" (no leader subscribed: an election, a
+    partition) or JetStream's "temporarily unavailable" / "duplicate message id is in
+    process". Everything else (no stream on one server, too large, not permitted, a
+    real API error) fails at once. The one rule both publish paths follow."""
+    if isinstance(failure, NatsTimeoutError):
+        return True
+    if not clustered:
+        return False
+    if isinstance(failure, NoRespondersError):
+        return True
+    return isinstance(failure, APIError) and failure.err_code in _TRANSIENT
 
 
 async def _store(
@@ -239,14 +271,12 @@ async def _store(
             ack = _decode_pub_ack(reply.data)
             if ack.error is None:
                 return ack
-            if ack.error.get("err_code") not in _TRANSIENT:
-                raise APIError.from_error(ack.error)
             failure: Exception = api_error(ack.error)
         except (NatsTimeoutError, NoRespondersError) as exc:
             failure = exc
-        clustered = bool(client.nc._server_info.get("cluster"))
-        if not clustered and not isinstance(failure, NatsTimeoutError):
-            raise failure  # one server: no stream captures it (or JetStream is off)
+        clustered = is_clustered(client)
+        if not retryable(failure, clustered):
+            raise failure  # a real API error; on one server, no stream captures it
         left = deadline - anyio.current_time()
         if not why and left > PROBE_AT_LEAST:  # never past the caller's timeout
             why = await _why_not_stored(mux, subject, failure, clustered, left - 0.1)
@@ -258,7 +288,7 @@ async def _store(
     if not clustered:
         raise failure
     raise StreamUnavailable(
-        f"{subject}: {why or _NO_ACK}; {attempts} attempt(s) in {timeout:g} s. The event was not stored "
+        f"{subject}: {why or NO_ACK}; {attempts} attempt(s) in {timeout:g} s. The event was not stored "
         "(or not known stored): retry, publishing again with the same event id is safe, "
         "it is stored once"
     )
@@ -296,186 +326,6 @@ async def _why_not_stored(
     )
 
 
-def _end(span: Any, error: BaseException) -> None:
+def end_span(span: Any, error: BaseException) -> None:
     telemetry.record_error(span, error)
     span.end()
-
-
-class BatchPublisher:
-    """Publishes without waiting for each ack, with at most `max_outstanding` unacked.
-
-    Acks come back on one wildcard inbox of its own, matched by a counter token and
-    decoded with msgspec: no future, task or callback per event, and no yield to the
-    event loop while a slot is free (nats-py's `publish_async` pays for all of these).
-    An ack that does not come within `timeout` (lost with a connection) counts as a
-    failure and frees its slot. `flush()` (also on leaving `async with`) waits for every
-    ack and raises `PublishError` naming how many events were not stored (`failures`).
-    `acks` and `failures` describe one batch: the first publish after a flush starts
-    new ones, so a publisher kept for a long stream holds no more than a batch.
-    """
-
-    def __init__(
-        self, client: Client, *, max_outstanding: int = 256, timeout: float = 10.0
-    ) -> None:
-        self._client = client
-        self._slots = anyio.Semaphore(max_outstanding)
-        self._timeout = timeout
-        self._pending: dict[str, tuple[str, str, float, Any]] = {}  # token: id, subject, sent, span
-        self._count = 0
-        self._prefix = ""
-        self._sub: Any = None
-        self._settled = anyio.Event()
-        self.acks: list[PublishAck] = []
-        self.failures: list[tuple[str, str]] = []  # (event id, error)
-        self._flushed = False  # the next publish starts a new batch
-
-    async def __aenter__(self) -> BatchPublisher:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.flush()
-
-    async def publish(
-        self,
-        event_type: str,
-        event: Any,
-        *,
-        event_id: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        correlation_id: str | None = None,
-        key: str | None = None,
-    ) -> str:
-        """Send one event without waiting for its ack; returns its event id.
-
-        Waits only while `max_outstanding` events are unacknowledged. Arguments are
-        those of `Client.publish` (`key` too); failures are collected for `flush()`
-        (`failures`), except those known at once (too large, no slot in time), raised here.
-        """
-        self._client.check_open()
-        built = build_event(
-            self._client, event_type, event, event_id, headers, correlation_id, None, key
-        )
-        subject, data, out, event_id = built
-        if self._flushed:
-            self._flushed = False
-            self.acks, self.failures = [], []
-        span = _producer_span(event_type, out, event_id, None)  # ends when the ack comes
-        try:
-            _check_size(self._client, data, out)
-        except PublishError as exc:
-            _end(span, exc)
-            raise
-        await self._ack_inbox()
-        await self._send(subject, data, out, event_id, span)
-        return event_id
-
-    async def _send(
-        self, subject: str, data: bytes, out: dict[str, str], event_id: str, span: Any
-    ) -> None:
-        """Take a slot, then publish with this batch's reply subject for the ack."""
-        try:
-            await self._take_slot(event_id)
-        except PublishError as exc:
-            _end(span, exc)
-            raise
-        self._count += 1
-        token = format(self._count, "x")
-        self._pending[token] = (event_id, subject, time.monotonic(), span)
-        try:
-            block = header_block(out)  # nats-py's bytes, encoded once (BadHeaderError below)
-            await wire.publish(self._client.nc, subject, data, self._prefix + token, block)
-        except Exception as exc:
-            del self._pending[token]
-            self._slots.release()
-            error = publish_error(subject, exc)
-            _end(span, error)
-            raise error from None
-
-    async def _ack_inbox(self) -> None:
-        """The wildcard inbox the acks of this batch come back on, subscribed once."""
-        if self._sub is None:
-            nc = self._client.nc
-            self._prefix = nc.new_inbox() + "."
-            self._sub = await wire.subscribe_inline(nc, self._prefix + "*", self._on_ack)
-
-    async def _take_slot(self, event_id: str) -> None:
-        try:
-            self._slots.acquire_nowait()
-            return
-        except anyio.WouldBlock:
-            pass
-        while True:
-            with anyio.move_on_after(self._timeout):
-                await self._slots.acquire()
-                return
-            if not self._expire(time.monotonic() - self._timeout):
-                raise PublishError(
-                    f"no slot for {self._timeout:g}s ({len(self._pending)} unacknowledged); "
-                    f"{event_id} was not sent"
-                )
-
-    def _expire(self, sent_before: float) -> int:
-        """Acks that did not come in time (lost with a connection) are failures."""
-        late = [token for token, entry in self._pending.items() if entry[2] <= sent_before]
-        for token in late:
-            event_id, _, _, span = self._pending.pop(token)
-            self._failed(
-                event_id, span, PublishError(f"no acknowledgement within {self._timeout:g}s")
-            )
-            self._slots.release()
-        return len(late)
-
-    def _failed(self, event_id: str, span: Any, error: PublishError) -> None:
-        self.failures.append((event_id, str(error)))
-        _end(span, error)
-
-    def _on_ack(self, msg: Any) -> None:
-        entry = self._pending.pop(msg.subject[len(self._prefix) :], None)
-        if entry is None:
-            return  # expired already
-        self._slots.release()
-        event_id, subject, _, span = entry
-        if not msg.data:  # a status instead of an ack: 503, no stream answered
-            self._failed(event_id, span, self._unanswered(subject))
-        else:
-            try:
-                ack = _decode_pub_ack(msg.data)
-            except msgspec.MsgspecError as exc:
-                self._failed(event_id, span, PublishError(f"unreadable ack: {exc}"))
-            else:
-                if ack.error:
-                    error = publish_error(subject, api_error(ack.error))
-                    self._failed(event_id, span, error)
-                else:
-                    self.acks.append(PublishAck(ack.stream, ack.seq, event_id, ack.duplicate))
-                    span.end()
-        if not self._pending:
-            self._settled.set()
-
-    def _unanswered(self, subject: str) -> PublishError:
-        """No stream answered: on one server none captures the subject; on a cluster
-        that is also what a stream without a reachable leader looks like."""
-        if not self._client.nc._server_info.get("cluster"):
-            return publish_error(subject, NoRespondersError())
-        return StreamUnavailable(
-            f"{subject}: no stream answered: its stream has no leader reachable from this "
-            "server (an election, a network partition), or no stream captures it. Not "
-            "stored: retry with the same event id (it is stored once)"
-        )
-
-    async def flush(self) -> list[PublishAck]:
-        """Every ack, or `PublishError` listing what was not stored (`failures`)."""
-        with anyio.move_on_after(self._timeout):
-            while self._pending:
-                self._settled = anyio.Event()
-                await self._settled.wait()
-        self._expire(float("inf"))
-        self._flushed = True
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-        if self.failures:
-            failed, first = len(self.failures), self.failures[0][1]
-            raise PublishError(f"{failed} event(s) not stored; first error: {first}")
-        return self.acks
