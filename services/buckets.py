@@ -80,19 +80,14 @@ async def read_existing(kv: Any, key: str, tp: type[T], missing: str) -> tuple[T
     return found
 
 
-async def keys_matching(kv: Any, pattern: str) -> list[str]:
-    """Keys matching a subject pattern (`sku.*`), by a watch of only those keys (nats-py's
-    `keys(filters=...)` watches every key and matches substrings)."""
-    watcher = await kv.watch(pattern, meta_only=True, ignore_deletes=True)
-    keys: list[str] = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # the initial values are all delivered
-                break
-            keys.append(entry.key)
-    finally:
-        await watcher.stop()
-    return keys
+async def keys_matching(client: Client, bucket: Bucket, pattern: str) -> list[str]:
+    """Keys matching a subject pattern (`sku.*`), as the bucket's stream lists its
+    subjects at one moment. A watch (what nats-py's `keys` does) can miss a key that is
+    written while it runs: the key's old message is gone and its new one comes after the
+    watch's "all initial values delivered" mark."""
+    prefix = f"$KV.{bucket.name}."
+    info = await client.js.stream_info(f"KV_{bucket.name}", subjects_filter=prefix + pattern)
+    return [subject[len(prefix) :] for subject in info.state.subjects or {}]
 
 
 class Write(NamedTuple):

@@ -294,7 +294,7 @@ async def get(req: GetStock, ctx: Context) -> StockItem:
 async def list_stock(ctx: Context) -> list[StockItem]:
     """Every SKU, by name of SKU."""
     kv = await open_stock(ctx)
-    keys = await keys_matching(kv, "sku.*")
+    keys = await keys_matching(ctx.client, stock, "sku.*")
     items = await read_items(kv, [key.removeprefix("sku.") for key in keys])
     return [items[sku][0] for sku in sorted(items)]
 

@@ -225,7 +225,7 @@ async def customer(client: Client, customer_id: str, view: str | None) -> Custom
 async def revenue(client: Client, days: int, view: str | None) -> list[DailyRevenue]:
     """The latest `days` days with confirmed orders, newest first."""
     kv = await bucket.open(client)
-    keys = await keys_matching(kv, f"{view or VIEW}.day.*")
+    keys = await keys_matching(client, bucket, f"{view or VIEW}.day.*")
     result = []
     for key in sorted(keys, reverse=True)[:days]:
         found = await read(kv, key, DailyRevenue)
@@ -243,7 +243,7 @@ async def list_orders(client: Client, req: ListOrders, view: str | None = None) 
         entry = await customer(client, req.customer_id, generation)
         keys = [f"{generation}.order.{order_id}" for order_id in sorted(entry.orders)]
     else:
-        keys = sorted(await keys_matching(kv, f"{generation}.order.*"))
+        keys = sorted(await keys_matching(client, bucket, f"{generation}.order.*"))
     result: list[Order] = []
     for key in keys:
         found = await read(kv, key, Summary)
