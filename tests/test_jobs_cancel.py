@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from faultkit import paused
+from faultkit import paused, terminate
 
 from framework import JobCancelled, JobContext, Service, connect
 from framework.jobs.backend import Backend
@@ -106,12 +106,7 @@ class WorkerProcess:
 
     def stop(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        terminate(self.proc)
 
 
 def pending_count(client: Any, count: int) -> Callable[[], Awaitable[bool]]:
