@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 
 from ..errors import BadRequest
 from ..transport import headers as h
+from ..transport.names import ack_fields
 from .deadletter import REPLAY_OF
 
 __all__ = [
@@ -57,18 +58,13 @@ class Delivery(msgspec.Struct):
 
 
 def parse_ack_subject(reply: str) -> AckInfo | None:
-    """Stream, delivery attempt, stream sequence and pending count from an ack subject.
-
-    nats-py's `msg.metadata` builds dataclasses and a datetime per message; one split
-    is a quarter of the cost. `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.
-    <ts>.<pending>` (9 tokens), or the form with domain and account hash (11 or 12).
-    """
-    tokens = reply.split(".")
-    at = {9: 2, 11: 4, 12: 4}.get(len(tokens))
-    if at is None:
+    """Stream, delivery attempt, stream sequence and pending count from an ack subject
+    (`ack_fields`), or None for a form not known."""
+    fields = ack_fields(reply)
+    if fields is None:
         return None
     try:
-        return AckInfo(tokens[at], int(tokens[at + 2]), int(tokens[at + 3]), int(tokens[at + 6]))
+        return AckInfo(fields[0], int(fields[2]), int(fields[3]), int(fields[6]))
     except ValueError:
         return None
 

@@ -41,6 +41,7 @@ from ..observability import tracing as telemetry
 from ..observability.logging import get_logger
 from ..transport import headers as h
 from ..transport.codec import DECODE_ERRORS, decoder_for
+from ..transport.names import ack_fields
 from ..transport.signature import NO_PAYLOAD, Handler, HandlerSignature
 from .barrier import ReadBarrier
 from .context import JobContext
@@ -48,7 +49,6 @@ from .control import JOB_ID, JOB_REVISION, JOB_SCHEDULE
 from .messages import parse_revision
 from .metrics import JobCounts
 from .options import JOBS_STREAM, JobOptions, Kind, check_job_id, priority_of
-from .puller import ACK_FIELDS_AT
 from .ratelimit import RateLimiter
 from .run import RunningJob
 from .status import WAITING_STATES, JobStatus, encode_status, utcnow
@@ -79,11 +79,10 @@ class Delivery(msgspec.Struct):
     @classmethod
     def of(cls, msg: Any) -> Delivery:
         """Read from the ack subject (nats-py's `metadata` only when it has another form)."""
-        tokens = msg.reply.split(".")
-        at = ACK_FIELDS_AT.get(len(tokens))
-        if at is not None:
+        fields = ack_fields(msg.reply)
+        if fields is not None:
             try:
-                return cls(int(tokens[at + 2]), int(tokens[at + 3]), int(tokens[at + 5]))
+                return cls(int(fields[2]), int(fields[3]), int(fields[5]))
             except ValueError:
                 pass
         meta = msg.metadata

@@ -33,9 +33,10 @@ import msgspec
 
 from ..observability.logging import get_logger
 from ..transport import wire
+from ..transport.names import ack_fields
 from .options import priority_of
 
-__all__ = ["ACK_FIELDS_AT", "Puller", "pending_after"]
+__all__ = ["Puller", "pending_after"]
 
 _log = get_logger("framework.jobs")
 
@@ -43,20 +44,14 @@ LONG_POLL = 5.0  # seconds a waiting pull lasts before it is renewed
 ANSWER_GRACE = 2.0  # a pull the server has not ended this long after it should: lost
 MAX_BATCH = 256
 _encode = msgspec.json.Encoder().encode
-# tokens in a JetStream ack subject -> the index of its stream name, after which come
-# consumer, delivery count, stream and consumer sequences, time and pending count:
-# `$JS.ACK.<stream>...`, or with a domain and an account hash before the stream (and
-# a random token at the end) in the newer form
-ACK_FIELDS_AT = {9: 2, 11: 4, 12: 4}
 
 
 def pending_after(reply: str) -> int:
     """How many messages the consumer held behind this delivery (-1: not known)."""
-    tokens = reply.split(".")
-    at = ACK_FIELDS_AT.get(len(tokens))
-    if at is None or not tokens[at + 6].isdigit():
+    fields = ack_fields(reply)
+    if fields is None or not fields[6].isdigit():
         return -1
-    return int(tokens[at + 6])
+    return int(fields[6])
 
 
 class _Pull:
