@@ -160,7 +160,14 @@ async def test_server_restart_mid_stream_loses_no_acknowledged_event(
                 await anyio.to_thread.run_sync(nats_server.stop)
             await anyio.to_thread.run_sync(nats_server.start)
             back_at = time.monotonic()
-            await wait_until(lambda: traffic.done.is_set(), 60, "all events published")
+            await wait_until(
+                lambda: traffic.done.is_set(),
+                60,
+                lambda: (
+                    f"all events published: {len(traffic.acked)} acked, "
+                    f"publish failures {dict(traffic.publish_failures)}"
+                ),
+            )
         expected = set(traffic.acked)
         await wait_until(lambda: expected <= set(handled), 30, "every acked event handled")
         ids_after = await instance_ids(client)
