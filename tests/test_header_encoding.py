@@ -185,3 +185,21 @@ async def test_inline_subscriptions_fall_back_to_a_callback(nats_url: str) -> No
         finally:
             await nc.close()
     assert received == [b"x", b"x"]
+
+
+async def test_a_deadline_callback_that_raises_does_not_strand_the_others() -> None:
+    """One expiry failing (a settlement whose task group is gone) must not leave the
+    other requests that expired in the same tick waiting forever."""
+    fired: list[str] = []
+
+    def expire(target: str) -> None:
+        if target == "broken":
+            raise RuntimeError("this task group is not active")
+        fired.append(target)
+
+    deadlines = Deadlines(expire)
+    deadlines.add(0.01, "broken")
+    deadlines.add(0.01, "waiting")
+    deadlines.add(0.03, "later")
+    await eventually(lambda: len(fired) == 2, what="the others to expire")
+    assert fired == ["waiting", "later"]

@@ -17,7 +17,11 @@ import heapq
 from collections.abc import Callable
 from typing import Any
 
+from ..observability.logging import get_logger
+
 __all__ = ["Deadlines"]
+
+_log = get_logger("framework.transport.timers")
 
 _SLACK = 64  # stale heap entries tolerated beyond twice the live ones
 
@@ -99,4 +103,7 @@ class Deadlines:
         if heap:
             self._arm(loop, heap[0][0])
         for target in expired:  # last: a callback may add or end entries
-            self._expire(target)
+            try:
+                self._expire(target)
+            except Exception as exc:  # one failing must not strand the rest, forever
+                _log.error("deadline callback failed", error=repr(exc), exc_info=exc)
