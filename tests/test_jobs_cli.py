@@ -8,36 +8,22 @@ import fcntl
 import json
 import os
 import pty
-import shutil
 import struct
 import subprocess
-import sys
 import termios
-from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 import pytest
+from support.cli import mesh, mesh_command
 
 from framework import JobContext, Service
-from framework.cli.main import ExitCode, main
+from framework.cli.main import ExitCode
 
 
 class Render(msgspec.Struct):
     pages: int
-
-
-async def mesh(*argv: str) -> int:
-    return await anyio.to_thread.run_sync(main, list(argv))
-
-
-def mesh_command() -> list[str]:
-    script = Path(sys.executable).parent / "mesh"
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("mesh")
-    return [found] if found else [sys.executable, "-m", "framework.cli"]
 
 
 def reports(*, broken: list[bool] | None = None) -> Service:
