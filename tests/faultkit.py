@@ -50,6 +50,15 @@ PARTITION_GID = 47017  # the group the partitioned node runs as (any unused gid)
 # -- figures ---------------------------------------------------------------------------
 
 
+def run_figures(expected: set[str], runs: Counter[str]) -> dict[str, int]:
+    """What every fault row reports of its handler runs: handled, lost, run twice."""
+    return {
+        "handled": len(set(runs) & expected),
+        "lost": len(expected - set(runs)),
+        "handler_runs_twice": sum(n - 1 for n in runs.values()),
+    }
+
+
 def record_figures(name: str, **figures: Any) -> None:
     """Print one line for the test log and merge the figures into fault_figures.json."""
     print(f"figures: {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))

@@ -46,6 +46,7 @@ from faultkit import (
     paused,
     publish_batch,
     record_figures,
+    run_figures,
     stats_of,
     tmpfs,
     wait_for_r3_placement,
@@ -318,9 +319,7 @@ async def test_partitioned_node_loses_nothing_and_its_publishers_get_retryable_e
     record_figures(
         "partition_one_node",
         published=len(expected),
-        handled=len(set(runs) & expected),
-        lost=len(expected - set(runs)),
-        handler_runs_twice=sum(n - 1 for n in runs.values()),
+        **run_figures(expected, runs),
         partition_s=partition_s,
         cut_off_node_led=leaders,
         isolated_publish_errors=dict(Counter(kind for _, kind, _ in iso.errors)),
@@ -442,9 +441,7 @@ async def test_full_store_refuses_publishes_at_once_and_the_stuck_consumer_warns
     record_figures(
         "store_full",
         published=total + 1,
-        handled=len(set(runs) & expected),
-        lost=len(expected - set(runs)),
-        handler_runs_twice=sum(n - 1 for n in runs.values()),
+        **run_figures(expected, runs),
         server_said=fill_error,
         publish_error=str(refused.value),
         publish_refused_after_s=round(refused_after, 3),
@@ -534,9 +531,7 @@ async def test_disk_filled_behind_the_servers_back_needs_a_server_restart_not_a_
     record_figures(
         "disk_full_enospc",
         published=len(expected),
-        handled=len(set(runs) & expected),
-        lost=len(expected - set(runs)),
-        handler_runs_twice=sum(n - 1 for n in runs.values()),
+        **run_figures(expected, runs),
         server_said=server_said,
         publish_error=str(refused),
         publish_failed_after_s=round(refused_after, 1),
@@ -602,9 +597,7 @@ async def test_slow_links_lose_nothing_and_deadlines_hold(nats_server: NatsServe
     record_figures(
         "slow_links_100ms",
         published=len(expected),
-        handled=len(set(runs) & expected),
-        lost=len(expected - set(runs)),
-        handler_runs_twice=sum(n - 1 for n in runs.values()),
+        **run_figures(expected, runs),
         added_latency_each_way_s=delay,
         rpc_round_trip_s=round(rtt, 3),
         deadline_1s_raised_after_s=round(deadline_s, 2),
@@ -652,9 +645,7 @@ async def test_publisher_killed_mid_batch_and_restarted_with_the_same_ids_stores
         stored_at_kill=stored_at_kill,
         stored_but_never_acked_to_it=stored_at_kill - acked_before_kill,
         stored=info.state.messages,
-        handled=len(set(runs) & expected),
-        lost=len(expected - set(runs)),
-        handler_runs_twice=sum(n - 1 for n in runs.values()),
+        **run_figures(expected, runs),
     )
     assert acked_before_kill < total  # killed mid-way
     assert info.state.messages == total  # the restart's duplicates were deduplicated
